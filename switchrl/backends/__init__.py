@@ -1,0 +1,7 @@
+"""Who writes a patch: the candidate pool and its backends."""
+
+from switchrl.backends.base import CandidateBackend, Patch, SamplingParams, Trace
+from switchrl.backends.cached_lm import CachedLM
+from switchrl.backends.pool import CandidatePool, build_backend
+
+__all__ = ["CachedLM", "CandidateBackend", "CandidatePool", "Patch", "SamplingParams", "Trace", "build_backend"]

@@ -1,0 +1,119 @@
+"""The vocabulary shared by every backend: sampling parameters, patches and traces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence, runtime_checkable
+
+StopReason = Literal["eos", "stop", "budget"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a candidate samples its tokens. ``temperature == 0`` means greedy decoding."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Patch:
+    """One contiguous piece of a response, written by one candidate.
+
+    ``token_ids`` are in the author's tokenizer (fingerprinted by ``vocab``) and exclude a final EOS;
+    readers with the same ``vocab`` reuse the ids, others re-tokenize ``text``. ``stop_reason`` is
+    set when this patch ended the response.
+    """
+
+    author: int
+    token_ids: list[int]
+    text: str
+    stop_reason: StopReason | None = None
+    vocab: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Trace:
+    """A response being written by several candidates: the query and the patches so far.
+
+    ``key`` names the trace uniquely (e.g. ``"q17/s3/c1/f5"``); backends key their KV caches and
+    sampling seeds on it, so the same key always gives the same tokens.
+    """
+
+    key: str
+    query: str
+    max_new_tokens: int
+    patches: list[Patch] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        if self.patches and self.patches[-1].stop_reason is not None:
+            return self.patches[-1].stop_reason
+        if self.num_tokens >= self.max_new_tokens:
+            return "budget"
+        return None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(p.token_ids) for p in self.patches)
+
+    @property
+    def remaining_tokens(self) -> int:
+        return max(0, self.max_new_tokens - self.num_tokens)
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.patches)
+
+    @property
+    def authors(self) -> list[int]:
+        return [p.author for p in self.patches]
+
+    @property
+    def num_switches(self) -> int:
+        a = self.authors
+        return sum(1 for x, y in zip(a, a[1:]) if x != y)
+
+    def fork(self, key: str) -> Trace:
+        """A copy under a new key that shares this trace's patches so far (patches are not mutated)."""
+        return Trace(key=key, query=self.query, max_new_tokens=self.max_new_tokens,
+                     patches=list(self.patches), meta=dict(self.meta))
+
+
+@runtime_checkable
+class CandidateBackend(Protocol):
+    """Something that can continue a batch of traces by one patch each.
+
+    Implementations keep whatever per-trace state makes that cheap (a KV cache, a server-side
+    prefix cache) and must return exactly one :class:`Patch` per trace, in order.
+    """
+
+    name: str
+
+    def write_patches(self, traces: Sequence[Trace], author: int, patch_tokens: int,
+                      seed: int) -> list[Patch]: ...
+
+    def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
+        """Let traces ``dst_keys`` start from what ``src_key`` has read (no copy where possible)."""
+
+    def release(self, keys: Sequence[str]) -> None:
+        """Forget the per-trace state of these traces."""

@@ -1,0 +1,227 @@
+"""A causal LM that keeps, per trace, the KV cache of everything it has read.
+
+Each call takes a batch of traces (by key) and the tokens each one has gained since that trace was
+last read, prefills only those tokens on top of the stored caches, and optionally samples a
+continuation. Traces of different lengths share one forward pass: stored caches are left-padded
+and the new chunks are left-padded inside the chunk, with an explicit attention mask and position
+ids, so padding never changes a result. Candidates (patch writers) and LM switchers both build on
+this class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from switchrl.backends.base import SamplingParams
+
+
+@dataclass
+class _Entry:
+    """The KV cache of one trace: per layer a (key, value) pair of shape [1, heads, length, dim]."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int
+
+
+@dataclass
+class Generation:
+    """What :meth:`CachedLM.generate` wrote for one trace."""
+
+    token_ids: list[int]
+    stop_reason: str | None  # "eos" (a stop id, not in ``token_ids``), "stop" (should_stop) or None
+
+
+def sample_next(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row from ``logits`` [B, V], using one uniform draw per row (inverse CDF).
+
+    Drawing the uniforms from per-trace generators keeps every trace's tokens independent of the
+    batch it happens to share.
+    """
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    cdf = sorted_probs.cumsum(dim=-1)
+    if sampling.top_p < 1.0:
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = (cdf - sorted_probs) < sampling.top_p
+        sorted_probs = sorted_probs * keep
+        cdf = sorted_probs.cumsum(dim=-1)
+    target = uniforms.to(cdf.device, cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[-1] - 1)
+    return order.gather(-1, idx).squeeze(-1)
+
+
+class CachedLM:
+    """Wraps a Hugging Face causal LM with per-key KV caches and batched incremental calls."""
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int = 0):
+        self.model = model.eval()
+        self.pad_token_id = pad_token_id
+        self._entries: dict[str, _Entry] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ cache bookkeeping
+    def cached_length(self, key: str) -> int:
+        """How many tokens of trace ``key`` this model has already read."""
+        entry = self._entries.get(key)
+        return entry.length if entry else 0
+
+    def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
+        """Let ``dst_keys`` start from ``src_key``'s cache. Tensors are shared, never written in place."""
+        entry = self._entries.get(src_key)
+        for key in dst_keys:
+            if entry is None:
+                self._entries.pop(key, None)
+            else:
+                self._entries[key] = _Entry(list(entry.layers), entry.length)
+
+    def release(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # ------------------------------------------------------------------ forward passes
+    @torch.inference_mode()
+    def extend(self, keys: Sequence[str], new_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Read ``new_ids[i]`` on top of trace ``keys[i]``; returns the last position's logits [B, V]."""
+        state = _BatchState.start(self, keys, new_ids)
+        logits = state.logits
+        state.commit()
+        return logits
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        keys: Sequence[str],
+        new_ids: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        sampling: SamplingParams,
+        generators: Sequence[torch.Generator],
+        stop_ids: frozenset[int] = frozenset(),
+        should_stop: Callable[[int, list[int]], bool] | None = None,
+    ) -> list[Generation]:
+        """Read ``new_ids`` then sample up to ``max_new_tokens[i]`` tokens for each trace.
+
+        A row ends at a token in ``stop_ids`` (not returned), at its token limit, or when
+        ``should_stop(row, tokens_so_far)`` says so (e.g. a stop string). Afterwards each cache holds
+        everything the trace read and wrote except its last sampled token, which the next call
+        passes in again as part of ``new_ids``.
+        """
+        if len(generators) != len(keys) or len(max_new_tokens) != len(keys):
+            raise ValueError("keys, max_new_tokens and generators must have the same length")
+        state = _BatchState.start(self, keys, new_ids)
+        out: list[list[int]] = [[] for _ in keys]
+        reasons: list[str | None] = [None] * len(keys)
+        active = [n > 0 for n in max_new_tokens]
+        logits = state.logits
+        while any(active):
+            uniforms = torch.tensor([float(torch.rand((), generator=g)) for g in generators])
+            tokens = sample_next(logits, sampling, uniforms).tolist()
+            for row, tok in enumerate(tokens):
+                if not active[row]:
+                    continue
+                if tok in stop_ids:
+                    reasons[row], active[row] = "eos", False
+                    continue
+                out[row].append(tok)
+                if should_stop is not None and should_stop(row, out[row]):
+                    reasons[row], active[row] = "stop", False
+                elif len(out[row]) >= max_new_tokens[row]:
+                    active[row] = False
+            if not any(active):
+                break
+            logits = state.step(tokens, active)
+        state.commit()
+        return [Generation(ids, reason) for ids, reason in zip(out, reasons)]
+
+
+class _BatchState:
+    """One batched forward over several traces' caches: prefill, then one token at a time."""
+
+    def __init__(self, lm: CachedLM, keys: Sequence[str]):
+        self.lm = lm
+        self.keys = list(keys)
+
+    @classmethod
+    def start(cls, lm: CachedLM, keys: Sequence[str], new_ids: Sequence[Sequence[int]]) -> _BatchState:
+        if len(keys) != len(new_ids):
+            raise ValueError(f"got {len(keys)} keys but {len(new_ids)} token lists")
+        if len(set(keys)) != len(keys):
+            raise ValueError("a batch must not name the same trace twice")
+        if any(len(ids) == 0 for ids in new_ids):
+            raise ValueError("every trace must bring at least one new token to read")
+        self = cls(lm, keys)
+        device = lm.device
+        entries = [lm._entries.get(k) for k in keys]
+        past = [e.length if e else 0 for e in entries]
+        n_new = [len(ids) for ids in new_ids]
+        P, N, B = max(past), max(n_new), len(keys)
+
+        mask = torch.zeros(B, P + N, dtype=torch.long)
+        input_ids = torch.full((B, N), lm.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros(B, N, dtype=torch.long)
+        for b, (pl, ids) in enumerate(zip(past, new_ids)):
+            mask[b, P - pl:P] = 1
+            mask[b, P + N - len(ids):] = 1
+            input_ids[b, N - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+            position_ids[b, N - len(ids):] = torch.arange(pl, pl + len(ids))
+
+        cache = DynamicCache()
+        if P > 0:
+            template = next(e for e in entries if e is not None).layers
+            layers = []
+            for li, (k0, v0) in enumerate(template):
+                k = k0.new_zeros((B, k0.shape[1], P, k0.shape[3]))
+                v = v0.new_zeros((B, v0.shape[1], P, v0.shape[3]))
+                for b, e in enumerate(entries):
+                    if e is not None and e.length:
+                        k[b, :, P - e.length:] = e.layers[li][0][0]
+                        v[b, :, P - e.length:] = e.layers[li][1][0]
+                layers.append((k, v))
+            cache = DynamicCache(ddp_cache_data=layers)
+
+        self.mask = mask.to(device)
+        self.next_pos = torch.tensor([pl + n for pl, n in zip(past, n_new)], device=device)
+        self.cache = cache
+        out = lm.model(input_ids=input_ids.to(device), attention_mask=self.mask,
+                       position_ids=position_ids.to(device), past_key_values=cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.logits = out.logits[:, -1, :]
+        return self
+
+    def step(self, tokens: Sequence[int], active: Sequence[bool]) -> torch.Tensor:
+        """Feed one token per row; rows that are no longer active are masked out of the cache."""
+        device = self.mask.device
+        col = torch.tensor([[1 if a else 0] for a in active], dtype=torch.long, device=device)
+        self.mask = torch.cat([self.mask, col], dim=1)
+        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
+        pos = self.next_pos.unsqueeze(1)
+        out = self.lm.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
+                            past_key_values=self.cache, use_cache=True)
+        self.next_pos = self.next_pos + col.squeeze(1)
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+    def commit(self) -> None:
+        """Store each row's unpadded cache back under its key."""
+        layers = [(layer.keys, layer.values) for layer in self.cache.layers]
+        for b, key in enumerate(self.keys):
+            idx = self.mask[b].nonzero().squeeze(1)
+            self.lm._entries[key] = _Entry(
+                [(k[b:b + 1].index_select(2, idx), v[b:b + 1].index_select(2, idx)) for k, v in layers],
+                int(idx.numel()),
+            )

@@ -1,0 +1,88 @@
+"""The set of candidate checkpoints that take turns writing a response."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from switchrl.backends.base import CandidateBackend, Patch, SamplingParams, Trace
+from switchrl.config import CandidateConfig
+from switchrl.errors import ConfigError
+
+
+def build_backend(cfg: CandidateConfig) -> CandidateBackend:
+    """Instantiate the backend named by ``cfg.backend`` for one candidate."""
+    sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k)
+    if cfg.backend == "transformers":
+        from switchrl.backends.transformers_backend import TransformersBackend
+
+        return TransformersBackend.from_pretrained(
+            cfg.name, cfg.path, dtype=cfg.dtype, device=cfg.device, sampling=sampling,
+            chat_template=cfg.chat_template, prompt_template=cfg.prompt_template,
+            stop_strings=cfg.stop_strings)
+    raise ConfigError(f"candidate {cfg.name!r}: backend {cfg.backend!r} is not available in this install")
+
+
+class CandidatePool:
+    """Named candidates plus the patch size; :meth:`step` runs one batched call per chosen candidate."""
+
+    def __init__(self, backends: Sequence[CandidateBackend], patch_tokens: int = 50, seed: int = 0):
+        if not backends:
+            raise ConfigError("candidates: a pool needs at least one candidate")
+        names = [b.name for b in backends]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"candidates: names must be unique, got {names}")
+        if patch_tokens <= 0:
+            raise ConfigError(f"patch_tokens must be > 0, got {patch_tokens}")
+        self.backends = list(backends)
+        self.patch_tokens = patch_tokens
+        self.seed = seed
+
+    @classmethod
+    def from_configs(cls, configs: Sequence[CandidateConfig], patch_tokens: int = 50, seed: int = 0) -> CandidatePool:
+        return cls([build_backend(c) for c in configs], patch_tokens=patch_tokens, seed=seed)
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.backends]
+
+    def __len__(self) -> int:
+        return len(self.backends)
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ValueError(f"no candidate named {name!r}; candidates are {self.names}") from None
+
+    def step(self, traces: Sequence[Trace], actions: Sequence[int]) -> list[Patch]:
+        """Let candidate ``actions[i]`` write the next patch of ``traces[i]`` and append it.
+
+        Traces are grouped per candidate so each candidate runs one batched call. Returns the new
+        patches in the order of ``traces``.
+        """
+        if len(traces) != len(actions):
+            raise ValueError(f"got {len(traces)} traces but {len(actions)} actions")
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, (trace, action) in enumerate(zip(traces, actions)):
+            a = int(action)
+            if not 0 <= a < len(self):
+                raise ValueError(f"action {action!r} is outside the candidates 0..{len(self) - 1} ({self.names})")
+            if trace.done:
+                raise ValueError(f"trace {trace.key!r} is already finished ({trace.stop_reason})")
+            groups[a].append(i)
+        out: list[Patch | None] = [None] * len(traces)
+        for a, rows in groups.items():
+            patches = self.backends[a].write_patches([traces[i] for i in rows], a, self.patch_tokens, self.seed)
+            for i, patch in zip(rows, patches):
+                out[i] = patch
+                traces[i].patches.append(patch)
+        return out  # type: ignore[return-value]
+
+    def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
+        for b in self.backends:
+            b.fork(src_key, dst_keys)
+
+    def release(self, keys: Sequence[str]) -> None:
+        for b in self.backends:
+            b.release(keys)

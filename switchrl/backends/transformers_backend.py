@@ -1,0 +1,194 @@
+"""A candidate served in-process by Hugging Face transformers, with per-trace KV-cache reuse."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from switchrl.backends.base import Patch, SamplingParams, Trace
+from switchrl.backends.cached_lm import CachedLM
+from switchrl.errors import CheckpointError
+from switchrl.utils.seeding import generator
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+_DETOK_WINDOW = 16  # tokens of left context used to detokenize a patch (keeps word boundaries)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return _DTYPES[dtype]
+
+
+def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Equal for tokenizers that map text to the same ids (then candidates exchange ids, not text)."""
+    items = sorted(tokenizer.get_vocab().items())
+    return hashlib.blake2b(repr(items).encode(), digest_size=8).hexdigest()
+
+
+def eos_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> frozenset[int]:
+    """Every id that ends a response for this checkpoint: the tokenizer's EOS and the generation config's."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(int(i) for i in extra)
+    return frozenset(ids)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    if not Path(path).exists():
+        raise CheckpointError(f"checkpoint path does not exist: {path}")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - re-raised with the path named
+        raise CheckpointError(f"cannot load a tokenizer from {path}: {err}") from err
+
+
+def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu") -> torch.nn.Module:
+    if not Path(path).exists():
+        raise CheckpointError(f"checkpoint path does not exist: {path}")
+    device = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"cannot load a causal LM from {path}: {err}") from err
+    return model.to(device).eval()
+
+
+class TransformersBackend:
+    """Writes patches for a batch of traces with one batched forward pass per token.
+
+    For every live trace it keeps the KV cache of what this candidate has read, so a patch costs a
+    prefill of only the tokens other candidates wrote since this candidate's last turn.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        sampling: SamplingParams | None = None,
+        chat_template: bool = False,
+        prompt_template: str = "{query}",
+        stop_strings: Sequence[str] = (),
+    ):
+        self.name = name
+        self.tokenizer = tokenizer
+        self.sampling = sampling or SamplingParams()
+        self.chat_template = chat_template
+        self.prompt_template = prompt_template
+        self.stop_strings = tuple(stop_strings)
+        self.stop_ids = eos_ids(tokenizer, model)
+        if not self.stop_ids:
+            raise CheckpointError(
+                f"candidate {name!r}: its tokenizer defines no EOS token (eos_token is None), so a "
+                "response could never end; set tokenizer.eos_token or generation_config.eos_token_id")
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise CheckpointError(f"candidate {name!r}: chat_template=true but the tokenizer has no chat template")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
+        self.lm = CachedLM(model, pad_token_id=pad)
+        self.vocab = vocab_fingerprint(tokenizer)
+        self._views: dict[str, tuple[int, int, list[int]]] = {}  # key -> (patches covered, prompt len, ids)
+
+    @classmethod
+    def from_pretrained(cls, name: str, path: str, dtype: str = "auto", device: str = "cpu",
+                        **kwargs) -> TransformersBackend:
+        tokenizer = load_tokenizer(path)
+        return cls(name, load_causal_lm(path, dtype, device), tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------ token views
+    def prompt_ids(self, query: str) -> list[int]:
+        """The tokens this candidate reads before the response: its prompt for ``query``."""
+        if self.chat_template:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": query}], add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        ids = self.tokenizer(self.prompt_template.format(query=query), add_special_tokens=True)["input_ids"]
+        return list(ids) or [self.lm.pad_token_id]
+
+    def patch_ids(self, patch: Patch) -> list[int]:
+        """``patch`` in this candidate's tokens: the ids themselves when the vocab matches, else re-tokenized text."""
+        if patch.vocab == self.vocab:
+            return list(patch.token_ids)
+        return self.tokenizer(patch.text, add_special_tokens=False)["input_ids"]
+
+    def view(self, trace: Trace) -> list[int]:
+        """Everything this candidate reads for ``trace``: prompt + every patch, in its own tokens."""
+        return self._view(trace)[1]
+
+    def _view(self, trace: Trace) -> tuple[int, list[int]]:
+        """(prompt length, view ids) of ``trace``, extended incrementally from the last call."""
+        covered, prompt_len, ids = self._views.get(trace.key, (0, 0, None))
+        if ids is None:
+            ids = self.prompt_ids(trace.query)
+            prompt_len = len(ids)
+        ids = list(ids)
+        for patch in trace.patches[covered:]:
+            ids.extend(self.patch_ids(patch))
+        self._views[trace.key] = (len(trace.patches), prompt_len, ids)
+        return prompt_len, ids
+
+    # ------------------------------------------------------------------ the backend protocol
+    def write_patches(self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int) -> list[Patch]:
+        if patch_tokens <= 0:
+            raise ValueError(f"patch_tokens must be > 0, got {patch_tokens}")
+        if not traces:
+            return []
+        start = time.perf_counter()
+        prompt_lens, views = zip(*(self._view(t) for t in traces))
+        new = [v[self.lm.cached_length(t.key):] for v, t in zip(views, traces)]
+        limits = [min(patch_tokens, t.remaining_tokens) for t in traces]
+        gens = [generator(seed, t.key, len(t.patches), self.name) for t in traces]
+        should_stop = None
+        if self.stop_strings:
+            def should_stop(row: int, toks: list[int]) -> bool:
+                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                return any(s in text for s in self.stop_strings)
+        results = self.lm.generate([t.key for t in traces], new, limits, self.sampling, gens,
+                                   stop_ids=self.stop_ids, should_stop=should_stop)
+        seconds = (time.perf_counter() - start) / len(traces)
+        patches = []
+        for t, view, plen, res in zip(traces, views, prompt_lens, results):
+            context = view[max(plen, len(view) - _DETOK_WINDOW):]
+            text = self._continuation_text(context, res.token_ids)
+            patches.append(Patch(author=author, token_ids=res.token_ids, text=text, stop_reason=res.stop_reason,
+                                 vocab=self.vocab, seconds=seconds))
+        return patches
+
+    def _continuation_text(self, context: list[int], new: list[int]) -> str:
+        """The text ``new`` adds after ``context`` (decoding in context keeps spaces between words)."""
+        before = self.tokenizer.decode(context, skip_special_tokens=True)
+        return self.tokenizer.decode(context + new, skip_special_tokens=True)[len(before):]
+
+    def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
+        self.lm.fork(src_key, dst_keys)
+        view = self._views.get(src_key)
+        for key in dst_keys:
+            if view is None:
+                self._views.pop(key, None)
+            else:
+                self._views[key] = view
+
+    def release(self, keys: Sequence[str]) -> None:
+        self.lm.release(keys)
+        for key in keys:
+            self._views.pop(key, None)

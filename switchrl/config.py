@@ -1,0 +1,85 @@
+"""Typed, validated run configs. Unknown keys and bad values raise one :class:`ConfigError` naming them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from switchrl.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CandidateConfig(StrictModel):
+    """One checkpoint that can write patches."""
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1, description="local directory or hub id of the checkpoint")
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "auto"
+    device: str = "cpu"
+    chat_template: bool = False
+    prompt_template: str = "{query}"
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    stop_strings: list[str] = Field(default_factory=list)
+    base_url: str | None = Field(None, description="openai backend: server address, e.g. http://host:8000/v1")
+    served_model: str | None = Field(None, description="openai backend: the model name the server serves")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_query(cls, v: str) -> str:
+        if "{query}" not in v:
+            raise ValueError("prompt_template must contain '{query}'")
+        return v
+
+
+class GenerationConfig(StrictModel):
+    """How a switched response is written."""
+
+    patch_tokens: int = Field(50, gt=0, description="tokens per patch (the paper: 50)")
+    max_new_tokens: int = Field(512, gt=0, description="token budget of one response")
+    seed: int = 0
+
+
+def format_validation_error(err: ValidationError, source: str | None = None) -> str:
+    """``config.yaml: candidates.0.path: Field required; ...`` from a pydantic error."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{loc}: {msg}")
+    prefix = f"{source}: " if source else ""
+    return prefix + "; ".join(parts)
+
+
+def parse(model: type[M], data: Any, source: str | None = None) -> M:
+    """Validate ``data`` into ``model``, raising :class:`ConfigError` with every bad key named."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_yaml(path: str | Path, model: type[M]) -> M:
+    """Read a YAML file and validate it into ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return parse(model, data, str(path))
