@@ -33,6 +33,8 @@ class CandidateConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     stop_strings: list[str] = Field(default_factory=list)
+    eos_after: str | None = Field(
+        None, description="regex: EOS is banned until the response text matches it (apply to every system alike)")
     base_url: str | None = Field(None, description="openai backend: server address, e.g. http://host:8000/v1")
     served_model: str | None = Field(None, description="openai backend: the model name the server serves")
 

@@ -44,6 +44,7 @@ class Patch:
     stop_reason: StopReason | None = None
     vocab: str = ""
     seconds: float = 0.0
+    probs: tuple[float, ...] | None = None  # the switcher's distribution when it chose this author
 
 
 @dataclass

@@ -113,11 +113,13 @@ class CachedLM:
         generators: Sequence[torch.Generator],
         stop_ids: frozenset[int] = frozenset(),
         should_stop: Callable[[int, list[int]], bool] | None = None,
+        may_stop: Callable[[int, list[int]], bool] | None = None,
     ) -> list[Generation]:
         """Read ``new_ids`` then sample up to ``max_new_tokens[i]`` tokens for each trace.
 
         A row ends at a token in ``stop_ids`` (not returned), at its token limit, or when
-        ``should_stop(row, tokens_so_far)`` says so (e.g. a stop string). Afterwards each cache holds
+        ``should_stop(row, tokens_so_far)`` says so (e.g. a stop string). While
+        ``may_stop(row, tokens_so_far)`` is False, ``stop_ids`` are banned for that row. Afterwards each cache holds
         everything the trace read and wrote except its last sampled token, which the next call
         passes in again as part of ``new_ids``.
         """
@@ -130,6 +132,11 @@ class CachedLM:
         logits = state.logits
         while any(active):
             uniforms = torch.tensor([float(torch.rand((), generator=g)) for g in generators])
+            if may_stop is not None and stop_ids:
+                banned = [r for r in range(len(keys)) if active[r] and not may_stop(r, out[r])]
+                if banned:
+                    logits = logits.clone()
+                    logits[torch.tensor(banned)[:, None], torch.tensor(sorted(stop_ids))[None, :]] = float("-inf")
             tokens = sample_next(logits, sampling, uniforms).tolist()
             for row, tok in enumerate(tokens):
                 if not active[row]:

@@ -19,7 +19,7 @@ def build_backend(cfg: CandidateConfig) -> CandidateBackend:
         return TransformersBackend.from_pretrained(
             cfg.name, cfg.path, dtype=cfg.dtype, device=cfg.device, sampling=sampling,
             chat_template=cfg.chat_template, prompt_template=cfg.prompt_template,
-            stop_strings=cfg.stop_strings)
+            stop_strings=cfg.stop_strings, eos_after=cfg.eos_after)
     raise ConfigError(f"candidate {cfg.name!r}: backend {cfg.backend!r} is not available in this install")
 
 

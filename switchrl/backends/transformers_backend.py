@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,6 +89,7 @@ class TransformersBackend:
         chat_template: bool = False,
         prompt_template: str = "{query}",
         stop_strings: Sequence[str] = (),
+        eos_after: str | None = None,
     ):
         self.name = name
         self.tokenizer = tokenizer
@@ -95,6 +97,7 @@ class TransformersBackend:
         self.chat_template = chat_template
         self.prompt_template = prompt_template
         self.stop_strings = tuple(stop_strings)
+        self.eos_after = re.compile(eos_after) if eos_after else None
         self.stop_ids = eos_ids(tokenizer, model)
         if not self.stop_ids:
             raise CheckpointError(
@@ -163,8 +166,15 @@ class TransformersBackend:
             def should_stop(row: int, toks: list[int]) -> bool:
                 text = self.tokenizer.decode(toks, skip_special_tokens=True)
                 return any(s in text for s in self.stop_strings)
+        may_stop = None
+        if self.eos_after is not None:
+            def may_stop(row: int, toks: list[int]) -> bool:
+                view = views[row]
+                context = view[max(prompt_lens[row], len(view) - _DETOK_WINDOW):]
+                text = traces[row].text + self._continuation_text(context, toks)
+                return self.eos_after.search(text) is not None
         results = self.lm.generate([t.key for t in traces], new, limits, self.sampling, gens,
-                                   stop_ids=self.stop_ids, should_stop=should_stop)
+                                   stop_ids=self.stop_ids, should_stop=should_stop, may_stop=may_stop)
         seconds = (time.perf_counter() - start) / len(traces)
         patches = []
         for t, view, plen, res in zip(traces, views, prompt_lens, results):

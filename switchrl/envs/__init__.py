@@ -1,1 +1,1 @@
-"""TODO"""
+"""Environments and batched rollouts."""

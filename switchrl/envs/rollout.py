@@ -1,0 +1,137 @@
+"""Batched rollouts over a candidate pool: switched generation and simulated-rollout utilities.
+
+Both loops advance many traces at once; each step asks the policy for every live trace, then the
+pool runs one batched call per chosen candidate. Everything random derives from (seed, trace key,
+patch index), so results do not depend on batch composition, order or worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from switchrl.backends.base import Patch, Trace
+from switchrl.backends.pool import CandidatePool
+from switchrl.policies.base import SwitchPolicy
+from switchrl.policies.baselines import RandomSwitcher
+from switchrl.rewards.base import ScoreResult, Scorer, safe_score_batch
+
+
+def advance(pool: CandidatePool, policy: SwitchPolicy, traces: Sequence[Trace],
+            on_step: Callable[[list[Trace]], None] | None = None) -> None:
+    """Run ``policy`` over ``traces`` until every one is done (EOS, stop string or token budget)."""
+    live = [t for t in traces if not t.done]
+    while live:
+        decisions = policy.decide(live)
+        pool.step(live, [d.action for d in decisions])
+        for t, d in zip(live, decisions):
+            t.patches[-1].probs = d.probs
+        if on_step is not None:
+            on_step(live)
+        finished = [t.key for t in live if t.done]
+        if finished:
+            pool.release(finished)
+            policy.release(finished)
+        live = [t for t in live if not t.done]
+
+
+def run_switch_generation(
+    pool: CandidatePool,
+    policy: SwitchPolicy,
+    queries: Sequence[str],
+    max_new_tokens: int = 512,
+    keys: Sequence[str] | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[Trace]:
+    """Write one switched response per query; returns the finished traces in query order."""
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    keys = list(keys) if keys is not None else [f"q{i}" for i in range(len(queries))]
+    if len(keys) != len(queries) or len(set(keys)) != len(keys):
+        raise ValueError("keys must be unique and one per query")
+    traces = [Trace(key=k, query=q, max_new_tokens=max_new_tokens) for k, q in zip(keys, queries)]
+    bar = tqdm(total=len(traces), desc="generate", unit="resp", disable=not progress)
+    for start in range(0, len(traces), batch_size):
+        chunk = traces[start:start + batch_size]
+        advance(pool, policy, chunk)
+        bar.update(len(chunk))
+    bar.close()
+    return traces
+
+
+@dataclass
+class StateUtilities:
+    """Simulated-rollout estimate for one state: per candidate, its next patch and k scored finishes."""
+
+    next_patches: list[Patch]
+    scores: list[list[float]]
+    failures: list[list[str]] = field(default_factory=list)
+    responses: list[list[str]] = field(default_factory=list)
+
+    @property
+    def utilities(self) -> list[float]:
+        return [sum(s) / len(s) if s else 0.0 for s in self.scores]
+
+    @property
+    def counts(self) -> list[int]:
+        return [len(s) for s in self.scores]
+
+
+def estimate_utilities(
+    pool: CandidatePool,
+    states: Sequence[Trace],
+    references: Sequence[str],
+    scorer: Scorer,
+    k: int = 32,
+    finisher: SwitchPolicy | None = None,
+    metas: Sequence[dict] | None = None,
+) -> list[StateUtilities]:
+    """The paper's simulated rollouts: for each state and candidate c_i, c_i writes the next patch,
+    then k finishes by ``finisher`` (random switching by default) are scored; s_i = mean score.
+
+    All |states| x |C| x k finishes run as batched pool calls; each finish forks the KV cache of
+    its parent state, so the shared prefix is read once per candidate. ``states`` are not modified.
+    """
+    if k <= 0:
+        raise ValueError(f"k must be > 0, got {k}")
+    if len(references) != len(states):
+        raise ValueError("one reference per state is required")
+    n = len(pool)
+    finisher = finisher or RandomSwitcher(n, seed=pool.seed)
+    metas = metas or [{} for _ in states]
+
+    # 1. every candidate writes the next patch of every state (one batched call per candidate)
+    children = [s.fork(f"{s.key}/c{i}") for s in states for i in range(n)]
+    for s in states:
+        pool.fork(s.key, [f"{s.key}/c{i}" for i in range(n)])
+    pool.step(children, [i for _ in states for i in range(n)])
+
+    # 2. each child is finished k times
+    finishes: list[Trace] = []
+    for child in children:
+        keys = [f"{child.key}/f{j}" for j in range(k)]
+        pool.fork(child.key, keys)
+        finishes.extend(child.fork(key) for key in keys)
+    pool.release([c.key for c in children])
+    advance(pool, finisher, finishes)
+    pool.release([f.key for f in finishes])
+
+    # 3. score and average
+    results: list[StateUtilities] = []
+    for si, state in enumerate(states):
+        block = finishes[si * n * k:(si + 1) * n * k]
+        scored: list[ScoreResult] = safe_score_batch(
+            scorer, [state.query] * len(block), [f.text for f in block], [references[si]] * len(block),
+            [metas[si]] * len(block))
+        results.append(StateUtilities(
+            next_patches=[children[si * n + i].patches[-1] for i in range(n)],
+            scores=[[r.value for r in scored[i * k:(i + 1) * k]] for i in range(n)],
+            failures=[[r.error for r in scored[i * k:(i + 1) * k] if r.failed] for i in range(n)],
+            responses=[[f.text for f in block[i * k:(i + 1) * k]] for i in range(n)],
+        ))
+    return results
