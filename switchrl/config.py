@@ -85,3 +85,24 @@ def load_yaml(path: str | Path, model: type[M]) -> M:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     return parse(model, data, str(path))
+
+
+class SwitcherConfig(StrictModel):
+    """Which policy picks the next author."""
+
+    type: Literal["random", "fixed", "round_robin", "lm"] = "random"
+    candidate: str | None = Field(None, description="fixed: the candidate's name")
+    path: str | None = Field(None, description="lm: a saved switcher directory (or a base model to wrap, untuned)")
+    top_p: float = Field(0.7, gt=0, le=1)
+    greedy: bool = False
+    seed: int = 0
+
+
+class TaskSourceConfig(StrictModel):
+    """Where task instances come from: a JSONL file or the built-in testbed."""
+
+    source: Literal["jsonl", "testbed"] = "jsonl"
+    path: str | None = Field(None, description="jsonl: the task file")
+    task: str | None = Field(None, description="task name (testbed: recall | arithmetic | compositional)")
+    split: str = "test"
+    limit: int | None = Field(None, gt=0)

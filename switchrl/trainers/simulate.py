@@ -1,0 +1,129 @@
+"""Simulated rollouts (the paper's switcher training data).
+
+For each training query and state j: write a full response by random switching, cut it after a
+random number of patches (zero included) to get a state; then every candidate c_i writes the next
+patch and that continuation is finished k times by random switching; s_i = mean score of the k
+finishes and the SFT label is argmax_i s_i (ties broken with the seed, and flagged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from switchrl.backends.base import Trace
+from switchrl.backends.pool import CandidatePool
+from switchrl.envs.rollout import advance, estimate_utilities
+from switchrl.policies.baselines import RandomSwitcher
+from switchrl.rewards.base import Scorer
+from switchrl.tasks.base import TaskInstance
+from switchrl.utils.seeding import generator
+
+
+@dataclass(frozen=True)
+class StateItem:
+    """One simulated state to label: state ``index`` of ``instance``."""
+
+    instance: TaskInstance
+    index: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.instance.task}/{self.instance.id}/s{self.index}"
+
+
+def make_items(instances: Sequence[TaskInstance], states_per_query: int) -> list[StateItem]:
+    if states_per_query <= 0:
+        raise ValueError(f"states_per_query must be > 0, got {states_per_query}")
+    return [StateItem(inst, j) for inst in instances for j in range(states_per_query)]
+
+
+def argmax_label(utilities: Sequence[float], *seed_parts: object) -> tuple[int, bool]:
+    """The index of the best utility; ties are broken at random from ``seed_parts`` and flagged."""
+    best = max(utilities)
+    winners = [i for i, u in enumerate(utilities) if u == best]
+    if len(winners) == 1:
+        return winners[0], False
+    pick = int(torch.randint(len(winners), (1,), generator=generator(*seed_parts, "tie")))
+    return winners[pick], True
+
+
+class SimulateWorker:
+    """Labels batches of states with one candidate pool (one replica per process or Ray actor)."""
+
+    def __init__(self, pool: CandidatePool, scorers: Mapping[str, Scorer], k: int = 32,
+                 max_new_tokens: int = 512, seed: int = 0, states_per_batch: int = 8):
+        if k <= 0:
+            raise ValueError(f"k must be > 0, got {k}")
+        if states_per_batch <= 0:
+            raise ValueError(f"states_per_batch must be > 0, got {states_per_batch}")
+        self.pool, self.scorers, self.k = pool, dict(scorers), k
+        self.max_new_tokens, self.seed, self.states_per_batch = max_new_tokens, seed, states_per_batch
+        self.random = RandomSwitcher(len(pool), seed=seed)
+
+    def scorer_for(self, task: str) -> Scorer:
+        scorer = self.scorers.get(task, self.scorers.get("*"))
+        if scorer is None:
+            raise KeyError(f"no scorer for task {task!r}; scorers are given for {sorted(self.scorers)}")
+        return scorer
+
+    def states(self, items: Sequence[StateItem]) -> list[Trace]:
+        """A random-switching prefix per item: a full random response cut at a random patch boundary."""
+        probes = [Trace(key=item.id, query=item.instance.query, max_new_tokens=self.max_new_tokens)
+                  for item in items]
+        advance(self.pool, self.random, probes)
+        states = []
+        for item, probe in zip(items, probes):
+            cut = int(torch.randint(len(probe.patches), (1,), generator=generator(self.seed, item.id, "cut")))
+            states.append(Trace(key=item.id, query=probe.query, max_new_tokens=self.max_new_tokens,
+                                patches=probe.patches[:cut]))
+        return states
+
+    def process(self, items: Sequence[StateItem]) -> list[dict]:
+        """One JSON-serialisable record per item, in the order of ``items``."""
+        records: list[dict] = []
+        for start in range(0, len(items), self.states_per_batch):
+            batch = items[start:start + self.states_per_batch]
+            states = self.states(batch)
+            by_task: dict[str, list[int]] = {}
+            for i, item in enumerate(batch):
+                by_task.setdefault(item.instance.task, []).append(i)
+            results: list = [None] * len(batch)
+            for task, rows in by_task.items():
+                est = estimate_utilities(self.pool, [states[i] for i in rows],
+                                         [batch[i].instance.reference for i in rows], self.scorer_for(task),
+                                         k=self.k, finisher=self.random,
+                                         metas=[batch[i].instance.meta for i in rows])
+                for i, e in zip(rows, est):
+                    results[i] = e
+            self.pool.release([s.key for s in states])
+            records.extend(self._record(item, state, est) for item, state, est in zip(batch, states, results))
+        return records
+
+    def _record(self, item: StateItem, state: Trace, est) -> dict:
+        utilities = est.utilities
+        label, tie = argmax_label(utilities, self.seed, item.id)
+        names = self.pool.names
+        return {
+            "id": item.id,
+            "task": item.instance.task,
+            "query_id": item.instance.id,
+            "state": item.index,
+            "query": item.instance.query,
+            "reference": item.instance.reference,
+            "candidates": names,
+            "prefix_text": state.text,
+            "prefix": [{"author": p.author, "text": p.text, "token_ids": p.token_ids, "vocab": p.vocab}
+                       for p in state.patches],
+            "next_patches": [p.text for p in est.next_patches],
+            "utilities": utilities,
+            "counts": est.counts,
+            "label": label,
+            "label_name": names[label],
+            "tie": tie,
+            "all_equal": len(set(utilities)) == 1,
+            "failures": sum(len(f) for f in est.failures),
+            "errors": sorted({e for f in est.failures for e in f})[:3],
+        }
