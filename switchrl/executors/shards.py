@@ -1,0 +1,234 @@
+"""Atomic JSONL shards plus a manifest: the one truth of a resumable run.
+
+Layout of ``out_dir``::
+
+    manifest.json          {"version", "fingerprint", "shards": [{"name", "item_ids", "num_records",
+                            "sha256", "worker"}]}
+    shards/shard-000000.jsonl
+
+A shard is written to a temporary file, fsynced and renamed into place; only then is it added to the
+manifest, which is itself replaced atomically. A crash at any point leaves either a committed shard
+(listed in the manifest) or an orphan file that is ignored and cleaned up on the next open, so an
+item is never recorded twice and a committed record is never lost.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from switchrl.errors import CheckpointError
+from switchrl.executors.base import RECORD_ID_KEY
+
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One committed shard: which items it covers, how many records, their content hash."""
+
+    name: str
+    item_ids: list[str]
+    num_records: int
+    sha256: str
+    worker: str = ""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a partial one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def encode_records(records: Iterable[dict]) -> bytes:
+    """JSONL bytes of ``records`` (key order kept, non-ASCII kept)."""
+    try:
+        return b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"records must be JSON-serialisable: {err}") from None
+
+
+class ShardStore:
+    """The shards and manifest of one output directory.
+
+    ``order`` (item ids) fixes the order in which :meth:`records` returns records; without it,
+    records are sorted by item id. Within an item, records keep the order the worker gave them.
+    A writable store takes an exclusive lock on the directory (one writer at a time) until
+    :meth:`close`, and removes orphan files of a crashed writer; ``readonly=True`` only reads.
+    """
+
+    def __init__(self, out_dir: str | Path, fingerprint: dict | None = None,
+                 order: Sequence[str] | None = None, readonly: bool = False):
+        self.out_dir = Path(out_dir)
+        self.order = list(order) if order is not None else None
+        self.readonly = readonly
+        self._lock = None
+        if readonly:
+            if not self.manifest_path.is_file():
+                raise CheckpointError(f"{self.out_dir} has no {MANIFEST}; is it a switchrl output directory?")
+        else:
+            if self.out_dir.exists() and not self.out_dir.is_dir():
+                raise CheckpointError(f"out_dir {self.out_dir} exists and is not a directory")
+            (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.out_dir / ".lock", "w")  # noqa: SIM115 (held until close)
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.close()
+                raise CheckpointError(f"out_dir {self.out_dir} is in use by another run") from None
+        self.fingerprint, self.shards = self._read_manifest()
+        if fingerprint is not None:
+            self._check_fingerprint(fingerprint)
+        self._done = {i for s in self.shards for i in s.item_ids}
+        if not readonly:
+            self._remove_orphans()
+
+    # -- reading -------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.out_dir / MANIFEST
+
+    def _read_manifest(self) -> tuple[dict | None, list[ShardInfo]]:
+        if not self.manifest_path.exists():
+            return None, []
+        try:
+            data = json.loads(self.manifest_path.read_text())
+            if data.get("version") != VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {VERSION}")
+            return data.get("fingerprint"), [ShardInfo(**s) for s in data["shards"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{self.manifest_path}: not a valid switchrl manifest: {err}") from None
+
+    def _check_fingerprint(self, fingerprint: dict) -> None:
+        fingerprint = json.loads(json.dumps(fingerprint))  # the form it has once stored
+        if self.fingerprint is None:
+            if self.shards:
+                raise CheckpointError(f"{self.manifest_path} has shards but no fingerprint; use a new out_dir")
+            self.fingerprint = fingerprint
+            return
+        if fingerprint != self.fingerprint:
+            keys = sorted(k for k in fingerprint.keys() | self.fingerprint.keys()
+                          if fingerprint.get(k) != self.fingerprint.get(k))
+            raise CheckpointError(f"{self.out_dir} was written with a different configuration "
+                                  f"(differs in: {', '.join(keys)}); use a new out_dir to start over")
+
+    def _remove_orphans(self) -> None:
+        listed = {s.name for s in self.shards}
+        for path in (self.out_dir / SHARD_DIR).iterdir():
+            if path.name not in listed:
+                path.unlink()
+
+    @property
+    def completed_ids(self) -> frozenset[str]:
+        """Ids of the items whose records are committed."""
+        return frozenset(self._done)
+
+    @property
+    def num_records(self) -> int:
+        return sum(s.num_records for s in self.shards)
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def read_shard(self, shard: ShardInfo) -> list[dict]:
+        """The records of one committed shard; raises :class:`CheckpointError` if it was altered."""
+        path = self.out_dir / SHARD_DIR / shard.name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} is listed in the manifest but missing") from None
+        if hashlib.sha256(data).hexdigest() != shard.sha256:
+            raise CheckpointError(f"{path} does not match its sha256 in the manifest (edited or corrupted)")
+        return [json.loads(line) for line in data.splitlines()]
+
+    def records(self) -> list[dict]:
+        """Every committed record, in ``order`` of item ids (sorted ids without one), then worker order."""
+        by_item: dict[str, list[dict]] = {}
+        for shard in self.shards:
+            for rec in self.read_shard(shard):
+                by_item.setdefault(rec[RECORD_ID_KEY], []).append(rec)
+        order = self.order if self.order is not None else sorted(self._done)
+        rank = {item_id: i for i, item_id in enumerate(order)}
+        items = sorted(by_item, key=lambda i: (rank.get(i, len(rank)), i))
+        return [rec for item_id in items for rec in by_item[item_id]]
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.records())
+
+    def to_dataset(self) -> Any:
+        """The records as a ``datasets.Dataset`` (same order as :meth:`records`)."""
+        from datasets import Dataset
+
+        return Dataset.from_list(self.records())
+
+    def export_jsonl(self, path: str | Path) -> Path:
+        """Write all records, in order, to one JSONL file (atomically)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, encode_records(self.records()))
+        return path
+
+    # -- writing -------------------------------------------------------------------------------
+    def commit(self, item_ids: Sequence[str], records: Sequence[dict], worker: str = "") -> ShardInfo:
+        """Commit the records of ``item_ids`` as one shard, atomically, then list it in the manifest.
+
+        Raises ``ValueError`` if an item is already committed, or a record's ``item_id`` is not
+        one of ``item_ids`` (nothing is written then).
+        """
+        if self._lock is None or self._lock.closed:
+            raise CheckpointError(f"ShardStore({self.out_dir}) is read-only or closed; open a writable store")
+        item_ids = [str(i) for i in item_ids]
+        wanted = set(item_ids)
+        if len(wanted) != len(item_ids):
+            raise ValueError("item_ids of one shard must be unique")
+        if again := wanted & self._done:
+            raise ValueError(f"items already committed in {self.out_dir}: {sorted(again)[:5]}")
+        for rec in records:
+            if not isinstance(rec, dict) or rec.get(RECORD_ID_KEY) not in wanted:
+                raise ValueError(f"every record must be a dict whose {RECORD_ID_KEY!r} is one of the chunk's "
+                                 f"item ids; got {str(rec)[:200]}")
+        data = encode_records(records)
+        index = max((int(s.name[6:12]) for s in self.shards), default=-1) + 1
+        shard = ShardInfo(f"shard-{index:06d}.jsonl", item_ids, len(records),
+                          hashlib.sha256(data).hexdigest(), worker)
+        atomic_write(self.out_dir / SHARD_DIR / shard.name, data)
+        self._write_manifest([*self.shards, shard])
+        self.shards.append(shard)
+        self._done |= wanted
+        return shard
+
+    def _write_manifest(self, shards: list[ShardInfo]) -> None:
+        manifest = {"version": VERSION, "fingerprint": self.fingerprint, "shards": [asdict(s) for s in shards]}
+        atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
+
+    def close(self) -> None:
+        """Release the directory lock (records stay readable)."""
+        if self._lock is not None and not self._lock.closed:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+    def __enter__(self) -> ShardStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ShardStore({str(self.out_dir)!r}, shards={len(self.shards)}, records={self.num_records})"
