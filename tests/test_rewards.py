@@ -206,6 +206,7 @@ def test_resolve_class_is_instantiated(tmp_path, monkeypatch):
         "NOT_CALLABLE = 3\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert resolve_scorer("cls_reward:Half")("q", "r", "ref") == 0.5
+    assert resolve_scorer(__import__("cls_reward").Half)("q", "r", "ref") == 0.5
     with pytest.raises(ConfigError, match=r"'cls_reward:NOT_CALLABLE': 3 is not callable \(got int\)"):
         resolve_scorer("cls_reward:NOT_CALLABLE")
 

@@ -141,8 +141,8 @@ def _from_path(spec: str) -> Scorer:
 
 def resolve_scorer(spec: str | Scorer) -> Scorer:
     """The scorer named by ``spec`` (see the module docstring); raises ``ConfigError`` naming the problem."""
-    if callable(spec) and not isinstance(spec, str):
-        return spec
+    if callable(spec):
+        return _checked(spec, scorer_name(spec)) if inspect.isclass(spec) else spec
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"reward: expected a scorer name, 'module:function' or a callable, got {spec!r}")
     spec = spec.strip()

@@ -159,8 +159,9 @@ def load_hf_dataset(name_or_path: str | os.PathLike[str], split: str = "train", 
     ``name_or_path`` is a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``,
     a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file, or anything ``datasets.load_dataset``
     accepts (a hub name such as ``"openai/gsm8k"`` with ``name="main"`` in ``load_kwargs``; hub names
-    need network access and fail under ``HF_HUB_OFFLINE=1`` unless cached). Rows without an id get
-    their 0-based row index. E.g. GSM8K: ``load_hf_dataset("openai/gsm8k", "test", "question",
+    need network access and fail under ``HF_HUB_OFFLINE=1`` unless cached). ``split`` picks the split
+    of a ``DatasetDict`` (a saved single ``Dataset`` has none). Rows without an id get their 0-based
+    row index. E.g. GSM8K: ``load_hf_dataset("openai/gsm8k", "test", "question",
     "answer", name="main", task="gsm8k")`` (the ``numeric`` scorer reads the ``#### N`` reference).
     """
     import datasets  # heavy import, only when needed
