@@ -1,0 +1,163 @@
+"""The YAML run config shared by ``switchrl generate | simulate | sft | eval | rl`` and its resolution.
+
+A config names its candidates (or ``testbed: {seed: S}`` for the built-in family), the tasks, the
+reward and one section per command. :func:`load_run_config` validates the whole file up front so a
+typo fails in a second, naming the key and the file, not after an hour of simulation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from switchrl.config import (
+    CandidateConfig,
+    GenerationConfig,
+    StrictModel,
+    SwitcherConfig,
+    TaskSourceConfig,
+    load_yaml,
+)
+from switchrl.errors import ConfigError
+from switchrl.executors.base import ExecutorConfig
+from switchrl.rewards.base import Scorer
+from switchrl.rewards.registry import RewardConfig
+from switchrl.tasks.base import TaskInstance
+
+ReportTo = Literal["none", "wandb", "tensorboard"]
+
+
+class TestbedRef(StrictModel):
+    """Use the built-in testbed family (built on first use) as candidates and task source."""
+
+    __test__ = False  # not a pytest class
+    seed: int = 0
+    root: str | None = Field(None, description="family directory (default ~/.cache/switchrl/testbed/<seed>)")
+
+
+class SimulateSection(StrictModel):
+    k: int = Field(32, gt=0, description="random finishes per candidate and state (the paper: 32)")
+    states_per_query: int = Field(4, gt=0)
+    states_per_batch: int = Field(8, gt=0, description="states labelled together in one batched rollout")
+    split: str = "train"
+    limit: int | None = Field(None, gt=0, description="use only the first N queries of each task")
+    out_dir: str = "runs/simulate"
+    chunk_size: int = Field(16, gt=0, description="states per shard (the unit of resume and of a Ray task)")
+
+
+class SFTSection(StrictModel):
+    base: str | None = Field(None, description="switcher base model (testbed default: the aligned checkpoint)")
+    data_dir: str | None = Field(None, description="simulate output (default: simulate.out_dir)")
+    out_dir: str = "runs/sft"
+    epochs: float = Field(5, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_steps: int = Field(-1, description="stop after this many optimiser steps (-1: use epochs)")
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    drop_all_equal: bool = Field(False, description="drop states whose utilities are all equal (no signal)")
+    soft_labels: bool = Field(False, description="cross-entropy to softmax(utilities / temperature)")
+    soft_temperature: float = Field(0.1, gt=0)
+    report_to: ReportTo = "none"
+    seed: int = 0
+
+
+class EvalSection(StrictModel):
+    split: str = "test"
+    limit: int | None = Field(None, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    systems: list[str] = Field(
+        default_factory=lambda: ["singles", "random", "untuned", "sft"],
+        description="singles | random | round_robin | untuned | sft | rl | oracle | a saved switcher dir")
+    sft_path: str | None = None
+    rl_path: str | None = None
+    out_dir: str = "runs/eval"
+    batch_size: int = Field(64, gt=0)
+
+
+class RunConfig(StrictModel):
+    testbed: TestbedRef | None = None
+    candidates: list[CandidateConfig] = Field(default_factory=list)
+    generation: GenerationConfig | None = None
+    tasks: list[TaskSourceConfig] = Field(default_factory=list)
+    reward: RewardConfig | None = Field(None, description="default: each task's own scorer (testbed) or exact_match")
+    switcher: SwitcherConfig = Field(default_factory=SwitcherConfig)
+    simulate: SimulateSection = Field(default_factory=SimulateSection)
+    sft: SFTSection = Field(default_factory=SFTSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+
+    @model_validator(mode="after")
+    def _has_candidates(self) -> RunConfig:
+        if self.testbed is None and not self.candidates:
+            raise ValueError("give either 'candidates' (a list) or 'testbed: {seed: N}'")
+        if self.testbed is not None and self.candidates:
+            raise ValueError("give either 'candidates' or 'testbed', not both")
+        return self
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    return load_yaml(path, RunConfig)
+
+
+class ResolvedRun:
+    """A :class:`RunConfig` with its testbed family (if any) built and its defaults filled in."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.family = None
+        if config.testbed is not None:
+            from switchrl.testbed import build_family
+
+            self.family = build_family(seed=config.testbed.seed, out=config.testbed.root)
+
+    @property
+    def candidates(self) -> list[CandidateConfig]:
+        return self.family.candidate_configs() if self.family else list(self.config.candidates)
+
+    @property
+    def generation(self) -> GenerationConfig:
+        if self.config.generation is not None:
+            return self.config.generation
+        return self.family.generation_config() if self.family else GenerationConfig()
+
+    def task_sources(self) -> list[TaskSourceConfig]:
+        if self.config.tasks:
+            return list(self.config.tasks)
+        if self.family:
+            return [TaskSourceConfig(source="testbed", task=t) for t in ("recall", "arithmetic", "compositional")]
+        raise ConfigError("tasks: give at least one task source (e.g. {source: jsonl, path: tasks.jsonl})")
+
+    def instances(self, split: str, limit: int | None = None) -> dict[str, list[TaskInstance]]:
+        """Task name -> instances of ``split`` (each source's ``limit`` or ``limit``, whichever is smaller)."""
+        from switchrl.tasks import load_jsonl
+
+        out: dict[str, list[TaskInstance]] = {}
+        for src in self.task_sources():
+            if src.source == "testbed":
+                if self.family is None:
+                    raise ConfigError("tasks: source 'testbed' needs 'testbed: {seed: N}' in the config")
+                if src.task is None:
+                    raise ConfigError("tasks: a testbed source needs 'task' (recall | arithmetic | compositional)")
+                items = self.family.tasks(src.task, split)
+            else:
+                if not src.path:
+                    raise ConfigError("tasks: a jsonl source needs 'path'")
+                items = [i for i in load_jsonl(src.path, task=src.task) if i.meta.get("split", split) == split]
+            cap = min(x for x in (src.limit, limit, len(items)) if x is not None)
+            for inst in items[:cap]:
+                out.setdefault(inst.task, []).append(inst)
+        return out
+
+    def scorers(self, tasks: list[str]) -> dict[str, Scorer]:
+        """The reward of each task: the config's ``reward`` for all, else the task's own scorer."""
+        if self.config.reward is not None:
+            scorer = self.config.reward.build()
+            return {t: scorer for t in tasks}
+        from switchrl.rewards import exact_match
+
+        known = {"recall", "arithmetic", "compositional"}
+        return {t: (self.family.scorer(t) if self.family and t in known else exact_match) for t in tasks}
