@@ -1,0 +1,241 @@
+"""Measure the phenomenon the testbed family is built to show (issue 9's targets).
+
+Every number comes from the library's own rollout machinery (:func:`run_switch_generation`,
+:func:`estimate_utilities`) over one :class:`CandidatePool` of the three checkpoints, with greedy
+candidates: randomness comes only from the switching. Accuracies are percentages.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from switchrl.backends.base import Trace
+from switchrl.backends.pool import CandidatePool
+from switchrl.envs.rollout import StateUtilities, estimate_utilities, run_switch_generation
+from switchrl.policies.base import Decision
+from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher
+from switchrl.rewards.base import Scorer, safe_score_batch
+from switchrl.tasks.base import TaskInstance
+from switchrl.tasks.testbed import TASKS
+from switchrl.testbed.family import TestbedFamily
+from switchrl.utils.seeding import derive_seed
+
+_CHUNK = 20  # traces per batched call of the expensive policies (bounds KV-cache memory)
+
+
+def _pct(values: Sequence[float]) -> float:
+    return round(100.0 * sum(values) / len(values), 1) if values else 0.0
+
+
+def _next_patches(pool: CandidatePool, states: Sequence[Trace], tag: str) -> list[list[Trace]]:
+    """For each state, one child per candidate holding that candidate's next patch (KV caches forked)."""
+    n = len(pool)
+    children = [[s.fork(f"{s.key}/{tag}{i}") for i in range(n)] for s in states]
+    for s, kids in zip(states, children):
+        pool.fork(s.key, [c.key for c in kids])
+    flat = [c for kids in children for c in kids]
+    pool.step(flat, [i for _ in states for i in range(n)])
+    pool.release([c.key for c in flat])
+    return children
+
+
+class ReferencePatchOracle:
+    """At each patch, pick a candidate whose greedy patch equals the reference answer's next patch.
+
+    A query counts as solved only if such a candidate existed at every patch (``failed`` collects
+    the others); chance cannot inflate it, so it is a lower bound on what switching can reach.
+    """
+
+    def __init__(self, pool: CandidatePool, reference_ids: dict[str, list[int]]):
+        self.pool, self.reference_ids = pool, reference_ids
+        self.n_candidates = len(pool)
+        self.failed: set[str] = set()
+
+    def decide(self, traces: Sequence[Trace]) -> list[Decision]:
+        out = []
+        for trace, kids in zip(traces, _next_patches(self.pool, traces, "o")):
+            ref = self.reference_ids[trace.key]
+            pos = trace.num_tokens
+            want = ref[pos:pos + self.pool.patch_tokens]
+            ends = pos + self.pool.patch_tokens >= len(ref)
+            match = [i for i, c in enumerate(kids) if c.patches[-1].token_ids == want
+                     and (not ends or c.patches[-1].stop_reason == "eos")]
+            if not match:
+                self.failed.add(trace.key)
+            out.append(Decision(match[0] if match else 0))
+        return out
+
+    def release(self, keys: Sequence[str]) -> None:
+        pass
+
+
+class LabelPolicy:
+    """The SFT target as a policy: at each patch, the argmax of the simulated-rollout utilities."""
+
+    def __init__(self, pool: CandidatePool, scorer: Scorer, instances: dict[str, TaskInstance], k: int):
+        self.pool, self.scorer, self.instances, self.k = pool, scorer, instances, k
+        self.n_candidates = len(pool)
+
+    def decide(self, traces: Sequence[Trace]) -> list[Decision]:
+        insts = [self.instances[t.key] for t in traces]
+        utils = estimate_utilities(self.pool, traces, [i.reference for i in insts], self.scorer, k=self.k,
+                                   metas=[i.meta for i in insts])
+        out = []
+        for u in utils:
+            values = u.utilities
+            out.append(Decision(values.index(max(values)), tuple(values)))
+        return out
+
+    def release(self, keys: Sequence[str]) -> None:
+        pass
+
+
+def _score(scorer: Scorer, instances: Sequence[TaskInstance], traces: Sequence[Trace]) -> list[float]:
+    return [r.value for r in safe_score_batch(scorer, [i.query for i in instances], [t.text for t in traces],
+                                              [i.reference for i in instances], [i.meta for i in instances])]
+
+
+def check_family(family: TestbedFamily, n: int = 300, n_label: int = 60, k: int = 32, k_label: int = 16,
+                 progress: bool = True) -> dict:
+    """Measure every number of the testbed's phenomenon on the test split; see :func:`format_check`.
+
+    ``n`` queries per task for single checkpoints, the oracle and random switching (capped by the
+    split's size), ``n`` random-switching states for the decisive-state share (``k`` finishes each),
+    and ``n_label`` compositional queries for the label policy (``k_label`` finishes per decision).
+    """
+    for name, value, low in (("n", n, 1), ("n_label", n_label, 1), ("k", k, 1), ("k_label", k_label, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = family.generation_config()
+        pool = CandidatePool.from_configs(family.candidate_configs(temperature=0.0),
+                                          patch_tokens=gen.patch_tokens, seed=family.seed)
+        names = pool.names
+        exact = family.scorer("compositional")
+        partial = family.scorer("compositional", partial=True)
+        tests = {t: family.tasks(t, "test")[:n] for t in TASKS}
+        comp = tests["compositional"]
+
+        def run(policy, instances: Sequence[TaskInstance], tag: str, batch_size: int = 64) -> list[Trace]:
+            return run_switch_generation(pool, policy, [i.query for i in instances], gen.max_new_tokens,
+                                         keys=[f"{tag}/{i.id}" for i in instances], batch_size=batch_size,
+                                         progress=progress)
+
+        single: dict[str, dict[str, float]] = {t: {} for t in TASKS}
+        single_scores: dict[str, list[float]] = {}
+        for t, instances in tests.items():
+            for ci, name in enumerate(names):
+                scores = _score(exact, instances, run(FixedSwitcher(len(pool), ci), instances, f"{name}"))
+                single[t][name] = _pct(scores)
+                if t == "compositional":
+                    single_scores[name] = scores
+
+        # reference-patch oracle
+        tok = pool.backends[0].tokenizer
+        ref_ids = {f"oracle/{i.id}": tok(i.meta["solution"], add_special_tokens=False)["input_ids"] for i in comp}
+        oracle = ReferencePatchOracle(pool, ref_ids)
+        oracle_traces = run(oracle, comp, "oracle", batch_size=_CHUNK)
+        oracle_scores = [float(s == 1.0 and t.key not in oracle.failed)
+                         for s, t in zip(_score(exact, comp, oracle_traces), oracle_traces)]
+
+        # random switching
+        random_traces = run(RandomSwitcher(len(pool), seed=family.seed), comp, "random")
+        random_scores = _score(exact, comp, random_traces)
+        random_partial = _score(partial, comp, random_traces)
+
+        # simulated-rollout signal at decisive states (random-switching prefixes of random length)
+        rng = random.Random(derive_seed(family.seed, "check-states"))
+        states, state_insts = [], []
+        for inst, trace in zip(comp, random_traces):
+            cut = rng.randrange(len(trace.patches))
+            state = trace.fork(f"state/{inst.id}")
+            state.patches = state.patches[:cut]
+            states.append(state)
+            state_insts.append(inst)
+        decisive: list[tuple[Trace, TaskInstance]] = []
+        for s0 in tqdm(range(0, len(states), 64), desc="decisive states", disable=not progress):
+            chunk = states[s0:s0 + 64]
+            for s, inst, kids in zip(chunk, state_insts[s0:s0 + 64], _next_patches(pool, chunk, "d")):
+                if len({tuple(c.patches[-1].token_ids) + (c.patches[-1].stop_reason,) for c in kids}) > 1:
+                    decisive.append((s, inst))
+        utils: list[StateUtilities] = []
+        for s0 in tqdm(range(0, len(decisive), _CHUNK), desc=f"utilities (k={k})", disable=not progress):
+            chunk = decisive[s0:s0 + _CHUNK]
+            utils += estimate_utilities(pool, [s for s, _ in chunk], [i.reference for _, i in chunk], exact, k=k,
+                                        metas=[i.meta for _, i in chunk])
+        unequal_exact = [max(u.utilities) > min(u.utilities) for u in utils]
+        unequal_partial = []
+        for u, (_, inst) in zip(utils, decisive):  # the same finishes, rescored with partial credit
+            per_cand = [sum(partial(inst.query, text, inst.reference, **inst.meta) for text in texts) / len(texts)
+                        for texts in u.responses]
+            unequal_partial.append(max(per_cand) > min(per_cand))
+
+        # the label policy on the first n_label compositional queries
+        label_insts = comp[:n_label]
+        label = LabelPolicy(pool, exact, {f"label/{i.id}": i for i in label_insts}, k_label)
+        label_scores = _score(exact, label_insts, run(label, label_insts, "label", batch_size=_CHUNK))
+        best_name = max(names, key=lambda c: sum(single_scores[c][:n_label]))
+        best_on_label = _pct(single_scores[best_name][:n_label])
+    finally:
+        torch.set_num_threads(threads)
+
+    best_single = max(single["compositional"].values())
+    metrics = {
+        "seed": family.seed,
+        "n": {t: len(v) for t, v in tests.items()} | {"label_policy": len(label_insts)},
+        "single": single,
+        "oracle_compositional": _pct(oracle_scores),
+        "random_compositional": _pct(random_scores),
+        "random_compositional_partial": _pct(random_partial),
+        "states": {"sampled": len(states), "decisive": len(decisive), "k": k,
+                   "unequal_exact_pct": _pct(unequal_exact), "unequal_partial_pct": _pct(unequal_partial)},
+        "label_policy": {"k": k_label, "accuracy": _pct(label_scores), "best_single": best_on_label,
+                         "best_single_name": best_name},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    rec, ari = single["recall"], single["arithmetic"]
+    metrics["targets"] = {
+        "recall: pretrained >= aligned + 20": rec["pretrained"] >= rec["aligned"] + 20,
+        "arithmetic: aligned >= pretrained + 20": ari["aligned"] >= ari["pretrained"] + 20,
+        "compositional: best single <= 50": best_single <= 50,
+        "compositional: oracle >= 85": metrics["oracle_compositional"] >= 85,
+        "compositional: random >= 15 and >= best single / 2":
+            metrics["random_compositional"] >= max(15.0, best_single / 2),
+        "decisive states with unequal utilities >= 60%": metrics["states"]["unequal_exact_pct"] >= 60,
+        "label policy >= best single + 15": metrics["label_policy"]["accuracy"] >= best_on_label + 15,
+    }
+    metrics["ok"] = all(metrics["targets"].values())
+    return metrics
+
+
+def format_check(metrics: dict) -> str:
+    """A readable table of :func:`check_family`'s numbers and which targets hold."""
+    names = list(next(iter(metrics["single"].values())))
+    lines = [f"testbed family, world seed {metrics['seed']} (test split; accuracy %)", "",
+             f"{'task':<15}{'n':>5}" + "".join(f"{c:>12}" for c in names)]
+    for task, row in metrics["single"].items():
+        lines.append(f"{task:<15}{metrics['n'][task]:>5}" + "".join(f"{row[c]:>12.1f}" for c in names))
+    st, lp = metrics["states"], metrics["label_policy"]
+    lines += [
+        "",
+        f"compositional, reference-patch oracle   {metrics['oracle_compositional']:6.1f}",
+        f"compositional, random switching          {metrics['random_compositional']:6.1f}"
+        f"   (partial credit {metrics['random_compositional_partial']:.1f})",
+        f"decisive states                          {st['decisive']} of {st['sampled']} sampled;"
+        f" unequal utilities (k={st['k']}): exact {st['unequal_exact_pct']:.1f}%,"
+        f" partial {st['unequal_partial_pct']:.1f}%",
+        f"label policy (k={lp['k']}, {metrics['n']['label_policy']} queries)"
+        f"      {lp['accuracy']:6.1f}  vs best single ({lp['best_single_name']}) {lp['best_single']:.1f}",
+        "",
+    ]
+    lines += [f"[{'ok' if ok else 'FAIL'}] {name}" for name, ok in metrics["targets"].items()]
+    lines.append(f"took {metrics['seconds']:.0f} s")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""Build (or reuse) the testbed family and describe it: checkpoints, candidates, tasks, scorers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from switchrl.config import CandidateConfig, GenerationConfig
+from switchrl.errors import CheckpointError
+from switchrl.rewards.base import Scorer
+from switchrl.tasks.base import TaskInstance
+from switchrl.tasks.testbed import make_scorer, make_tasks
+from switchrl.testbed import stages
+from switchrl.testbed.corpus import PROMPT_TEMPLATE
+from switchrl.testbed.tokenizer import LABEL_TOKENS, build_tokenizer
+from switchrl.testbed.world import World
+
+STAGES = ("pretrained", "finetuned", "aligned")
+MARKER = "testbed.json"
+FORMAT_VERSION = 1
+PATCH_TOKENS = 3
+"""Tokens per patch: each fact of the answer format ends in a 3-token patch (``is 8 .``) that the
+pretrained model writes alone, and the sum is ``8 + 5`` then ``= 13 .``. Longer patches mix a fact
+with format tokens and the reference-patch oracle collapses (probe: 95% at 3, 45% at 4)."""
+MAX_NEW_TOKENS = 32
+EOS_AFTER = r"answer is \d+ \."
+"""EOS rule applied to every candidate alike: a response may end only after ``answer is N .``."""
+
+
+def default_root(seed: int) -> Path:
+    """``$SWITCHRL_CACHE/testbed/<seed>`` (default cache root: ``~/.cache/switchrl``)."""
+    cache = Path(os.environ["SWITCHRL_CACHE"]) if os.environ.get("SWITCHRL_CACHE") else \
+        Path.home() / ".cache" / "switchrl"
+    return cache.expanduser() / "testbed" / str(seed)
+
+
+@dataclass
+class TestbedFamily:
+    """A built testbed: three checkpoints of one pipeline plus the world they were trained on."""
+
+    root: Path
+    seed: int
+    build_seconds: dict[str, float] = field(default_factory=dict)
+    label_tokens: list[str] = field(default_factory=lambda: list(LABEL_TOKENS))
+
+    __test__ = False  # not a pytest test class
+
+    @property
+    def pretrained(self) -> Path:
+        return self.root / "pretrained"
+
+    @property
+    def finetuned(self) -> Path:
+        return self.root / "finetuned"
+
+    @property
+    def aligned(self) -> Path:
+        return self.root / "aligned"
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        return {name: self.root / name for name in STAGES}
+
+    @property
+    def world(self) -> World:
+        return World(self.seed)
+
+    @classmethod
+    def load(cls, root: str | Path) -> TestbedFamily:
+        """Open a complete family; raises :class:`CheckpointError` when ``root`` holds none."""
+        root = Path(root).expanduser()
+        marker = root / MARKER
+        if not marker.is_file():
+            raise CheckpointError(f"no complete testbed family at {root} (missing {MARKER}); "
+                                  "build one with `switchrl testbed build`")
+        info = json.loads(marker.read_text())
+        if info.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"testbed family at {root} has format version {info.get('format_version')}, "
+                                  f"this switchrl expects {FORMAT_VERSION}; rebuild it with --force")
+        missing = [n for n in STAGES if not (root / n / "config.json").is_file()]
+        if missing:
+            raise CheckpointError(f"testbed family at {root} lacks checkpoints {missing}")
+        return cls(root=root, seed=int(info["seed"]), build_seconds=info.get("build_seconds", {}),
+                   label_tokens=list(info.get("label_tokens", LABEL_TOKENS)))
+
+    def candidate_configs(self, temperature: float = 1.0, top_p: float = 1.0) -> list[CandidateConfig]:
+        """The three checkpoints as candidates, sharing one prompt template and one EOS rule."""
+        return [CandidateConfig(name=name, path=str(path), temperature=temperature, top_p=top_p,
+                                prompt_template=PROMPT_TEMPLATE, eos_after=EOS_AFTER, dtype="float32")
+                for name, path in self.paths.items()]
+
+    def generation_config(self) -> GenerationConfig:
+        return GenerationConfig(patch_tokens=PATCH_TOKENS, max_new_tokens=MAX_NEW_TOKENS, seed=self.seed)
+
+    def tasks(self, task: str, split: str) -> list[TaskInstance]:
+        return make_tasks(self.world, task, split)
+
+    def scorer(self, task: str, partial: bool = False) -> Scorer:
+        return make_scorer(task, partial)
+
+
+def build_family(seed: int = 0, out: str | Path | None = None, progress: bool = True, force: bool = False,
+                 settings: stages.StageSettings | None = None) -> TestbedFamily:
+    """Train the pretrained -> finetuned -> aligned family for world ``seed`` (or reuse a complete one).
+
+    Stages already present in ``out`` are reused (each is written atomically); the marker file is
+    written last, so an interrupted build resumes at the missing stage. ``force`` rebuilds everything.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    root = Path(out).expanduser() if out is not None else default_root(seed)
+    if force and root.exists():
+        shutil.rmtree(root)
+    if (root / MARKER).is_file():
+        family = TestbedFamily.load(root)
+        if family.seed != seed:
+            raise CheckpointError(f"{root} holds the testbed family of seed {family.seed}, not {seed}")
+        return family
+    settings = settings or stages.StageSettings()
+    world = World(seed)
+    tokenizer = build_tokenizer(world)
+    family = TestbedFamily(root=root, seed=seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # at this size extra threads gain little and thrash on a shared CPU (10x slower)
+    seconds: dict[str, float] = {}
+    try:
+        for name, run in (
+            ("pretrained", lambda: stages.pretrain(world, tokenizer, family.pretrained, settings, progress)),
+            ("finetuned", lambda: stages.finetune(world, tokenizer, family.pretrained, family.finetuned,
+                                                  settings, progress)),
+            ("aligned", lambda: stages.align(world, tokenizer, family.finetuned, family.aligned, settings,
+                                             progress)),
+        ):
+            if (root / name / "config.json").is_file():
+                continue
+            start = time.perf_counter()
+            run()
+            seconds[name] = round(time.perf_counter() - start, 1)
+    finally:
+        torch.set_num_threads(threads)
+    info = {"format_version": FORMAT_VERSION, "seed": seed, "build_seconds": seconds,
+            "label_tokens": list(LABEL_TOKENS), "patch_tokens": PATCH_TOKENS, "settings": asdict(settings)}
+    tmp = root / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, root / MARKER)
+    family.build_seconds = seconds
+    return family

@@ -1,0 +1,176 @@
+"""The testbed: world, tokenizer, tasks, scorers, the build pipeline and (marked ``testbed``) the phenomenon."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from switchrl.errors import CheckpointError
+from switchrl.tasks.testbed import SPLITS, TASKS, ExactAnswerScorer, StepScorer, make_scorer, make_tasks
+from switchrl.testbed import LABEL_TOKENS, StageSettings, TestbedFamily, World, build_family
+from switchrl.testbed.check import check_family, format_check
+from switchrl.testbed.corpus import dpo_pairs, pretraining_documents, sft_examples
+from switchrl.testbed.tokenizer import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World(0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return build_tokenizer(world)
+
+
+# ------------------------------------------------------------------------------------------- world
+def test_world_is_a_function_of_its_seed(world):
+    again = World(0)
+    assert again.towns == world.towns and again.facts == world.facts
+    assert again.finetune_towns == world.finetune_towns and again.seen_pairs == world.seen_pairs
+    other = World(1)
+    assert other.facts != world.facts and other.towns != world.towns
+
+
+def test_world_partitions_towns(world):
+    assert len(set(world.towns)) == len(world.towns)
+    assert set(world.finetune_towns).isdisjoint(world.outside_towns)
+    assert set(world.finetune_towns) | set(world.outside_towns) == set(world.towns)
+    assert all(1 <= v <= 10 for v in world.facts.values())
+    assert 0 < len(world.seen_pairs) < 100
+
+
+# --------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_round_trips_every_text_without_unknown_words(world, tokenizer):
+    texts = list(itertools.islice(pretraining_documents(world), 50))
+    texts += [e["prompt"] + e["completion"] for e in sft_examples(world, 50)]
+    texts += [e["prompt"] + e["rejected"] for e in dpo_pairs(world, 50)]
+    texts += [i.query + " " + i.meta["solution"] for t in TASKS for i in make_tasks(world, t, "test")[:20]]
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids, text
+        assert len(ids) == len(text.split())  # one token per word, numbers included
+        assert tokenizer.decode(ids) == text
+
+
+def test_tokenizer_saves_specials_and_label_tokens(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded("Q:")["input_ids"][0] == loaded.bos_token_id
+    assert loaded.eos_token == "<eos>" and loaded.pad_token == "<pad>"
+    for label in LABEL_TOKENS:
+        assert len(loaded(label, add_special_tokens=False)["input_ids"]) == 1
+    assert loaded("7 .<eos>", add_special_tokens=False)["input_ids"][-1] == loaded.eos_token_id
+
+
+# ------------------------------------------------------------------------------------------- tasks
+@pytest.mark.parametrize("task", TASKS)
+def test_splits_share_no_question(world, task):
+    splits = {s: make_tasks(world, task, s) for s in SPLITS}
+    ids = {s: {i.id for i in insts} for s, insts in splits.items()}
+    for a, b in itertools.combinations(SPLITS, 2):
+        assert ids[a].isdisjoint(ids[b]), (task, a, b)
+    for insts in splits.values():
+        assert len({i.id for i in insts}) == len(insts) > 0
+    if task != "arithmetic":  # knowledge questions ask about towns outside the finetuning subset
+        inside = set(world.finetune_towns)
+        assert all(not inside & set(i.query.split()) for insts in splits.values() for i in insts)
+    assert make_tasks(world, task, "test") == splits["test"]  # deterministic
+
+
+def test_compositional_and_recall_references_are_true_facts(world):
+    inst = make_tasks(world, "compositional", "test")[0]
+    _, x, y, attribute = inst.id.split("/")
+    assert int(inst.reference) == world.value(x, attribute) + world.value(y, attribute)
+    rec = make_tasks(world, "recall", "test")[0]
+    _, town, attribute = rec.id.split("/")
+    assert rec.reference == str(world.value(town, attribute))
+
+
+def test_sft_data_never_contains_held_out_arithmetic(world):
+    held_out = {i.query for s in ("validation", "test") for i in make_tasks(world, "arithmetic", s)}
+    prompts = {e["prompt"] for e in sft_examples(world, 2000)} | {e["prompt"] for e in dpo_pairs(world, 1000)}
+    assert not any(q in p for p in prompts for q in held_out)
+    outside = set(world.outside_towns)
+    true_fact_prompts = [p for p in prompts if "Suppose" not in p]
+    assert true_fact_prompts and all(not outside & set(p.split()) for p in true_fact_prompts)
+
+
+def test_bad_task_or_split_is_named(world):
+    with pytest.raises(ValueError, match="task"):
+        make_tasks(world, "poetry", "test")
+    with pytest.raises(ValueError, match="split"):
+        make_tasks(world, "recall", "dev")
+    with pytest.raises(ValueError, match="task"):
+        make_scorer("poetry")
+
+
+# ----------------------------------------------------------------------------------------- scorers
+def test_exact_scorer_reads_the_first_final_answer(world):
+    inst = make_tasks(world, "compositional", "test")[0]
+    score = ExactAnswerScorer()
+    assert score(inst.query, inst.meta["solution"], inst.reference) == 1.0
+    wrong = str(int(inst.reference) + 1)
+    assert score(inst.query, f"The answer is {wrong} . The answer is {inst.reference} .", inst.reference) == 0.0
+    assert score(inst.query, "no answer here", inst.reference) == 0.0
+
+
+def test_partial_scorer_counts_correct_steps(world):
+    inst = make_tasks(world, "compositional", "test")[0]
+    score = make_scorer("compositional", partial=True)
+    assert isinstance(score, StepScorer)
+    fact_a, fact_b, total, final = inst.meta["steps"]
+    assert score(inst.query, inst.meta["solution"], inst.reference, **inst.meta) == 1.0
+    assert score(inst.query, f"{fact_a} {fact_b}", inst.reference, **inst.meta) == 0.5
+    assert score(inst.query, f"{fact_a}  7 + 1 = 8 . {final}", inst.reference, **inst.meta) == 0.5
+    assert score(inst.query, f"{fact_b} {total} {final}", inst.reference, **inst.meta) == 0.75
+    assert score(inst.query, "", inst.reference, **inst.meta) == 0.0
+    with pytest.raises(ValueError, match="steps"):
+        score(inst.query, "x", inst.reference)
+
+
+# ------------------------------------------------------------------------------------------ family
+def test_build_family_validates_and_load_names_missing_family(tmp_path):
+    with pytest.raises(ValueError, match="seed"):
+        build_family(-1, out=tmp_path)
+    with pytest.raises(CheckpointError, match="testbed"):
+        TestbedFamily.load(tmp_path)
+
+
+def test_tiny_build_writes_loadable_checkpoints_and_is_reused(tmp_path):
+    """The whole pipeline with a handful of steps: the mechanics, not the phenomenon."""
+    tiny = StageSettings(hidden_size=16, layers=1, heads=2, intermediate_size=32, pretrain_steps=2,
+                         pretrain_batch=2, sft_steps=1, sft_batch=4, dpo_steps=1, dpo_batch=4)
+    family = build_family(3, out=tmp_path / "fam", progress=False, settings=tiny)
+    for path in (family.pretrained, family.finetuned, family.aligned):
+        assert isinstance(AutoModelForCausalLM.from_pretrained(path), object)
+        assert AutoTokenizer.from_pretrained(path).get_vocab() == build_tokenizer(World(3)).get_vocab()
+    marker = json.loads((family.root / "testbed.json").read_text())
+    assert marker["seed"] == 3 and set(marker["build_seconds"]) == {"pretrained", "finetuned", "aligned"}
+    stamp = (family.aligned / "model.safetensors").stat().st_mtime_ns
+    again = build_family(3, out=tmp_path / "fam", progress=False, settings=tiny)
+    assert (again.aligned / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [c.name for c in again.candidate_configs()] == ["pretrained", "finetuned", "aligned"]
+    assert len({c.prompt_template for c in again.candidate_configs()}) == 1
+    assert again.generation_config().patch_tokens == 3
+    assert again.label_tokens == list(LABEL_TOKENS)
+    with pytest.raises(CheckpointError, match="seed"):
+        build_family(4, out=tmp_path / "fam", progress=False)
+
+
+# ------------------------------------------------------------------------- the phenomenon (slow)
+@pytest.fixture(scope="session", params=[0, 1], ids=lambda s: f"seed{s}")
+def testbed_family(request) -> TestbedFamily:
+    """The real family for world seeds 0 and 1, built once (or reused from the cache)."""
+    return build_family(request.param, progress=False)
+
+
+@pytest.mark.testbed
+def test_the_phenomenon_holds(testbed_family):
+    metrics = check_family(testbed_family, n=200, n_label=60, k=32, k_label=16, progress=False)
+    print(format_check(metrics))
+    failed = [name for name, ok in metrics["targets"].items() if not ok]
+    assert not failed, f"targets missed: {failed}\n{format_check(metrics)}"
