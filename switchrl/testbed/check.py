@@ -62,7 +62,7 @@ class ReferencePatchOracle:
             ref = self.reference_ids[trace.key]
             pos = trace.num_tokens
             want = ref[pos:pos + self.pool.patch_tokens]
-            ends = pos + self.pool.patch_tokens >= len(ref)
+            ends = pos + self.pool.patch_tokens > len(ref)  # the reference ends inside this patch
             match = [i for i, c in enumerate(kids) if c.patches[-1].token_ids == want
                      and (not ends or c.patches[-1].stop_reason == "eos")]
             if not match:
