@@ -37,7 +37,7 @@ class FakeWorker:
                 raise Crash("injected crash")
             self.processed.append(it.id)
             value = derive_seed(self.seed, it.id) % 1000
-            out += [{"item_id": it.id, "x": it.x, "k": j, "value": value + j} for j in range(it.x % 3)]
+            out += [{"id": it.id, "x": it.x, "k": j, "value": value + j} for j in range(it.x % 3)]
         return out
 
 
@@ -51,7 +51,7 @@ ITEMS = [Item(f"q{i}/s{i % 4}", i) for i in range(23)]
 def test_run_writes_each_record_once_in_item_order(tmp_path):
     store = run(ITEMS, WorkerSpec(make_fake, {"seed": 3}), tmp_path, chunk_size=5, progress=False)
     recs = store.records()
-    assert [r["item_id"] for r in recs] == [it.id for it in ITEMS for _ in range(it.x % 3)]
+    assert [r["id"] for r in recs] == [it.id for it in ITEMS for _ in range(it.x % 3)]
     assert len(store.shards) == 5 and store.completed_ids == {it.id for it in ITEMS}
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert sum(s["num_records"] for s in manifest["shards"]) == len(recs)
@@ -72,8 +72,8 @@ def test_resume_after_crash_gives_the_uninterrupted_records(tmp_path):
     partial = ShardStore(tmp_path / "run", readonly=True)
     assert len(partial.completed_ids) == 8  # two whole chunks committed, the crashed one not
     # a crash between writing a shard and listing it leaves an orphan: it is ignored and removed
-    (tmp_path / "run" / "shards" / "shard-000002.jsonl").write_text('{"item_id": "q8/s0", "junk": 1}\n')
-    (tmp_path / "run" / "shards" / ".shard-000003.jsonl.tmp").write_text('{"item_id": "q9/s1"')
+    (tmp_path / "run" / "shards" / "shard-000002.jsonl").write_text('{"id": "q8/s0", "junk": 1}\n')
+    (tmp_path / "run" / "shards" / ".shard-000003.jsonl.tmp").write_text('{"id": "q9/s1"')
 
     log: list[str] = []
     resumed = run(ITEMS, WorkerSpec(make_fake, {"seed": 7, "log": log}), tmp_path / "run", chunk_size=4,
@@ -87,21 +87,21 @@ def test_order_follows_the_caller_not_completion(tmp_path):
     spec = WorkerSpec(make_fake, {"seed": 1})
     run(ITEMS[10:], spec, tmp_path, chunk_size=3, progress=False)  # later items committed first
     store = run(ITEMS, spec, tmp_path, chunk_size=3, progress=False)
-    assert [r["item_id"] for r in store.records()] == [it.id for it in ITEMS for _ in range(it.x % 3)]
+    assert [r["id"] for r in store.records()] == [it.id for it in ITEMS for _ in range(it.x % 3)]
     # without an order, a reader sorts by item id
-    ids = [r["item_id"] for r in ShardStore(tmp_path, readonly=True).records()]
+    ids = [r["id"] for r in ShardStore(tmp_path, readonly=True).records()]
     assert ids == sorted(ids)
 
 
 def test_commit_rejects_duplicates_and_foreign_records(tmp_path):
     with ShardStore(tmp_path) as store:
-        store.commit(["a"], [{"item_id": "a", "v": 1}])
+        store.commit(["a"], [{"id": "a", "v": 1}])
         with pytest.raises(ValueError, match="already committed"):
             store.commit(["a", "b"], [])
-        with pytest.raises(ValueError, match="item_id"):
-            store.commit(["b"], [{"item_id": "c"}])
+        with pytest.raises(ValueError, match="id"):
+            store.commit(["b"], [{"id": "c"}])
         with pytest.raises(ValueError, match="JSON"):
-            store.commit(["b"], [{"item_id": "b", "v": object()}])
+            store.commit(["b"], [{"id": "b", "v": object()}])
         assert store.completed_ids == {"a"} and len(store.shards) == 1
         with pytest.raises(CheckpointError, match="in use"):
             ShardStore(tmp_path)

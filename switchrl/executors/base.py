@@ -3,7 +3,7 @@
 A *work item* is any small picklable object with a stable string ``id`` (e.g. a dataclass holding a
 query id and a state id). A *worker* is built from a picklable :class:`WorkerSpec` once per process
 (locally once per run, on Ray once per actor, so models load once) and turns a chunk of items into
-JSON-serialisable records, each carrying its item's id under ``"item_id"``.
+JSON-serialisable records, each carrying its item's id under ``"id"``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 from switchrl.config import StrictModel
 from switchrl.errors import SwitchRLError
 
-RECORD_ID_KEY = "item_id"
+RECORD_ID_KEY = "id"
 
 
 class ExecutorError(SwitchRLError, RuntimeError):
@@ -30,7 +30,7 @@ class Worker(Protocol):
     """Processes chunks of work items; built once per process from a :class:`WorkerSpec`."""
 
     def process(self, items: Sequence[Any]) -> list[dict]:
-        """Records for ``items``; each record is a JSON-serialisable dict with ``"item_id"``."""
+        """Records for ``items``; each record is a JSON-serialisable dict with ``"id"``."""
         ...
 
 

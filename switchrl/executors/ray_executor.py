@@ -124,7 +124,7 @@ class RayExecutor:
 
     def _start(self, spec: WorkerSpec) -> None:
         """Reserve one placement group per replica (fails after ``placement_timeout_s``), start actors."""
-        if self._spec is spec and self._actors:
+        if self._spec is spec and self.actors:
             return
         self._stop_actors()
         self.connect()
@@ -154,8 +154,8 @@ class RayExecutor:
 
     @property
     def actors(self) -> list[Any]:
-        """The live actor handles (e.g. to kill one in a fault-tolerance test)."""
-        return list(self._actors)
+        """The handles of the actors not known to be dead."""
+        return [a for a in self._actors if a is not None]
 
     # -- work ------------------------------------------------------------------------------------
     def map_chunks(self, spec: WorkerSpec, chunks: Sequence[Sequence[Any]]) -> Iterator[ChunkResult]:
@@ -167,10 +167,11 @@ class RayExecutor:
         ray = self.ray
         actor_errors = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
         pending = deque(range(len(chunks)))
-        idle = deque(range(len(self._actors)))
+        idle = deque(i for i, actor in enumerate(self._actors) if actor is not None)
         alive = set(idle)
         running: dict[Any, tuple[str, int, int]] = {}  # ref -> (kind, chunk, actor)
         failure: BaseException | None = None
+        last_death: BaseException | None = None
         while running or (pending and alive and failure is None):
             while pending and idle and failure is None:
                 a, c = idle.popleft(), pending.popleft()
@@ -182,6 +183,11 @@ class RayExecutor:
             try:
                 value = ray.get(ref)
             except actor_errors as err:
+                if getattr(err, "actor_init_failed", False):
+                    self._stop_actors()
+                    raise ExecutorError(f"building the worker failed on Ray actor r{a} "
+                                        f"(WorkerSpec.factory {spec.factory!r}): {err}") from None
+                last_death = err
                 if kind == "chunk":  # run it again; probe the actor: back to work if restarted, dropped if dead
                     logger.warning("Ray actor r%d died during chunk %d; running the chunk again: %s", a, c, err)
                     pending.appendleft(c)
@@ -189,6 +195,7 @@ class RayExecutor:
                 else:
                     logger.warning("Ray actor r%d is dead; continuing with %d actors", a, len(alive) - 1)
                     alive.discard(a)
+                    self._actors[a] = None
                 continue
             except Exception as err:  # the worker raised: a bug or bad input, not a lost actor
                 failure = failure or err
@@ -201,10 +208,11 @@ class RayExecutor:
             raise failure
         if pending:
             raise ExecutorError(f"every Ray actor died; {len(pending)} chunks were not run. Committed shards "
-                                "are kept: run again to resume (raise max_restarts to tolerate more failures)")
+                                "are kept: run again to resume (raise max_restarts to tolerate more failures). "
+                                f"Last error: {last_death}")
 
     def _stop_actors(self) -> None:
-        for actor in self._actors:
+        for actor in self.actors:
             self.ray.kill(actor)
         for group in self._groups:
             self.ray.util.remove_placement_group(group)

@@ -99,6 +99,8 @@ class ShardStore:
         self._done = {i for s in self.shards for i in s.item_ids}
         if not readonly:
             self._remove_orphans()
+            if not self.manifest_path.exists() or (fingerprint is not None and not self.shards):
+                self._write_manifest(self.shards)
 
     # -- reading -------------------------------------------------------------------------------
     @property
@@ -189,7 +191,7 @@ class ShardStore:
     def commit(self, item_ids: Sequence[str], records: Sequence[dict], worker: str = "") -> ShardInfo:
         """Commit the records of ``item_ids`` as one shard, atomically, then list it in the manifest.
 
-        Raises ``ValueError`` if an item is already committed, or a record's ``item_id`` is not
+        Raises ``ValueError`` if an item is already committed, or a record's ``"id"`` is not
         one of ``item_ids`` (nothing is written then).
         """
         if self._lock is None or self._lock.closed:
