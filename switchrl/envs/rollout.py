@@ -16,7 +16,7 @@ from switchrl.backends.base import Patch, Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.policies.base import SwitchPolicy
 from switchrl.policies.baselines import RandomSwitcher
-from switchrl.rewards.base import ScoreResult, Scorer, safe_score_batch
+from switchrl.rewards.base import Scorer, ScoreResult, safe_score_batch
 
 
 def advance(pool: CandidatePool, policy: SwitchPolicy, traces: Sequence[Trace],

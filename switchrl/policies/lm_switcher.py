@@ -84,6 +84,17 @@ def add_label_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     return missing
 
 
+def label_row_modules(model: torch.nn.Module, label_ids: Sequence[int]) -> dict[str, list[int]]:
+    """peft ``trainable_token_indices`` for the label rows of the input embeddings and, when it is
+    not tied to them, of the LM head."""
+    names = {id(m): n for n, m in model.named_modules()}
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    modules = {names[id(inp)].rsplit(".", 1)[-1]: list(label_ids)}
+    if out is not None and out.weight is not inp.weight:
+        modules[names[id(out)].rsplit(".", 1)[-1]] = list(label_ids)
+    return modules
+
+
 class LMSwitcher:
     """A switcher policy over ``candidate_names`` backed by a causal LM (implements ``SwitchPolicy``).
 
@@ -150,6 +161,10 @@ class LMSwitcher:
             model = PeftModel.from_pretrained(self.model, adapter)
         else:
             config = lora if isinstance(lora, LoraConfig) else LoraConfig(task_type="CAUSAL_LM", **dict(lora))
+            if config.trainable_token_indices is None and self.sequence.prompt_format == "switchrl":
+                # LoRA alone cannot separate label rows that pretraining never trained (their logit gap is
+                # bounded by the rows' distance), so the label rows of the embeddings are trained too.
+                config.trainable_token_indices = label_row_modules(self.model, self.sequence.label_ids)
             model = get_peft_model(self.model, config)
         self.model = model
         self.lm = CachedLM(model, pad_token_id=self.lm.pad_token_id)

@@ -8,6 +8,8 @@ finishes and the SFT label is argmax_i s_i (ties broken with the seed, and flagg
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -16,8 +18,11 @@ import torch
 from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.envs.rollout import advance, estimate_utilities
+from switchrl.errors import ConfigError
+from switchrl.executors import ShardStore, WorkerContext, WorkerSpec, run
 from switchrl.policies.baselines import RandomSwitcher
 from switchrl.rewards.base import Scorer
+from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
 from switchrl.tasks.base import TaskInstance
 from switchrl.utils.seeding import generator
 
@@ -127,3 +132,59 @@ class SimulateWorker:
             "failures": sum(len(f) for f in est.failures),
             "errors": sorted({e for f in est.failures for e in f})[:3],
         }
+
+
+def build_worker(config: dict, context: WorkerContext) -> SimulateWorker:
+    """``WorkerSpec`` factory: one candidate pool per process / Ray actor (models load once)."""
+    run_cfg = RunConfig.model_validate(config["run"])
+    resolved = ResolvedRun(run_cfg)
+    candidates = resolved.candidates
+    if context.devices:
+        candidates = [c.model_copy(update={"device": d}) for c, d in zip(candidates, context.devices)]
+    gen = resolved.generation
+    pool = CandidatePool.from_configs(candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
+    sim = run_cfg.simulate
+    tasks = list(resolved.instances(sim.split, sim.limit))
+    return SimulateWorker(pool, resolved.scorers(tasks), k=sim.k, max_new_tokens=gen.max_new_tokens,
+                          seed=gen.seed, states_per_batch=sim.states_per_batch)
+
+
+def simulate(config: RunConfig, progress: bool = True) -> ShardStore:
+    """Label ``states_per_query`` states of every training query; resumable in ``simulate.out_dir``."""
+    resolved = ResolvedRun(config)
+    sim = config.simulate
+    instances = [i for items in resolved.instances(sim.split, sim.limit).values() for i in items]
+    if not instances:
+        raise ConfigError(f"simulate: no task instances in split {sim.split!r}")
+    items = make_items(instances, sim.states_per_query)
+    spec = WorkerSpec("switchrl.trainers.simulate:build_worker", {"run": config.model_dump(mode="json")},
+                      num_models=len(resolved.candidates))
+    fingerprint = {"candidates": [c.model_dump(mode="json") for c in resolved.candidates],
+                   "generation": resolved.generation.model_dump(mode="json"),
+                   "simulate": sim.model_dump(mode="json", exclude={"out_dir", "chunk_size", "states_per_batch"})}
+    return run(items, spec, sim.out_dir, executor=config.executor, chunk_size=sim.chunk_size,
+               fingerprint=fingerprint, progress=progress, desc="simulate",
+               rates={"finishes": lambda recs: sum(sum(r["counts"]) for r in recs)})
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Label shares, ties and the share of states with no signal (all utilities equal)."""
+    n = len(records)
+    names = records[0]["candidates"] if records else []
+    labels = Counter(r["label_name"] for r in records)
+    return {"states": n,
+            "label_share": {name: labels[name] / n for name in names} if n else {},
+            "all_equal": sum(r["all_equal"] for r in records) / n if n else 0.0,
+            "ties": sum(r["tie"] for r in records) / n if n else 0.0,
+            "scorer_failures": sum(r["failures"] for r in records)}
+
+
+def main(args) -> int:
+    """``switchrl simulate --config X [--executor local|ray] [--ray-address A]``."""
+    config = load_run_config(args.config)
+    overrides = {k: v for k, v in (("executor", args.executor), ("ray_address", args.ray_address)) if v}
+    if overrides:
+        config.executor = config.executor.model_copy(update=overrides)
+    store = simulate(config)
+    print(json.dumps({"out_dir": str(store.out_dir), **summarize(store.records())}, indent=2))
+    return 0
