@@ -35,14 +35,16 @@ class Generation:
     stop_reason: str | None  # "eos" (a stop id, not in ``token_ids``), "stop" (should_stop) or None
 
 
-def sample_next(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row from ``logits`` [B, V], using one uniform draw per row (inverse CDF).
+def sample_next(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """One token per row from ``logits`` [B, V], using one uniform draw per row (inverse CDF; unused when greedy).
 
     Drawing the uniforms from per-trace generators keeps every trace's tokens independent of the
     batch it happens to share.
     """
     if sampling.greedy:
         return logits.argmax(dim=-1)
+    if uniforms is None:
+        raise ValueError("sampling (temperature > 0) needs one uniform draw per row")
     logits = logits.float() / sampling.temperature
     if sampling.top_k:
         kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -110,50 +112,68 @@ class CachedLM:
         new_ids: Sequence[Sequence[int]],
         max_new_tokens: Sequence[int],
         sampling: SamplingParams,
-        generators: Sequence[torch.Generator],
+        generators: Sequence[torch.Generator] | None = None,
         stop_ids: frozenset[int] = frozenset(),
         should_stop: Callable[[int, list[int]], bool] | None = None,
         may_stop: Callable[[int, list[int]], bool] | None = None,
     ) -> list[Generation]:
         """Read ``new_ids`` then sample up to ``max_new_tokens[i]`` tokens for each trace.
 
-        A row ends at a token in ``stop_ids`` (not returned), at its token limit, or when
-        ``should_stop(row, tokens_so_far)`` says so (e.g. a stop string). While
-        ``may_stop(row, tokens_so_far)`` is False, ``stop_ids`` are banned for that row. Afterwards each cache holds
-        everything the trace read and wrote except its last sampled token, which the next call
-        passes in again as part of ``new_ids``.
+        Sampling draws the ``t``-th token of row ``i`` from the ``t``-th uniform of ``generators[i]``
+        (not needed when greedy). A row ends at a token in ``stop_ids`` (not returned), at its token
+        limit, or when ``should_stop(row, tokens_so_far)`` says so (e.g. a stop string). While
+        ``may_stop(row, tokens_so_far)`` is False, ``stop_ids`` are banned for that row. Afterwards each
+        cache holds everything the trace read and wrote except its last sampled token, which the next
+        call passes in again as part of ``new_ids``. Without callbacks the loop runs on tensors only.
         """
-        if len(generators) != len(keys) or len(max_new_tokens) != len(keys):
-            raise ValueError("keys, max_new_tokens and generators must have the same length")
+        batch = len(keys)
+        if len(max_new_tokens) != batch:
+            raise ValueError(f"got {batch} keys but {len(max_new_tokens)} max_new_tokens")
+        if any(n < 0 for n in max_new_tokens):
+            raise ValueError(f"max_new_tokens must be >= 0, got {list(max_new_tokens)}")
+        if not sampling.greedy and (generators is None or len(generators) != batch):
+            raise ValueError("sampling (temperature > 0) needs one generator per key")
         state = _BatchState.start(self, keys, new_ids)
-        out: list[list[int]] = [[] for _ in keys]
-        reasons: list[str | None] = [None] * len(keys)
-        active = [n > 0 for n in max_new_tokens]
+        device = state.mask.device
+        steps = max(max_new_tokens, default=0)
+        uniforms = None
+        if not sampling.greedy and steps:
+            uniforms = torch.stack([torch.rand(steps, generator=g) for g in generators]).to(device)
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+        ban = may_stop is not None and stop.numel() > 0
+        lists: list[list[int]] | None = [[] for _ in keys] if should_stop is not None or ban else None
+        limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=device)
+        written = torch.zeros((batch, max(steps, 1)), dtype=torch.long, device=device)
+        lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        hit_eos = torch.zeros(batch, dtype=torch.bool, device=device)
+        hit_stop = torch.zeros(batch, dtype=torch.bool, device=device)
+        active = limits > 0
         logits = state.logits
-        while any(active):
-            uniforms = torch.tensor([float(torch.rand((), generator=g)) for g in generators])
-            if may_stop is not None and stop_ids:
-                banned = [r for r in range(len(keys)) if active[r] and not may_stop(r, out[r])]
-                if banned:
+        for t in range(steps):
+            if ban:
+                rows = [r for r in active.nonzero().flatten().tolist() if not may_stop(r, lists[r])]
+                if rows:
                     logits = logits.clone()
-                    logits[torch.tensor(banned)[:, None], torch.tensor(sorted(stop_ids))[None, :]] = float("-inf")
-            tokens = sample_next(logits, sampling, uniforms).tolist()
-            for row, tok in enumerate(tokens):
-                if not active[row]:
-                    continue
-                if tok in stop_ids:
-                    reasons[row], active[row] = "eos", False
-                    continue
-                out[row].append(tok)
-                if should_stop is not None and should_stop(row, out[row]):
-                    reasons[row], active[row] = "stop", False
-                elif len(out[row]) >= max_new_tokens[row]:
-                    active[row] = False
-            if not any(active):
+                    logits[torch.tensor(rows, device=device)[:, None], stop[None, :]] = float("-inf")
+            tokens = sample_next(logits, sampling, None if uniforms is None else uniforms[:, t])
+            eos = active & torch.isin(tokens, stop) if stop.numel() else torch.zeros_like(active)
+            keep = active & ~eos
+            written[:, t] = tokens
+            lengths += keep
+            hit_eos |= eos
+            active = keep & (lengths < limits)
+            if lists is not None:
+                for r in keep.nonzero().flatten().tolist():
+                    lists[r].append(int(tokens[r]))
+                    if should_stop is not None and should_stop(r, lists[r]):
+                        hit_stop[r], active[r] = True, False
+            if not bool(active.any()):
                 break
             logits = state.step(tokens, active)
         state.commit()
-        return [Generation(ids, reason) for ids, reason in zip(out, reasons)]
+        rows = written.tolist()
+        reasons = ["eos" if e else "stop" if s else None for e, s in zip(hit_eos.tolist(), hit_stop.tolist())]
+        return [Generation(row[:n], reason) for row, n, reason in zip(rows, lengths.tolist(), reasons)]
 
 
 class _BatchState:
@@ -210,15 +230,12 @@ class _BatchState:
         self.logits = out.logits[:, -1, :]
         return self
 
-    def step(self, tokens: Sequence[int], active: Sequence[bool]) -> torch.Tensor:
-        """Feed one token per row; rows that are no longer active are masked out of the cache."""
-        device = self.mask.device
-        col = torch.tensor([[1 if a else 0] for a in active], dtype=torch.long, device=device)
+    def step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (``tokens`` [B]); rows not ``active`` [B] are masked out of the cache."""
+        col = active.to(self.mask.dtype).unsqueeze(1)
         self.mask = torch.cat([self.mask, col], dim=1)
-        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
-        pos = self.next_pos.unsqueeze(1)
-        out = self.lm.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
-                            past_key_values=self.cache, use_cache=True)
+        out = self.lm.model(input_ids=tokens.unsqueeze(1), attention_mask=self.mask,
+                            position_ids=self.next_pos.unsqueeze(1), past_key_values=self.cache, use_cache=True)
         self.next_pos = self.next_pos + col.squeeze(1)
         self.cache = out.past_key_values
         return out.logits[:, -1, :]

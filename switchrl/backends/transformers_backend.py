@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from switchrl.backends.base import Patch, SamplingParams, Trace
+from switchrl.backends.base import Patch, SamplingParams, StopReason, Trace
 from switchrl.backends.cached_lm import CachedLM
 from switchrl.errors import CheckpointError
 from switchrl.utils.seeding import generator
@@ -39,13 +39,12 @@ def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.blake2b(repr(items).encode(), digest_size=8).hexdigest()
 
 
-def eos_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> frozenset[int]:
+def eos_ids(tokenizer: PreTrainedTokenizerBase, generation_config: object | None = None) -> frozenset[int]:
     """Every id that ends a response for this checkpoint: the tokenizer's EOS and the generation config's."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    gen_cfg = getattr(model, "generation_config", None)
-    extra = getattr(gen_cfg, "eos_token_id", None)
+    extra = getattr(generation_config, "eos_token_id", None)
     if isinstance(extra, int):
         ids.add(extra)
     elif extra:
@@ -73,48 +72,41 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu") -> torch
     return model.to(device).eval()
 
 
-class TransformersBackend:
-    """Writes patches for a batch of traces with one batched forward pass per token.
+class TokenizedCandidate:
+    """What every candidate backend shares: its prompt, its token view of each trace, and patch texts.
 
-    For every live trace it keeps the KV cache of what this candidate has read, so a patch costs a
-    prefill of only the tokens other candidates wrote since this candidate's last turn.
+    Subclasses write tokens (in-process, through vLLM or through a server); this class turns a trace
+    into the ids the candidate reads and the ids it wrote into a :class:`Patch`.
     """
 
     def __init__(
         self,
         name: str,
-        model: torch.nn.Module,
         tokenizer: PreTrainedTokenizerBase,
         sampling: SamplingParams | None = None,
         chat_template: bool = False,
         prompt_template: str = "{query}",
         stop_strings: Sequence[str] = (),
-        eos_after: str | None = None,
+        generation_config: object | None = None,
     ):
+        if "{query}" not in prompt_template:
+            raise ValueError(f"candidate {name!r}: prompt_template must contain '{{query}}', got {prompt_template!r}")
         self.name = name
         self.tokenizer = tokenizer
         self.sampling = sampling or SamplingParams()
         self.chat_template = chat_template
         self.prompt_template = prompt_template
         self.stop_strings = tuple(stop_strings)
-        self.eos_after = re.compile(eos_after) if eos_after else None
-        self.stop_ids = eos_ids(tokenizer, model)
+        self.stop_ids = eos_ids(tokenizer, generation_config)
         if not self.stop_ids:
             raise CheckpointError(
                 f"candidate {name!r}: its tokenizer defines no EOS token (eos_token is None), so a "
                 "response could never end; set tokenizer.eos_token or generation_config.eos_token_id")
         if chat_template and not getattr(tokenizer, "chat_template", None):
             raise CheckpointError(f"candidate {name!r}: chat_template=true but the tokenizer has no chat template")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
-        self.lm = CachedLM(model, pad_token_id=pad)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         self.vocab = vocab_fingerprint(tokenizer)
         self._views: dict[str, tuple[int, int, list[int]]] = {}  # key -> (patches covered, prompt len, ids)
-
-    @classmethod
-    def from_pretrained(cls, name: str, path: str, dtype: str = "auto", device: str = "cpu",
-                        **kwargs) -> TransformersBackend:
-        tokenizer = load_tokenizer(path)
-        return cls(name, load_causal_lm(path, dtype, device), tokenizer, **kwargs)
 
     # ------------------------------------------------------------------ token views
     def prompt_ids(self, query: str) -> list[int]:
@@ -126,7 +118,7 @@ class TransformersBackend:
                 ids = ids["input_ids"]
             return list(ids)
         ids = self.tokenizer(self.prompt_template.format(query=query), add_special_tokens=True)["input_ids"]
-        return list(ids) or [self.lm.pad_token_id]
+        return list(ids) or [self.pad_token_id]
 
     def patch_ids(self, patch: Patch) -> list[int]:
         """``patch`` in this candidate's tokens: the ids themselves when the vocab matches, else re-tokenized text."""
@@ -141,56 +133,36 @@ class TransformersBackend:
     def _view(self, trace: Trace) -> tuple[int, list[int]]:
         """(prompt length, view ids) of ``trace``, extended incrementally from the last call."""
         covered, prompt_len, ids = self._views.get(trace.key, (0, 0, None))
+        if ids is not None and covered == len(trace.patches):
+            return prompt_len, ids
         if ids is None:
             ids = self.prompt_ids(trace.query)
             prompt_len = len(ids)
-        ids = list(ids)
+        ids = list(ids)  # forks share the stored list: extend a copy
         for patch in trace.patches[covered:]:
             ids.extend(self.patch_ids(patch))
         self._views[trace.key] = (len(trace.patches), prompt_len, ids)
         return prompt_len, ids
 
-    # ------------------------------------------------------------------ the backend protocol
-    def write_patches(self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int) -> list[Patch]:
+    def patch_from_ids(self, trace: Trace, author: int, token_ids: Sequence[int],
+                       stop_reason: StopReason | None = None, seconds: float = 0.0) -> Patch:
+        """The :class:`Patch` that ``token_ids`` (this candidate's tokens) adds to ``trace``, with its text."""
+        prompt_len, view = self._view(trace)
+        context = view[max(prompt_len, len(view) - _DETOK_WINDOW):]
+        return Patch(author=author, token_ids=list(token_ids), text=self._continuation_text(context, token_ids),
+                     stop_reason=stop_reason, vocab=self.vocab, seconds=seconds)
+
+    def _continuation_text(self, context: Sequence[int], new: Sequence[int]) -> str:
+        """The text ``new`` adds after ``context`` (decoding in context keeps spaces between words)."""
+        before = self.tokenizer.decode(list(context), skip_special_tokens=True)
+        return self.tokenizer.decode([*context, *new], skip_special_tokens=True)[len(before):]
+
+    def _patch_limits(self, traces: Sequence[Trace], patch_tokens: int) -> list[int]:
         if patch_tokens <= 0:
             raise ValueError(f"patch_tokens must be > 0, got {patch_tokens}")
-        if not traces:
-            return []
-        start = time.perf_counter()
-        prompt_lens, views = zip(*(self._view(t) for t in traces))
-        new = [v[self.lm.cached_length(t.key):] for v, t in zip(views, traces)]
-        limits = [min(patch_tokens, t.remaining_tokens) for t in traces]
-        gens = [generator(seed, t.key, len(t.patches), self.name) for t in traces]
-        should_stop = None
-        if self.stop_strings:
-            def should_stop(row: int, toks: list[int]) -> bool:
-                text = self.tokenizer.decode(toks, skip_special_tokens=True)
-                return any(s in text for s in self.stop_strings)
-        may_stop = None
-        if self.eos_after is not None:
-            def may_stop(row: int, toks: list[int]) -> bool:
-                view = views[row]
-                context = view[max(prompt_lens[row], len(view) - _DETOK_WINDOW):]
-                text = traces[row].text + self._continuation_text(context, toks)
-                return self.eos_after.search(text) is not None
-        results = self.lm.generate([t.key for t in traces], new, limits, self.sampling, gens,
-                                   stop_ids=self.stop_ids, should_stop=should_stop, may_stop=may_stop)
-        seconds = (time.perf_counter() - start) / len(traces)
-        patches = []
-        for t, view, plen, res in zip(traces, views, prompt_lens, results):
-            context = view[max(plen, len(view) - _DETOK_WINDOW):]
-            text = self._continuation_text(context, res.token_ids)
-            patches.append(Patch(author=author, token_ids=res.token_ids, text=text, stop_reason=res.stop_reason,
-                                 vocab=self.vocab, seconds=seconds))
-        return patches
-
-    def _continuation_text(self, context: list[int], new: list[int]) -> str:
-        """The text ``new`` adds after ``context`` (decoding in context keeps spaces between words)."""
-        before = self.tokenizer.decode(context, skip_special_tokens=True)
-        return self.tokenizer.decode(context + new, skip_special_tokens=True)[len(before):]
+        return [min(patch_tokens, t.remaining_tokens) for t in traces]
 
     def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
-        self.lm.fork(src_key, dst_keys)
         view = self._views.get(src_key)
         for key in dst_keys:
             if view is None:
@@ -199,6 +171,74 @@ class TransformersBackend:
                 self._views[key] = view
 
     def release(self, keys: Sequence[str]) -> None:
-        self.lm.release(keys)
         for key in keys:
             self._views.pop(key, None)
+
+
+class TransformersBackend(TokenizedCandidate):
+    """Writes patches for a batch of traces with one batched forward pass per token.
+
+    For every live trace it keeps the KV cache of what this candidate has read, so a patch costs a
+    prefill of only the tokens other candidates wrote since this candidate's last turn. With
+    ``eos_after``, EOS is banned until the response text first matches that regex (searched anywhere).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        sampling: SamplingParams | None = None,
+        chat_template: bool = False,
+        prompt_template: str = "{query}",
+        stop_strings: Sequence[str] = (),
+        eos_after: str | None = None,
+    ):
+        super().__init__(name, tokenizer, sampling, chat_template, prompt_template, stop_strings,
+                         getattr(model, "generation_config", None))
+        self.eos_after = re.compile(eos_after) if eos_after else None
+        self.lm = CachedLM(model, pad_token_id=self.pad_token_id)
+
+    @classmethod
+    def from_pretrained(cls, name: str, path: str, dtype: str = "auto", device: str = "cpu",
+                        **kwargs) -> TransformersBackend:
+        tokenizer = load_tokenizer(path)
+        return cls(name, load_causal_lm(path, dtype, device), tokenizer, **kwargs)
+
+    def write_patches(self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int) -> list[Patch]:
+        limits = self._patch_limits(traces, patch_tokens)
+        if not traces:
+            return []
+        start = time.perf_counter()
+        prompt_lens, views = zip(*(self._view(t) for t in traces))
+        new = [v[self.lm.cached_length(t.key):] for v, t in zip(views, traces)]
+        gens = None if self.sampling.greedy else [generator(seed, t.key, len(t.patches), self.name) for t in traces]
+        should_stop = None
+        if self.stop_strings:
+            def should_stop(row: int, toks: list[int]) -> bool:
+                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                return any(s in text for s in self.stop_strings)
+        may_stop = None
+        if self.eos_after is not None:
+            allowed = [self.eos_after.search(t.text) is not None for t in traces]
+
+            def may_stop(row: int, toks: list[int]) -> bool:
+                if not allowed[row]:
+                    view = views[row]
+                    context = view[max(prompt_lens[row], len(view) - _DETOK_WINDOW):]
+                    text = traces[row].text + self._continuation_text(context, toks)
+                    allowed[row] = self.eos_after.search(text) is not None
+                return allowed[row]
+        results = self.lm.generate([t.key for t in traces], new, limits, self.sampling, gens,
+                                   stop_ids=self.stop_ids, should_stop=should_stop, may_stop=may_stop)
+        seconds = (time.perf_counter() - start) / len(traces)
+        return [self.patch_from_ids(t, author, res.token_ids, res.stop_reason, seconds)
+                for t, res in zip(traces, results)]
+
+    def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
+        self.lm.fork(src_key, dst_keys)
+        super().fork(src_key, dst_keys)
+
+    def release(self, keys: Sequence[str]) -> None:
+        self.lm.release(keys)
+        super().release(keys)
