@@ -16,9 +16,9 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from switchrl.runner import generate_main
+    from switchrl.generate import main
 
-    return generate_main(args)
+    return main(args)
 
 
 def _cmd_testbed(args: argparse.Namespace) -> int:

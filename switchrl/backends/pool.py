@@ -20,6 +20,21 @@ def build_backend(cfg: CandidateConfig) -> CandidateBackend:
             cfg.name, cfg.path, dtype=cfg.dtype, device=cfg.device, sampling=sampling,
             chat_template=cfg.chat_template, prompt_template=cfg.prompt_template,
             stop_strings=cfg.stop_strings, eos_after=cfg.eos_after)
+    if cfg.eos_after:
+        raise ConfigError(f"candidate {cfg.name!r}: eos_after is only supported by the transformers backend, "
+                          f"not {cfg.backend!r}")
+    common = dict(sampling=sampling, chat_template=cfg.chat_template, prompt_template=cfg.prompt_template,
+                  stop_strings=cfg.stop_strings)
+    if cfg.backend == "openai":
+        if not cfg.base_url:
+            raise ConfigError(f"candidate {cfg.name!r}: backend 'openai' needs base_url, e.g. http://host:8000/v1")
+        from switchrl.backends.openai_backend import OpenAIBackend
+
+        return OpenAIBackend.from_pretrained(cfg.name, cfg.path, cfg.base_url, cfg.served_model, **common)
+    if cfg.backend == "vllm":
+        from switchrl.backends.vllm_backend import VLLMBackend
+
+        return VLLMBackend.from_pretrained(cfg.name, cfg.path, dtype=cfg.dtype, device=cfg.device, **common)
     raise ConfigError(f"candidate {cfg.name!r}: backend {cfg.backend!r} is not available in this install")
 
 
@@ -27,13 +42,13 @@ class CandidatePool:
     """Named candidates plus the patch size; :meth:`step` runs one batched call per chosen candidate."""
 
     def __init__(self, backends: Sequence[CandidateBackend], patch_tokens: int = 50, seed: int = 0):
+        if patch_tokens <= 0:
+            raise ConfigError(f"patch_tokens must be > 0, got {patch_tokens}")
         if not backends:
             raise ConfigError("candidates: a pool needs at least one candidate")
         names = [b.name for b in backends]
         if len(set(names)) != len(names):
             raise ConfigError(f"candidates: names must be unique, got {names}")
-        if patch_tokens <= 0:
-            raise ConfigError(f"patch_tokens must be > 0, got {patch_tokens}")
         self.backends = list(backends)
         self.patch_tokens = patch_tokens
         self.seed = seed
