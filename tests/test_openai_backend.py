@@ -1,0 +1,157 @@
+"""OpenAIBackend against a local server that speaks the /v1/completions protocol with a real tiny model."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from switchrl.backends import CandidatePool, SamplingParams, Trace, build_backend
+from switchrl.backends.openai_backend import OpenAIBackend, ServerError
+from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm, load_tokenizer
+from switchrl.config import CandidateConfig
+from switchrl.errors import ConfigError
+from switchrl.utils.seeding import derive_seed
+
+QUERIES = ["the town of red river", "one two three", "the answer is", "a blue bridge in the park"]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """``POST /v1/completions`` in the vLLM dialect: token-id prompts, ``token_ids`` in each choice."""
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def do_POST(self) -> None:
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        srv.requests.append(body)
+        if self.path != "/v1/completions" or body.get("model") != srv.served_model:
+            return self._send(400 if self.path == "/v1/completions" else 404,
+                              {"error": {"message": f"unknown model {body.get('model')!r}"}})
+        prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+        choices = []
+        for i, ids in enumerate(prompts):
+            x = torch.tensor([ids])
+            kwargs = dict(do_sample=False)
+            if body["temperature"] > 0:
+                kwargs = dict(do_sample=True, temperature=body["temperature"], top_p=body["top_p"], top_k=0)
+            with srv.lock:
+                torch.manual_seed(body.get("seed", 0))
+                out = srv.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=body["max_tokens"],
+                                         eos_token_id=srv.eos, pad_token_id=0, **kwargs)
+            new = out[0, len(ids):].tolist()
+            ended = srv.eos in new
+            new = new[:new.index(srv.eos) + 1] if ended else new  # vLLM returns the EOS id, not its text
+            choice = {"index": i, "text": srv.tokenizer.decode(new, skip_special_tokens=True),
+                      "finish_reason": "stop" if ended else "length", "stop_reason": None}
+            if srv.token_ids and body.get("return_token_ids"):
+                choice["token_ids"] = new
+            choices.append(choice)
+        self._send(200, {"object": "text_completion", "model": srv.served_model, "choices": choices})
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def serve(tiny_family):
+    """Start a completions server for a checkpoint; yields a factory returning (base_url, server)."""
+    servers = []
+
+    def start(path, token_ids: bool = True):
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        srv.model, srv.tokenizer = load_causal_lm(str(path), "float64"), load_tokenizer(str(path))
+        srv.eos, srv.served_model, srv.token_ids = srv.tokenizer.eos_token_id, "tiny", token_ids
+        srv.requests, srv.lock = [], threading.Lock()
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_port}/v1", srv
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _local(paths, sampling):
+    return [TransformersBackend.from_pretrained(f"c{i}", str(p), dtype="float64", sampling=sampling)
+            for i, p in enumerate(paths)]
+
+
+def _switch(backends, schedule, patch_tokens=5, max_new_tokens=30):
+    pool = CandidatePool(backends, patch_tokens=patch_tokens, seed=3)
+    traces = [Trace(key=f"q{i}", query=q, max_new_tokens=max_new_tokens) for i, q in enumerate(QUERIES)]
+    for a in schedule:
+        live = [t for t in traces if not t.done]
+        if live:
+            pool.step(live, [a] * len(live))
+    return [(t.authors, t.text, [p.token_ids for p in t.patches], t.stop_reason) for t in traces]
+
+
+@pytest.mark.parametrize("token_ids", [True, False], ids=["token_ids", "retokenized"])
+def test_served_candidate_writes_what_the_local_one_writes(serve, tiny_family, token_ids):
+    greedy = SamplingParams(temperature=0)
+    url, srv = serve(tiny_family[0], token_ids=token_ids)
+    remote = OpenAIBackend.from_pretrained("c0", str(tiny_family[0]), url, "tiny", sampling=greedy)
+    schedule = [0, 1, 0, 2, 0, 1]
+    want = _switch(_local(tiny_family, greedy), schedule)
+    got = _switch([remote, *_local(tiny_family, greedy)[1:]], schedule)
+    assert got == want
+    # one request per step with every live trace in the prompt list, prompts are the candidate's view
+    batched = [r for r in srv.requests if isinstance(r["prompt"][0], list)]
+    assert len(srv.requests) == 3 and len(batched[0]["prompt"]) == len(QUERIES)
+    assert batched[0]["prompt"][0] == remote.prompt_ids(QUERIES[0])
+    assert all(r["max_tokens"] == 5 and r["temperature"] == 0 for r in srv.requests)
+
+
+def test_sampling_sends_one_seeded_request_per_trace(serve, tiny_family):
+    url, srv = serve(tiny_family[0])
+    sampling = SamplingParams(temperature=1.0, top_p=0.9)
+    backend = OpenAIBackend.from_pretrained("c0", str(tiny_family[0]), url, "tiny", sampling=sampling)
+    traces = [Trace(key=f"q{i}", query=q, max_new_tokens=20) for i, q in enumerate(QUERIES)]
+    first = backend.write_patches(traces, 0, 6, seed=11)
+    again = backend.write_patches(traces, 0, 6, seed=11)
+    assert [p.token_ids for p in first] == [p.token_ids for p in again]
+    seeds = sorted(r["seed"] for r in srv.requests[:len(QUERIES)])
+    assert seeds == sorted(derive_seed(11, t.key, 0, "c0") % 2**31 for t in traces)
+    assert all(r["top_p"] == 0.9 and len(r["prompt"]) == 1 for r in srv.requests)
+    assert sorted(r["prompt"][0] for r in srv.requests[:len(QUERIES)]) == sorted(backend.view(t) for t in traces)
+
+
+def test_unreachable_server_is_one_clear_error(tiny_family):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    backend = OpenAIBackend.from_pretrained("c0", str(tiny_family[0]), url, "tiny", timeout=5, max_retries=0)
+    with pytest.raises(ServerError, match=f"cannot reach the completions server at {url}"):
+        backend.write_patches([Trace("q0", "one two", 10)], 0, 4, seed=0)
+
+
+def test_server_error_names_status_and_detail(serve, tiny_family):
+    url, _ = serve(tiny_family[0])
+    backend = OpenAIBackend.from_pretrained("c0", str(tiny_family[0]), url, "not-served")
+    with pytest.raises(ServerError, match="HTTP 400.*unknown model 'not-served'"):
+        backend.write_patches([Trace("q0", "one two", 10)], 0, 4, seed=0)
+
+
+def test_build_backend_and_config_errors(serve, tiny_family):
+    url, _ = serve(tiny_family[0])
+    cfg = CandidateConfig(name="c0", path=str(tiny_family[0]), backend="openai", base_url=url, served_model="tiny",
+                          temperature=0)
+    backend = build_backend(cfg)
+    assert isinstance(backend, OpenAIBackend) and backend.sampling.greedy
+    with pytest.raises(ConfigError, match="base_url"):
+        build_backend(cfg.model_copy(update={"base_url": None}))
+    with pytest.raises(ValueError, match="base_url must start with http"):
+        OpenAIBackend("c0", "127.0.0.1:8000", "tiny", backend.tokenizer)
