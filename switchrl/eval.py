@@ -65,7 +65,9 @@ def resolve_systems(resolved: ResolvedRun, names: Sequence[str], candidate_names
     """Expand ``eval.systems`` into :class:`SystemSpec` objects, checking paths without loading models.
 
     ``singles`` expands to one system per candidate; ``rl`` without ``eval.rl_path`` and ``oracle``
-    outside the testbed are skipped with a note appended to ``notes``.
+    outside the testbed are skipped with a note appended to ``notes``. The ``oracle`` (the testbed's
+    :class:`~switchrl.testbed.check.ReferencePatchOracle`) picks a candidate whose next patch matches
+    the reference solution; it is meaningful with greedy candidates (temperature 0).
     """
     if isinstance(names, str) or not names or not all(isinstance(n, str) and n for n in names):
         raise ConfigError(f"eval.systems: expected a non-empty list of names, got {names!r}")

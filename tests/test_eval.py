@@ -8,14 +8,19 @@ import statistics
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import yaml
 
+from switchrl import cli
+from switchrl.backends import CandidatePool
 from switchrl.config import CandidateConfig, GenerationConfig, TaskSourceConfig
 from switchrl.errors import CheckpointError, ConfigError
-from switchrl.eval import evaluate, mean_ci, resolve_systems
+from switchrl.eval import build_systems, evaluate, mean_ci, resolve_systems
 from switchrl.policies import LMSwitcher
 from switchrl.run_config import EvalSection, ResolvedRun, RunConfig
+from switchrl.tasks.base import TaskInstance
 
 NAMES = ["base", "tuned", "aligned"]
 SYSTEMS = ["singles", "random", "round_robin", "untuned", "sft", "rl", "oracle"]
@@ -117,7 +122,7 @@ def test_table_has_every_system_and_task(run):
     for r in records:
         assert r["text"] == "".join(p["text"] for p in r["patches"])
         if r["system"] in ("untuned", "sft", "random"):
-            assert all(len(p["probs"]) == 3 and sum(p["probs"]) == pytest.approx(1.0) for p in r["patches"])
+            assert all(len(p["probs"]) == 3 and sum(p["probs"]) == pytest.approx(1.0, abs=1e-5) for p in r["patches"])
         if r["system"] == "round_robin":
             assert [p["author"] for p in r["patches"]] == [i % 3 for i in range(len(r["patches"]))]
 
@@ -137,6 +142,15 @@ def test_deterministic_across_runs_and_resume_is_a_no_op(run, tiny_family, tmp_p
     assert without_timing(again.records) == without_timing(run.records)
     resumed = evaluate(make_config(tiny_family, run.out_dir.parent), out_dir=tmp_path / "again", progress=False)
     assert resumed.records == again.records  # nothing re-generated: even the timings are the stored ones
+
+
+def test_cli_eval_resumes_the_finished_run(run, tiny_family, capsys):
+    cfg = make_config(tiny_family, run.out_dir.parent)
+    path = run.out_dir.parent / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert cli.main(["eval", "--config", str(path), "--executor", "local"]) == 0
+    assert "# Comparison" in capsys.readouterr().out
+    assert (run.out_dir / "table.md").read_text() == run.table  # every response was already committed
 
 
 def test_bad_systems_are_clear_errors(tiny_family, tmp_path):
@@ -170,3 +184,20 @@ def test_ray_gives_the_same_table_as_local(tiny_family, tmp_path):
     strip = [{t: {s: {k: v for k, v in m.items() if k != "tokens_per_s"} for s, m in by.items()}
               for t, by in r.metrics.items()} for r in (local, remote)]
     assert strip[0] == strip[1]
+
+
+def test_testbed_systems_use_family_label_tokens_and_the_oracle(tiny_family, tmp_path):
+    cfg = make_config(tiny_family, tmp_path, systems=["untuned", "oracle"])
+    resolved = ResolvedRun(cfg)
+    candidates = resolved.candidates
+    resolved.family = SimpleNamespace(label_tokens=["red", "blue", "green", "town"], aligned=tiny_family[2],
+                                      candidate_configs=lambda: candidates)  # a stand-in testbed family
+    pool = CandidatePool.from_configs(candidates, patch_tokens=2)
+    systems = build_systems(resolved, pool, cfg.eval.systems)
+    assert list(systems) == ["untuned", "oracle"]
+    assert systems["untuned"](5, {}).sequence.label_tokens == ["red", "blue", "green"]
+    inst = TaskInstance("q0", "the town", "red", task="colors", meta={"solution": "the red town"})
+    oracle = systems["oracle"](0, {"oracle/0/colors/q0": inst})
+    assert oracle.reference_ids == {"oracle/0/colors/q0": pool.backends[0].tokenizer("the red town", add_special_tokens=False)["input_ids"]}
+    with pytest.raises(ConfigError, match="meta\\['solution'\\]"):
+        systems["oracle"](0, {"k": TaskInstance("q1", "the town", "red")})
