@@ -25,6 +25,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.config import parse
 from switchrl.envs.rollout import run_switch_generation
@@ -33,7 +36,7 @@ from switchrl.executors import ExecutorConfig, WorkerContext, WorkerSpec, run
 from switchrl.executors.shards import atomic_write
 from switchrl.policies import FixedSwitcher, LMSwitcher, RandomSwitcher, RoundRobinSwitcher, SwitchPolicy
 from switchrl.policies.lm_switcher import METADATA_FILE
-from switchrl.rewards.base import safe_score_batch
+from switchrl.rewards.base import ScoreResult, safe_score_batch
 from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
 from switchrl.tasks.base import TaskInstance
 
@@ -144,6 +147,14 @@ class _LMSystem:
         self._switcher.seed = seed  # decisions draw from (seed, trace key, patch index)
         return self._switcher
 
+    def unload(self) -> None:
+        """Free the switcher (the worker keeps one LM switcher in memory at a time)."""
+        if self._switcher is not None:
+            device = self._switcher.lm.device
+            self._switcher = None
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+
 
 def build_systems(resolved: ResolvedRun, pool: CandidatePool, names: Sequence[str], *,
                   notes: list[str] | None = None, device: str | None = None) -> dict[str, SystemFactory]:
@@ -236,6 +247,9 @@ class EvalWorker:
                 raise KeyError(f"unknown system {system!r}; this worker has {sorted(self.systems)}")
             if task not in self.scorers:
                 raise KeyError(f"no scorer for task {task!r}; this worker has {sorted(self.scorers)}")
+            for name, other in self.systems.items():
+                if name != system and isinstance(other, _LMSystem):
+                    other.unload()
             batch = [items[i] for i in rows]
             by_key = {it.id: it.instance for it in batch}
             policy = self.systems[system](seed, by_key)
@@ -250,7 +264,7 @@ class EvalWorker:
                 records[i] = self._record(item, trace, score, seconds)
         return records  # type: ignore[return-value]
 
-    def _record(self, item: EvalItem, trace, score, seconds: float) -> dict:
+    def _record(self, item: EvalItem, trace: Trace, score: ScoreResult, seconds: float) -> dict:
         names = self.pool.names
         return {
             "id": item.id, "system": item.system, "seed": item.seed, "task": item.instance.task,
