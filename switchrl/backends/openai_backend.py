@@ -20,7 +20,6 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from switchrl.backends.base import Patch, SamplingParams, StopReason, Trace
 from switchrl.backends.transformers_backend import TokenizedCandidate, load_tokenizer
 from switchrl.errors import SwitchRLError
-from switchrl.utils.seeding import derive_seed
 
 _RETRY_STATUS = {429, 502, 503, 504}
 _TOKEN_ID_PREFIX = "token_id:"
@@ -149,15 +148,7 @@ class OpenAIBackend(TokenizedCandidate):
                 ids = [int(t[len(_TOKEN_ID_PREFIX):]) for t in tokens]
             else:
                 ids = self.tokenizer(choice.get("text", ""), add_special_tokens=False)["input_ids"]
-        ids = [int(i) for i in ids]
-        reason: StopReason | None = None
-        if choice.get("finish_reason") == "stop":
-            stop = choice.get("stop_reason")
-            reason = "stop" if isinstance(stop, str) and stop in self.stop_strings else "eos"
-        while ids and ids[-1] in self.stop_ids:
-            ids.pop()
-            reason = "eos"
-        return ids, reason
+        return self._finished(ids, choice.get("finish_reason"), choice.get("stop_reason"))
 
     # ------------------------------------------------------------------ the backend protocol
     def write_patches(self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int) -> list[Patch]:
@@ -169,7 +160,7 @@ class OpenAIBackend(TokenizedCandidate):
         if self.sampling.greedy:
             calls = [(rows, limits[rows[0]], None) for rows in self._greedy_batches(limits)]
         else:
-            calls = [([i], limits[i], derive_seed(seed, t.key, len(t.patches), self.name) % 2**31)
+            calls = [([i], limits[i], self._patch_seed(seed, t))
                      for i, t in enumerate(traces)]
         with ThreadPoolExecutor(min(self.max_concurrency, len(calls))) as pool:
             answers = list(pool.map(lambda c: self._complete([views[i] for i in c[0]], c[1], c[2]), calls))

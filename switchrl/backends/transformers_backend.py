@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from switchrl.backends.base import Patch, SamplingParams, StopReason, Trace
 from switchrl.backends.cached_lm import CachedLM
 from switchrl.errors import CheckpointError
-from switchrl.utils.seeding import generator
+from switchrl.utils.seeding import derive_seed, generator
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
@@ -156,6 +156,26 @@ class TokenizedCandidate:
         """The text ``new`` adds after ``context`` (decoding in context keeps spaces between words)."""
         before = self.tokenizer.decode(list(context), skip_special_tokens=True)
         return self.tokenizer.decode([*context, *new], skip_special_tokens=True)[len(before):]
+
+    def _finished(self, token_ids: Sequence[int], finish_reason: str | None,
+                  stop_reason: object = None) -> tuple[list[int], StopReason | None]:
+        """Written ids without a trailing EOS, and why the patch ended, from an engine's finish report.
+
+        Engines report ``finish_reason`` "stop" for both EOS and stop strings; ``stop_reason`` is the
+        matched stop string (vLLM) or None for EOS. "length" (the token limit) ends only the patch.
+        """
+        ids = [int(i) for i in token_ids]
+        reason: StopReason | None = None
+        if finish_reason == "stop":
+            reason = "stop" if isinstance(stop_reason, str) and stop_reason in self.stop_strings else "eos"
+        while ids and ids[-1] in self.stop_ids:
+            ids.pop()
+            reason = "eos"
+        return ids, reason
+
+    def _patch_seed(self, seed: int, trace: Trace) -> int:
+        """The 31-bit engine seed of ``trace``'s next patch: from (seed, trace key, patch index, candidate)."""
+        return derive_seed(seed, trace.key, len(trace.patches), self.name) % 2**31
 
     def _patch_limits(self, traces: Sequence[Trace], patch_tokens: int) -> list[int]:
         if patch_tokens <= 0:

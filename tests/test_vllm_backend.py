@@ -1,0 +1,109 @@
+"""VLLMBackend at its API boundary (a fake engine that mimics ``vllm.LLM.generate``) and, when vLLM is
+importable, against a real engine on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from switchrl.backends import CandidatePool, SamplingParams, Trace
+from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm, load_tokenizer
+from switchrl.backends.vllm_backend import VLLMBackend, import_vllm
+from switchrl.errors import SwitchRLError
+
+QUERIES = ["the town of red river", "one two three", "the answer is", "a blue bridge in the park"]
+GREEDY = SamplingParams(temperature=0)
+
+
+class FakeLLM:
+    """``generate(prompts, sampling_params, use_tqdm)`` like ``vllm.LLM``, backed by a transformers model.
+
+    As vLLM does, the EOS id is kept in ``token_ids``, a matched stop string ends the output with
+    ``finish_reason="stop"`` and ``stop_reason=<the string>``, and EOS gives ``stop_reason=None``.
+    """
+
+    def __init__(self, path):
+        self.model, self.tokenizer = load_causal_lm(str(path), "float64"), load_tokenizer(str(path))
+        self.calls: list[tuple[list[dict], list[dict]]] = []
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        self.calls.append((prompts, sampling_params))
+        eos = self.tokenizer.eos_token_id
+        outputs = []
+        for prompt, params in zip(prompts, sampling_params, strict=True):
+            assert params["temperature"] == 0, "the fake engine is greedy only"
+            x = torch.tensor([prompt["prompt_token_ids"]])
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=params["max_tokens"],
+                                      do_sample=False, eos_token_id=eos, pad_token_id=0)
+            ids = out[0, x.shape[1]:].tolist()
+            finish, stop_reason = "length", None
+            for n in range(1, len(ids) + 1):
+                if ids[n - 1] == eos:
+                    ids, finish = ids[:n], "stop"
+                    break
+                hit = [s for s in params["stop"] or () if s in self.tokenizer.decode(ids[:n], skip_special_tokens=True)]
+                if hit:
+                    ids, finish, stop_reason = ids[:n], "stop", hit[0]
+                    break
+            outputs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids, finish_reason=finish,
+                                                                    stop_reason=stop_reason)]))
+        return outputs
+
+
+def _switch(backends, schedule, patch_tokens=5, max_new_tokens=30):
+    pool = CandidatePool(backends, patch_tokens=patch_tokens, seed=5)
+    traces = [Trace(key=f"q{i}", query=q, max_new_tokens=max_new_tokens) for i, q in enumerate(QUERIES)]
+    for a in schedule:
+        live = [t for t in traces if not t.done]
+        if live:
+            pool.step(live, [a] * len(live))
+    pool.release([t.key for t in traces])
+    return [(t.authors, t.text, [p.token_ids for p in t.patches], t.stop_reason) for t in traces]
+
+
+def _local(path, name, **kwargs):
+    return TransformersBackend.from_pretrained(name, str(path), dtype="float64", sampling=GREEDY, **kwargs)
+
+
+@pytest.mark.parametrize("stop_strings", [(), ("three",)], ids=["plain", "stop-string"])
+def test_vllm_candidate_writes_what_the_local_one_writes(tiny_family, stop_strings):
+    fake = FakeLLM(tiny_family[0])
+    tok = load_tokenizer(str(tiny_family[0]))
+    engine = VLLMBackend("c0", fake, tok, sampling=GREEDY, stop_strings=stop_strings, params_factory=dict)
+    schedule = [0, 1, 0, 2, 0, 1, 0]
+    others = [_local(tiny_family[1], "c1"), _local(tiny_family[2], "c2")]
+    want = _switch([_local(tiny_family[0], "c0", stop_strings=stop_strings), *others], schedule)
+    got = _switch([engine, *others], schedule)
+    assert got == want
+    # one generate call per step with every live trace; per-trace seeded params; views as prompts
+    prompts, params = fake.calls[0]
+    assert len(prompts) == len(QUERIES) and prompts[1]["prompt_token_ids"] == engine.prompt_ids(QUERIES[1])
+    assert len({p["seed"] for p in params}) == len(QUERIES)
+    assert all(p["max_tokens"] == 5 and p["include_stop_str_in_output"] for p in params)
+
+
+def test_engine_must_generate_and_missing_vllm_is_clear(tiny_family, monkeypatch):
+    tok = load_tokenizer(str(tiny_family[0]))
+    with pytest.raises(TypeError, match="generate"):
+        VLLMBackend("c0", object(), tok, params_factory=dict)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail
+    with pytest.raises(SwitchRLError, match=r"pip install 'switchrl\[vllm\]'"):
+        import_vllm()
+    with pytest.raises(SwitchRLError, match="needs vLLM"):
+        VLLMBackend.from_pretrained("c0", str(tiny_family[0]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_real_vllm_engine_matches_transformers(tiny_family):
+    llama = tiny_family[0]
+    engine = VLLMBackend.from_pretrained("c0", str(llama), dtype="float32", sampling=GREEDY,
+                                         engine_kwargs=dict(max_model_len=256))
+    local = TransformersBackend.from_pretrained("c0", str(llama), dtype="float32", sampling=GREEDY)
+    traces = [Trace(key=f"q{i}", query=q, max_new_tokens=12) for i, q in enumerate(QUERIES)]
+    got = engine.write_patches(traces, 0, 6, seed=0)
+    want = local.write_patches(traces, 0, 6, seed=0)
+    assert [p.token_ids for p in got] == [p.token_ids for p in want]
