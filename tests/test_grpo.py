@@ -126,3 +126,15 @@ def test_custom_reward_module_function_is_used(tiny_family, tmp_path, monkeypatc
                    reward=["examples.custom_reward:length_penalised_f1"])
     assert len(calls) == rl.queries_per_step * rl.num_generations
     assert result.history and "rewards/score/mean" in result.history[0]
+
+
+def test_bad_rl_settings_are_named(tiny_family, tmp_path):
+    from switchrl.errors import CheckpointError, ConfigError
+
+    config = make_config(tiny_family, tmp_path)
+    with pytest.raises(ConfigError, match="rl.tasks: unknown task"):
+        prepare(config, rl_section(tiny_family, tmp_path, tasks=["nope"]))
+    with pytest.raises(ConfigError, match="algo must be one of"):
+        train(config, "dqn", rl=rl_section(tiny_family, tmp_path))
+    with pytest.raises(CheckpointError, match="is not a saved switcher"):
+        build_switcher(prepare(config, rl_section(tiny_family, tmp_path, init=str(tiny_family[1]))))
