@@ -12,9 +12,6 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from switchrl.backends import CandidatePool, SamplingParams, Trace  # noqa: E402
-from switchrl.backends.transformers_backend import TransformersBackend  # noqa: E402
-from switchrl.envs.rollout import estimate_utilities  # noqa: E402
 from switchrl.executors import ExecutorConfig, ExecutorError, ShardStore, WorkerContext, WorkerSpec, run  # noqa: E402
 from switchrl.executors.ray_executor import RayExecutor  # noqa: E402
 from switchrl.utils.seeding import derive_seed  # noqa: E402
@@ -42,7 +39,8 @@ def ray_cluster():
 
 
 class FaultyWorker:
-    """Deterministic records; kills its own process once (when it meets ``die_on``), via a marker file."""
+    """Deterministic records; kills its own process once when it meets ``die_on`` (a marker file
+    remembers), raises on ``raise_on``."""
 
     def __init__(self, config: dict, context: WorkerContext):
         self.config = config
@@ -52,6 +50,8 @@ class FaultyWorker:
         if any(it.id == self.config.get("die_on") for it in items) and not marker.exists():
             marker.touch()
             os._exit(1)
+        if any(it.id == self.config.get("raise_on") for it in items):
+            raise KeyError(f"bad item {self.config['raise_on']}")
         return [{"id": it.id, "pid": 0, "value": derive_seed(self.config["seed"], it.id) % 997} for it in items]
 
 
@@ -63,11 +63,18 @@ class UtilityWorker:
     """A tiny real worker: a candidate pool from checkpoint paths, simulated-rollout utilities per item."""
 
     def __init__(self, config: dict, context: WorkerContext):
+        # imported here, so the actors of the other tests start without torch / transformers
+        from switchrl.backends import CandidatePool, SamplingParams
+        from switchrl.backends.transformers_backend import TransformersBackend
+
         backends = [TransformersBackend.from_pretrained(f"c{i}", p, sampling=SamplingParams(temperature=1.0))
                     for i, p in enumerate(config["paths"])]
         self.pool = CandidatePool(backends, patch_tokens=2, seed=config["seed"])
 
     def process(self, items):
+        from switchrl.backends import Trace
+        from switchrl.envs.rollout import estimate_utilities
+
         states = [Trace(key=it.id, query=it.query, max_new_tokens=6) for it in items]
         self.pool.step(states, [int(it.id[1:]) % len(self.pool) for it in items])
 
@@ -106,6 +113,16 @@ def test_actor_death_is_retried_and_records_are_exactly_once(tmp_path):
         assert store.records() == expected
         on_disk = [r["id"] for r in ShardStore(tmp_path / name / "out", readonly=True).records()]
         assert sorted(on_disk) == sorted(it.id for it in ITEMS)  # each once
+
+
+def test_worker_exception_is_raised_after_committing_finished_chunks(tmp_path):
+    spec = WorkerSpec(make_faulty, {"seed": 1, "raise_on": "q4"})
+    with pytest.raises(KeyError, match="bad item q4"):
+        run(ITEMS, spec, tmp_path, executor=CPU, chunk_size=3, progress=False)
+    done = ShardStore(tmp_path, readonly=True).completed_ids
+    assert "q4" not in done and {"q0", "q1", "q2"} <= done  # no retry of a bug; finished work is kept
+    store = run(ITEMS, WorkerSpec(make_faulty, {"seed": 1}), tmp_path, chunk_size=3, progress=False)
+    assert sorted(r["id"] for r in store.records()) == sorted(it.id for it in ITEMS)
 
 
 def test_bad_address_is_a_quick_clear_error():
