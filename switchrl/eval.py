@@ -36,6 +36,7 @@ from switchrl.executors import ExecutorConfig, WorkerContext, WorkerSpec, run
 from switchrl.executors.shards import atomic_write
 from switchrl.policies import FixedSwitcher, LMSwitcher, RandomSwitcher, RoundRobinSwitcher, SwitchPolicy
 from switchrl.policies.lm_switcher import METADATA_FILE
+from switchrl.policies.sb3_switcher import SB3Switcher, is_sb3_switcher_dir
 from switchrl.rewards.base import ScoreResult, safe_score_batch
 from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
 from switchrl.tasks.base import TaskInstance
@@ -116,7 +117,7 @@ def resolve_systems(resolved: ResolvedRun, names: Sequence[str], candidate_names
 
 
 def _switcher_dir(path: str, field_name: str) -> str:
-    if not (Path(path) / METADATA_FILE).is_file():
+    if not ((Path(path) / METADATA_FILE).is_file() or is_sb3_switcher_dir(path)):
         raise CheckpointError(f"{field_name}: {path} is not a saved switcher (no {METADATA_FILE}); "
                               "train one with `switchrl sft` or fix the path")
     return str(path)
@@ -181,6 +182,8 @@ def build_systems(resolved: ResolvedRun, pool: CandidatePool, names: Sequence[st
             load = partial(LMSwitcher.from_base, spec.path, cands, label_tokens=labels,
                            patch_tokens=pool.patch_tokens, **lm_kwargs)
             systems[spec.name] = _LMSystem(load, cands, "untuned")
+        elif spec.kind in ("rl", "path") and is_sb3_switcher_dir(spec.path):
+            systems[spec.name] = lambda seed, inst, path=spec.path: SB3Switcher.from_pretrained(path, seed=seed)
         elif spec.kind in ("sft", "rl", "path"):
             systems[spec.name] = _LMSystem(partial(LMSwitcher.from_pretrained, spec.path, **lm_kwargs), cands,
                                            spec.path or spec.name)

@@ -78,6 +78,65 @@ class EvalSection(StrictModel):
     batch_size: int = Field(64, gt=0)
 
 
+class PPOOptions(StrictModel):
+    """The LM-switcher PPO of :mod:`switchrl.trainers.ppo`."""
+
+    epochs: int = Field(4, gt=0, description="optimisation passes over each batch of episodes")
+    minibatch_size: int = Field(8, gt=0, description="episodes per gradient step")
+    value_coef: float = Field(0.5, ge=0)
+    value_learning_rate: float = Field(1e-3, gt=0, description="learning rate of the value head")
+    entropy_coef: float = Field(0.0, ge=0, description="bonus on the entropy of the switch distribution")
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class SB3Options(StrictModel):
+    """stable-baselines3 ``PPO`` on ``FeatureObservation(SwitchEnv)`` (:mod:`switchrl.trainers.sb3`)."""
+
+    total_timesteps: int = Field(2048, gt=0, description="environment steps (one step = one patch)")
+    n_envs: int = Field(4, gt=0)
+    n_steps: int = Field(64, gt=0, description="steps per env between updates")
+    batch_size: int = Field(64, gt=0)
+    n_epochs: int = Field(10, gt=0)
+    learning_rate: float = Field(3e-4, gt=0)
+    ent_coef: float = Field(0.01, ge=0)
+    n_features: int = Field(256, gt=0, description="hashed n-gram features of the query and of the trace")
+    history: int = Field(4, ge=0, description="one-hot authors of the last N patches")
+    net_arch: list[int] = Field(default_factory=lambda: [64, 64])
+
+
+class RLSection(StrictModel):
+    """The ``rl:`` section of a run config."""
+
+    init: str | None = Field(None, description="warm start: a saved switcher directory (e.g. sft.out_dir)")
+    base: str | None = Field(None, description="untuned start: base model for a fresh LoRA switcher "
+                                               "(testbed default: the aligned checkpoint)")
+    out_dir: str = "runs/rl"
+    split: str = "train"
+    tasks: list[str] | None = Field(None, description="train on these task names only (default: all)")
+    limit: int | None = Field(None, gt=0, description="use only the first N queries of each task")
+    steps: int = Field(50, gt=0, description="optimiser updates (GRPO/PPO)")
+    queries_per_step: int = Field(4, gt=0)
+    num_generations: int = Field(4, ge=2, description="episodes per query (the GRPO group size G)")
+    credit: Literal["episode", "fork"] = Field("episode", description="episode: one advantage per episode; "
+                                               "fork: groups branch from a shared state (per-decision credit)")
+    learning_rate: float = Field(1e-4, gt=0)
+    beta: float = Field(0.02, ge=0, description="KL penalty to the starting switcher (GRPO)")
+    clip_epsilon: float = Field(0.2, gt=0, description="PPO/GRPO ratio clipping")
+    switch_cost: float = Field(0.0, ge=0, allow_inf_nan=False, description="subtracted per change of author")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus of the switch distribution while sampling "
+                                                      "episodes (1.0: exactly the policy being trained)")
+    temperature: float = Field(1.0, gt=0)
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    save_steps: int = Field(25, gt=0, description="checkpoint every N updates (resumable)")
+    logging_steps: int = Field(1, gt=0)
+    report_to: ReportTo = "none"
+    seed: int = 0
+    ppo: PPOOptions = Field(default_factory=PPOOptions)
+    sb3: SB3Options = Field(default_factory=SB3Options)
+
+
 class RunConfig(StrictModel):
     testbed: TestbedRef | None = None
     candidates: list[CandidateConfig] = Field(default_factory=list)
@@ -88,6 +147,7 @@ class RunConfig(StrictModel):
     simulate: SimulateSection = Field(default_factory=SimulateSection)
     sft: SFTSection = Field(default_factory=SFTSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    rl: RLSection = Field(default_factory=RLSection)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @model_validator(mode="after")

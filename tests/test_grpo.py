@@ -11,7 +11,8 @@ import torch
 from switchrl.config import CandidateConfig, GenerationConfig, TaskSourceConfig
 from switchrl.run_config import RunConfig
 from switchrl.trainers.grpo import restricted_head, train_grpo
-from switchrl.trainers.rl import RLSection, build_switcher, nucleus_logprob, prepare, sample_episodes, train
+from switchrl.run_config import RLSection
+from switchrl.trainers.rl import build_switcher, nucleus_logprob, prepare, sample_episodes, train
 
 QUERIES = [("one two three", "four"), ("red blue green", "town"), ("the river bridge", "park"),
            ("five six seven", "eight")]

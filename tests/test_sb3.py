@@ -12,7 +12,8 @@ from switchrl.backends.base import Trace
 from switchrl.envs.rollout import run_switch_generation
 from switchrl.policies.base import SwitchPolicy
 from switchrl.policies.sb3_switcher import SB3Switcher, is_sb3_switcher_dir
-from switchrl.trainers.rl import RLSection, SB3Options, prepare, train
+from switchrl.run_config import RLSection, SB3Options
+from switchrl.trainers.rl import prepare, train
 
 
 def sb3_section(tiny_family, tmp_path) -> RLSection:

@@ -26,88 +26,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
 
 from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
-from switchrl.config import StrictModel
 from switchrl.envs.rollout import advance
 from switchrl.errors import ConfigError
 from switchrl.policies.lm_switcher import LMSwitcher
 from switchrl.policies.sequence import EncodedSequence
 from switchrl.rewards.base import Scorer, safe_score_batch
 from switchrl.rewards.registry import resolve_reward
-from switchrl.run_config import ReportTo, ResolvedRun, RunConfig, load_run_config
+from switchrl.run_config import ResolvedRun, RLSection, RunConfig, load_run_config
 from switchrl.tasks.base import TaskInstance
 from switchrl.utils.seeding import generator
 
 Algo = Literal["grpo", "ppo", "sb3-ppo"]
 ALGOS: tuple[str, ...] = ("grpo", "ppo", "sb3-ppo")
-
-
-class PPOOptions(StrictModel):
-    """The LM-switcher PPO of :mod:`switchrl.trainers.ppo`."""
-
-    epochs: int = Field(4, gt=0, description="optimisation passes over each batch of episodes")
-    minibatch_size: int = Field(8, gt=0, description="episodes per gradient step")
-    value_coef: float = Field(0.5, ge=0)
-    value_learning_rate: float = Field(1e-3, gt=0, description="learning rate of the value head")
-    entropy_coef: float = Field(0.0, ge=0, description="bonus on the entropy of the switch distribution")
-    max_grad_norm: float = Field(1.0, gt=0)
-
-
-class SB3Options(StrictModel):
-    """stable-baselines3 ``PPO`` on ``FeatureObservation(SwitchEnv)`` (:mod:`switchrl.trainers.sb3`)."""
-
-    total_timesteps: int = Field(2048, gt=0, description="environment steps (one step = one patch)")
-    n_envs: int = Field(4, gt=0)
-    n_steps: int = Field(64, gt=0, description="steps per env between updates")
-    batch_size: int = Field(64, gt=0)
-    n_epochs: int = Field(10, gt=0)
-    learning_rate: float = Field(3e-4, gt=0)
-    ent_coef: float = Field(0.01, ge=0)
-    n_features: int = Field(256, gt=0, description="hashed n-gram features of the query and of the trace")
-    history: int = Field(4, ge=0, description="one-hot authors of the last N patches")
-    net_arch: list[int] = Field(default_factory=lambda: [64, 64])
-
-
-class RLSection(StrictModel):
-    """The ``rl:`` section of a run config."""
-
-    init: str | None = Field(None, description="warm start: a saved switcher directory (e.g. sft.out_dir)")
-    base: str | None = Field(None, description="untuned start: base model for a fresh LoRA switcher "
-                                               "(testbed default: the aligned checkpoint)")
-    out_dir: str = "runs/rl"
-    split: str = "train"
-    tasks: list[str] | None = Field(None, description="train on these task names only (default: all)")
-    limit: int | None = Field(None, gt=0, description="use only the first N queries of each task")
-    steps: int = Field(50, gt=0, description="optimiser updates (GRPO/PPO)")
-    queries_per_step: int = Field(4, gt=0)
-    num_generations: int = Field(4, ge=2, description="episodes per query (the GRPO group size G)")
-    credit: Literal["episode", "fork"] = Field("episode", description="episode: one advantage per episode; "
-                                               "fork: groups branch from a shared state (per-decision credit)")
-    learning_rate: float = Field(1e-4, gt=0)
-    beta: float = Field(0.02, ge=0, description="KL penalty to the starting switcher (GRPO)")
-    clip_epsilon: float = Field(0.2, gt=0, description="PPO/GRPO ratio clipping")
-    switch_cost: float = Field(0.0, ge=0, allow_inf_nan=False, description="subtracted per change of author")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus of the switch distribution while sampling "
-                                                      "episodes (1.0: exactly the policy being trained)")
-    temperature: float = Field(1.0, gt=0)
-    lora_r: int = Field(8, gt=0)
-    lora_alpha: int = Field(16, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    save_steps: int = Field(25, gt=0, description="checkpoint every N updates (resumable)")
-    logging_steps: int = Field(1, gt=0)
-    report_to: ReportTo = "none"
-    seed: int = 0
-    ppo: PPOOptions = Field(default_factory=PPOOptions)
-    sb3: SB3Options = Field(default_factory=SB3Options)
-
-
-def rl_section(config: RunConfig) -> RLSection:
-    """``config.rl`` (or the defaults when the run config has no ``rl`` section)."""
-    section = getattr(config, "rl", None)
-    return section if section is not None else RLSection()
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -163,7 +96,7 @@ def prepare(config: RunConfig, rl: RLSection | None = None, reward: Any = None,
 
     ``reward``: a scorer spec for every task (e.g. the CLI's ``--reward`` list), overriding the config.
     """
-    rl = rl or rl_section(config)
+    rl = rl or config.rl
     resolved = ResolvedRun(config)
     by_task = resolved.instances(rl.split, rl.limit)
     if rl.tasks is not None:
@@ -451,7 +384,7 @@ def train(config: RunConfig, algo: str, rl: RLSection | None = None, reward: Any
     """Run ``algo`` (grpo | ppo | sb3-ppo) on ``config``; see each trainer module."""
     if algo not in ALGOS:
         raise ConfigError(f"algo must be one of {ALGOS}, got {algo!r}")
-    rl = (rl or rl_section(config)).model_copy()
+    rl = (rl or config.rl).model_copy()
     if report_to is not None:
         rl.report_to = report_to
     setup = prepare(config, rl, reward)
