@@ -135,12 +135,22 @@ def test_bad_address_is_a_quick_clear_error():
     assert time.perf_counter() - start < 5
 
 
+@pytest.fixture()
+def busy_cpu():
+    """Another job holds one of the 2 CPUs."""
+    busy = ray.util.placement_group([{"CPU": 1}])
+    ray.get(busy.ready())
+    yield
+    ray.util.remove_placement_group(busy)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"placement": "spread", "gpus_per_candidate": 8}, "needs .*'GPU': 24.* largest Ray node has GPU=1"),
     ({"num_cpus_per_replica": 8, "gpus_per_candidate": 0}, "largest Ray node has GPU=1.0, CPU=2"),
-    ({"replicas": 3, "gpus_per_candidate": 0, "placement_timeout_s": 1}, "could not be placed within 1 s"),
+    ({"replicas": 3, "gpus_per_candidate": 0}, "holds at most 2 replicas"),
+    ({"replicas": 2, "gpus_per_candidate": 0, "placement_timeout_s": 1}, "could not be placed within 1 s"),
 ])
-def test_impossible_placement_is_a_quick_clear_error(tmp_path, overrides, message):
+def test_impossible_placement_is_a_quick_clear_error(tmp_path, busy_cpu, overrides, message):
     start = time.perf_counter()
     with pytest.raises(ExecutorError, match=message):
         run(ITEMS, WorkerSpec(make_faulty, {"seed": 0}, num_models=3), tmp_path,

@@ -114,13 +114,20 @@ class RayExecutor:
                 f"Ray node has GPU={largest.get('GPU', 0)}, CPU={largest.get('CPU', 0)}; lower "
                 "gpus_per_candidate / num_cpus_per_replica, use placement 'pack', or add bigger nodes")
         if self.config.replicas != "auto":
+            total = self.ray.cluster_resources()
+            if self.config.replicas > (most := self._fits(total, bundle)):
+                raise ExecutorError(f"replicas={self.config.replicas}: the Ray cluster ({total}) holds at most "
+                                    f"{most} replicas of {bundle}; lower replicas or use 'auto'")
             return int(self.config.replicas)
         free = self.ray.available_resources()
-        fits = min(math.floor(free.get(k, 0) / v + 1e-9) for k, v in bundle.items())
-        if fits < 1:
+        if (fits := self._fits(free, bundle)) < 1:
             raise ExecutorError(f"replicas 'auto': no room for one replica ({bundle}) in the free "
                                 f"resources of the Ray cluster ({free})")
         return fits
+
+    @staticmethod
+    def _fits(resources: dict[str, float], bundle: dict[str, float]) -> int:
+        return min(math.floor(resources.get(k, 0) / v + 1e-9) for k, v in bundle.items())
 
     def _start(self, spec: WorkerSpec) -> None:
         """Reserve one placement group per replica (fails after ``placement_timeout_s``), start actors."""
