@@ -31,6 +31,8 @@ ITEMS = [Item(f"q{i}", " ".join(["the", "town", "river", "one"][: 1 + i % 4])) f
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
     """One local Ray for the module: 2 CPUs and one logical GPU (to exercise GPU placement)."""
+    if ray.is_initialized():  # left over by another module: this one needs its own resources
+        ray.shutdown()
     path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path}})  # actors import this module's workers
