@@ -102,7 +102,7 @@ def train_sft(config: RunConfig, records: Sequence[dict] | None = None) -> Path:
     resolved = ResolvedRun(config)
     section = config.sft
     if records is None:
-        records = ShardStore(section.data_dir or config.simulate.out_dir).records()
+        records = ShardStore(section.data_dir or config.simulate.out_dir, readonly=True).records()
     names = [c.name for c in resolved.candidates]
     base, label_tokens = switcher_base(resolved, section)
     n = len(names)
