@@ -81,3 +81,21 @@ def test_kv_reuse_matches_reencode_different_tokenizers(tmp_path, tiny_family):
     toks[2] = toks[0]  # same vocabulary: the reference passes ids between them, like the pool does
     want = reencode_reference(models, toks, QUERIES, schedule, 4, 30)
     assert got == want
+
+
+def test_batch_of_very_different_chunk_lengths_equals_one_trace_at_a_time(tiny_family):
+    """Rows prefilled in separate length buckets and merged for decoding give the single-row results."""
+    from switchrl.backends.cached_lm import CachedLM
+
+    model = load_causal_lm(str(tiny_family[0]), "float64")
+    batched, alone = CachedLM(model), CachedLM(model)
+    for lm in (batched, alone):
+        lm.extend(["a"], [list(range(4, 34))])
+    keys, new = ["a", "b", "c"], [[5], list(range(10, 30)), [6, 7, 8]]  # chunk lengths 1, 20, 3: three buckets
+    got = batched.generate(keys, new, [6, 4, 5], SamplingParams(temperature=0))
+    want = [alone.generate([k], [ids], [n], SamplingParams(temperature=0))[0] for k, ids, n in zip(keys, new, [6, 4, 5])]
+    assert [(g.token_ids, g.stop_reason) for g in got] == [(w.token_ids, w.stop_reason) for w in want]
+    assert [batched.cached_length(k) for k in keys] == [alone.cached_length(k) for k in keys]
+    last = [[g.token_ids[-1]] for g in got]
+    torch.testing.assert_close(batched.extend(keys, last),
+                               torch.cat([alone.extend([k], [ids]) for k, ids in zip(keys, last)]))

@@ -176,6 +176,49 @@ class CachedLM:
         return [Generation(row[:n], reason) for row, n, reason in zip(rows, lengths.tolist(), reasons)]
 
 
+def _length_buckets(lengths: Sequence[int]) -> list[list[int]]:
+    """Row indices grouped so that within a group the longest length is less than twice the shortest."""
+    buckets: list[list[int]] = []
+    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        if buckets and 2 * lengths[row] > lengths[buckets[-1][0]]:
+            buckets[-1].append(row)
+        else:
+            buckets.append([row])
+    return buckets
+
+
+def _prefill(lm: CachedLM, entries: Sequence[_Entry | None], past: Sequence[int],
+             new_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+    """Read ``new_ids`` on top of the stored caches, left-padded; returns (mask, cache, last logits)."""
+    device = lm.device
+    P, N, B = max(past), max(len(ids) for ids in new_ids), len(new_ids)
+    mask = torch.zeros(B, P + N, dtype=torch.long)
+    input_ids = torch.full((B, N), lm.pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(B, N, dtype=torch.long)
+    for b, (pl, ids) in enumerate(zip(past, new_ids)):
+        mask[b, P - pl:P] = 1
+        mask[b, P + N - len(ids):] = 1
+        input_ids[b, N - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+        position_ids[b, N - len(ids):] = torch.arange(pl, pl + len(ids))
+    cache = DynamicCache()
+    if P > 0:
+        template = next(e for e in entries if e is not None and e.length).layers
+        layers = []
+        for li, (k0, v0) in enumerate(template):
+            k = k0.new_zeros((B, k0.shape[1], P, k0.shape[3]))
+            v = v0.new_zeros((B, v0.shape[1], P, v0.shape[3]))
+            for b, e in enumerate(entries):
+                if e is not None and e.length:
+                    k[b, :, P - e.length:] = e.layers[li][0][0]
+                    v[b, :, P - e.length:] = e.layers[li][1][0]
+            layers.append((k, v))
+        cache = DynamicCache(ddp_cache_data=layers)
+    mask = mask.to(device)
+    out = lm.model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids.to(device),
+                   past_key_values=cache, use_cache=True)
+    return mask, out.past_key_values, out.logits[:, -1, :]
+
+
 class _BatchState:
     """One batched forward over several traces' caches: prefill, then one token at a time."""
 
@@ -196,38 +239,38 @@ class _BatchState:
         entries = [lm._entries.get(k) for k in keys]
         past = [e.length if e else 0 for e in entries]
         n_new = [len(ids) for ids in new_ids]
-        P, N, B = max(past), max(n_new), len(keys)
-
-        mask = torch.zeros(B, P + N, dtype=torch.long)
-        input_ids = torch.full((B, N), lm.pad_token_id, dtype=torch.long)
-        position_ids = torch.zeros(B, N, dtype=torch.long)
-        for b, (pl, ids) in enumerate(zip(past, new_ids)):
-            mask[b, P - pl:P] = 1
-            mask[b, P + N - len(ids):] = 1
-            input_ids[b, N - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
-            position_ids[b, N - len(ids):] = torch.arange(pl, pl + len(ids))
-
-        cache = DynamicCache()
-        if P > 0:
-            template = next(e for e in entries if e is not None).layers
-            layers = []
-            for li, (k0, v0) in enumerate(template):
-                k = k0.new_zeros((B, k0.shape[1], P, k0.shape[3]))
-                v = v0.new_zeros((B, v0.shape[1], P, v0.shape[3]))
-                for b, e in enumerate(entries):
-                    if e is not None and e.length:
-                        k[b, :, P - e.length:] = e.layers[li][0][0]
-                        v[b, :, P - e.length:] = e.layers[li][1][0]
-                layers.append((k, v))
-            cache = DynamicCache(ddp_cache_data=layers)
-
-        self.mask = mask.to(device)
-        self.next_pos = torch.tensor([pl + n for pl, n in zip(past, n_new)], device=device)
-        self.cache = cache
-        out = lm.model(input_ids=input_ids.to(device), attention_mask=self.mask,
-                       position_ids=position_ids.to(device), past_key_values=cache, use_cache=True)
-        self.cache = out.past_key_values
-        self.logits = out.logits[:, -1, :]
+        total = [p + n for p, n in zip(past, n_new)]
+        self.next_pos = torch.tensor(total, device=device)
+        buckets = _length_buckets(n_new)
+        if len(buckets) == 1:
+            self.mask, self.cache, self.logits = _prefill(lm, entries, past, new_ids)
+            return self
+        # rows whose new chunks differ a lot in length are prefilled apart (no padding to the longest
+        # chunk), then merged right-aligned into one decode batch of length max(past + new)
+        B, L = len(keys), max(total)
+        self.mask = torch.zeros(B, L, dtype=torch.long, device=device)
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        j = torch.arange(L, device=device)[None, :]
+        for rows in buckets:
+            mask, cache, logits = _prefill(lm, [entries[r] for r in rows], [past[r] for r in rows],
+                                           [new_ids[r] for r in rows])
+            pk, nk = max(past[r] for r in rows), max(n_new[r] for r in rows)
+            pb = torch.tensor([past[r] for r in rows], device=device)[:, None]
+            nb = torch.tensor([n_new[r] for r in rows], device=device)[:, None]
+            valid = j >= L - pb - nb
+            src = torch.where(j < L - nb, pk + nb - L + j, pk + nk - L + j).masked_fill(~valid, 0)
+            at = torch.tensor(rows, device=device)
+            self.mask[at] = valid.to(self.mask.dtype)
+            if not layers:
+                layers = [(k.new_zeros((B, k.shape[1], L, k.shape[3])), v.new_zeros((B, v.shape[1], L, v.shape[3])))
+                          for k, v in ((x.keys, x.values) for x in cache.layers)]
+                self.logits = logits.new_zeros((B, logits.shape[-1]))
+            self.logits[at] = logits
+            for (k_all, v_all), layer in zip(layers, cache.layers):
+                index = src[:, None, :, None].expand(len(rows), layer.keys.shape[1], L, layer.keys.shape[3])
+                k_all[at] = layer.keys.gather(2, index)
+                v_all[at] = layer.values.gather(2, index)
+        self.cache = DynamicCache(ddp_cache_data=layers)
         return self
 
     def step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
