@@ -1,13 +1,13 @@
 """The testbed's tasks (recall, arithmetic, compositional) and their scorers.
 
 * ``recall``: one fact of a town outside the finetuning subset.
-* ``arithmetic``: the sum of two numbers given in the question (hypothetical towns' counts).
+* ``arithmetic``: the sum of two numbers given in the question (``How many is 6 plus 2 ?``).
 * ``compositional``: the sum of one fact each of two towns outside the finetuning subset.
 
 Every answer follows one format (see :mod:`switchrl.testbed.world`) and ends in
 ``The answer is N .``; the exact-match scorer reads the first such ``N``. ``meta["steps"]`` lists the
 answer's reasoning steps, which the partial-credit scorer counts. Splits are made over the
-question's key (town(s), attribute and, for arithmetic, the numbers), so train, validation and test
+question's key (town(s) and attribute; for arithmetic the pair of numbers), so train, validation and test
 never share an (entity, question) pair.
 """
 
@@ -19,12 +19,14 @@ from typing import Any
 
 from switchrl.tasks.base import TaskInstance
 from switchrl.testbed.world import (
+    ARITHMETIC_QUESTIONS,
     ATTRIBUTES,
     MAX_VALUE,
     MIN_VALUE,
     World,
     answer_text,
-    hypothetical_question,
+    arithmetic_question,
+    arithmetic_steps,
     recall_question,
     recall_steps,
     sum_question,
@@ -34,7 +36,7 @@ from switchrl.utils.seeding import derive_seed
 
 TASKS = ("recall", "arithmetic", "compositional")
 SPLITS = ("train", "validation", "test")
-ARITHMETIC_SIZES = {"train": 4000, "validation": 500, "test": 500}
+_ARITHMETIC_SHARES = (0.5, 0.2)  # of the (a, b) pairs; the rest is test
 _RECALL_SHARES = (0.4, 0.2)  # train, validation; the rest is test
 _ANSWER = re.compile(r"answer is (-?\d+)")
 
@@ -93,20 +95,18 @@ def compositional_tasks(world: World, split: str) -> list[TaskInstance]:
 
 
 def arithmetic_tasks(world: World, split: str) -> list[TaskInstance]:
-    rng = random.Random(derive_seed(world.seed, "arithmetic", split))
-    seen: set[tuple] = set()
+    pairs = [(a, b) for a in range(MIN_VALUE, MAX_VALUE + 1) for b in range(MIN_VALUE, MAX_VALUE + 1)]
+    random.Random(derive_seed(world.seed, "arithmetic-split")).shuffle(pairs)
+    n_train, n_val = (round(s * len(pairs)) for s in _ARITHMETIC_SHARES)
+    pairs = {"train": pairs[:n_train], "validation": pairs[n_train:n_train + n_val],
+             "test": pairs[n_train + n_val:]}[split]
     out = []
-    while len(out) < ARITHMETIC_SIZES[split]:
-        x, y = rng.sample(world.towns, 2)
-        attribute = rng.choice(ATTRIBUTES)
-        a, b = rng.randint(MIN_VALUE, MAX_VALUE), rng.randint(MIN_VALUE, MAX_VALUE)
-        (p, pa), (q, qb) = sorted([(x, a), (y, b)])
-        key = (p, q, attribute, pa, qb)
-        if key in seen or _hash_split(world, "arithmetic", key) != split:
-            continue
-        seen.add(key)
-        out.append(_sum_instance("arithmetic", f"arithmetic/{x}/{a}/{y}/{b}/{attribute}",
-                                 hypothetical_question(attribute, x, a, y, b), attribute, x, a, y, b))
+    for a, b in pairs:
+        steps = arithmetic_steps(a, b)
+        for t in range(len(ARITHMETIC_QUESTIONS)):
+            out.append(TaskInstance(id=f"arithmetic/{a}/{b}/{t}", query=arithmetic_question(a, b, t),
+                                    reference=str(a + b), task="arithmetic",
+                                    meta={"steps": steps, "solution": answer_text(steps)}))
     return out
 
 

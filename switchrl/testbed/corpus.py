@@ -8,7 +8,8 @@ half of them headed by the literal question. Sums appear only for :attr:`World.s
 pretrained model follows the answer format yet stays weak at arithmetic.
 
 SFT teaches the one answer format on true facts of the finetuning subset only, plus hypothetical
-problems over every town name (so the finetuned model can copy any name from the question).
+problems over every town name (so the finetuned model can copy any name from the question) and
+direct sums (``How many is 6 plus 2 ?``) from the arithmetic task's train split.
 DPO prefers correct arithmetic and the full format over wrong sums and truncated answers.
 """
 
@@ -21,9 +22,13 @@ from collections.abc import Iterator
 from switchrl.tasks.base import TaskInstance
 from switchrl.tasks.testbed import make_tasks
 from switchrl.testbed.world import (
+    ARITHMETIC_QUESTIONS,
     ATTRIBUTES,
+    MAX_VALUE,
+    MIN_VALUE,
     World,
     answer_text,
+    hypothetical_question,
     recall_question,
     recall_steps,
     sum_question,
@@ -49,12 +54,13 @@ ARITHMETIC_SHARE = 0.08
 QUESTION_HEADED_SHARE = 0.5  # answer-shaped passages headed by "Q: ... A:"
 # SFT mix
 HYPOTHETICAL_SHARE = 0.25
+DIRECT_SUM_SHARE = 0.15
 
 
 def template_words() -> set[str]:
     """Every fixed word the corpus and the answer format use (placeholders removed)."""
     words = set(FORMAT_WORDS)
-    for t in (*INTRO_TEMPLATES, *FACT_TEMPLATES, *ARITHMETIC_TEMPLATES):
+    for t in (*INTRO_TEMPLATES, *FACT_TEMPLATES, *ARITHMETIC_TEMPLATES, *ARITHMETIC_QUESTIONS):
         words.update(re.sub(r"\{\w+\}", " ", t).split())
     return words
 
@@ -124,15 +130,26 @@ def _true_fact_question(world: World, rng: random.Random) -> tuple[str, list[str
     return sum_question(attribute, x, y), sum_steps(attribute, x, a, y, b), True
 
 
+def _hypothetical_question(world: World, rng: random.Random) -> tuple[str, list[str], bool]:
+    """A sum problem over any two town names with made-up counts (teaches copying any name)."""
+    attribute = rng.choice(ATTRIBUTES)
+    x, y = rng.sample(world.towns, 2)
+    a, b = rng.randint(MIN_VALUE, MAX_VALUE), rng.randint(MIN_VALUE, MAX_VALUE)
+    return hypothetical_question(attribute, x, a, y, b), sum_steps(attribute, x, a, y, b), True
+
+
 def _questions(world: World, n: int, stream: str) -> list[tuple[str, list[str], bool]]:
-    """``n`` (query, steps, is_sum) triples: true facts of the subset, and hypothetical problems
-    drawn from the arithmetic task's train split (never its validation or test questions)."""
+    """``n`` (query, steps, is_sum) triples: true facts of the finetuning subset, hypothetical problems
+    over all names, and direct sums from the arithmetic task's train split (never its held-out pairs)."""
     rng = random.Random(derive_seed(world.seed, stream))
-    hypothetical: list[TaskInstance] = make_tasks(world, "arithmetic", "train")
+    direct: list[TaskInstance] = make_tasks(world, "arithmetic", "train")
     out = []
     for _ in range(n):
-        if rng.random() < HYPOTHETICAL_SHARE:
-            inst = rng.choice(hypothetical)
+        r = rng.random()
+        if r < HYPOTHETICAL_SHARE:
+            out.append(_hypothetical_question(world, rng))
+        elif r < HYPOTHETICAL_SHARE + DIRECT_SUM_SHARE:
+            inst = rng.choice(direct)
             out.append((inst.query, inst.meta["steps"], True))
         else:
             out.append(_true_fact_question(world, rng))
@@ -152,8 +169,8 @@ def _rejected(steps: list[str], is_sum: bool, rng: random.Random) -> str:
         wrong = max(2, s + rng.choice([-3, -2, -1, 1, 2, 3]))
         if wrong == s:
             wrong = s + 1
-        a_b = steps[2].split(" = ")[0]
-        return answer_text([*steps[:2], f"{a_b} = {wrong} .", f"The answer is {wrong} ."])
+        a_b = steps[-2].split(" = ")[0]
+        return answer_text([*steps[:-2], f"{a_b} = {wrong} .", f"The answer is {wrong} ."])
     return answer_text(steps[:-1]) if rng.random() < 0.5 else steps[-1].split()[-2] + " ."
 
 

@@ -55,6 +55,18 @@ def hypothetical_question(attribute: str, town_a: str, a: int, town_b: str, b: i
             + sum_question(attribute, town_a, town_b))
 
 
+ARITHMETIC_QUESTIONS = ("How many is {a} plus {b} ?", "How many is {a} + {b} ?", "How many is the sum of {a} and {b} ?")
+
+
+def arithmetic_question(a: int, b: int, template: int = 0) -> str:
+    return ARITHMETIC_QUESTIONS[template].format(a=a, b=b)
+
+
+def arithmetic_steps(a: int, b: int) -> list[str]:
+    """The steps of a direct sum: the equation, then the final answer."""
+    return [f"{a} + {b} = {a + b} .", f"The answer is {a + b} ."]
+
+
 def recall_steps(attribute: str, town: str, value: int) -> list[str]:
     """The reasoning steps of a recall answer: the fact, then the final answer."""
     return [fact_sentence(attribute, town, value), f"The answer is {value} ."]
