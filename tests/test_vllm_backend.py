@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from switchrl.backends import CandidatePool, SamplingParams, Trace
 from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm, load_tokenizer
@@ -98,12 +99,22 @@ def test_engine_must_generate_and_missing_vllm_is_clear(tiny_family, monkeypatch
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
-def test_real_vllm_engine_matches_transformers(tiny_family):
-    llama = tiny_family[0]
-    engine = VLLMBackend.from_pretrained("c0", str(llama), dtype="float32", sampling=GREEDY,
+def test_real_vllm_engine_matches_transformers(tmp_path, word_tokenizer):
+    # vLLM's CPU attention kernels need head_dim >= 32 (the shared tiny family has head_dim 8)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(word_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      bos_token_id=word_tokenizer.bos_token_id, eos_token_id=word_tokenizer.eos_token_id,
+                      pad_token_id=word_tokenizer.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    word_tokenizer.save_pretrained(tmp_path)
+    engine = VLLMBackend.from_pretrained("c0", str(tmp_path), dtype="float32", sampling=GREEDY,
                                          engine_kwargs=dict(max_model_len=256))
-    local = TransformersBackend.from_pretrained("c0", str(llama), dtype="float32", sampling=GREEDY)
+    local = TransformersBackend.from_pretrained("c0", str(tmp_path), dtype="float32", sampling=GREEDY)
     traces = [Trace(key=f"q{i}", query=q, max_new_tokens=12) for i, q in enumerate(QUERIES)]
-    got = engine.write_patches(traces, 0, 6, seed=0)
-    want = local.write_patches(traces, 0, 6, seed=0)
-    assert [p.token_ids for p in got] == [p.token_ids for p in want]
+    for _ in range(2):  # the second patch re-sends the first as prompt: a prefix-cache hit
+        got = engine.write_patches(traces, 0, 6, seed=0)
+        want = local.write_patches(traces, 0, 6, seed=0)
+        assert [(p.token_ids, p.text, p.stop_reason) for p in got] == [(p.token_ids, p.text, p.stop_reason) for p in want]
+        for t, p in zip(traces, want):
+            t.patches.append(p)
