@@ -48,3 +48,22 @@ def test_utilities_are_means_of_k_scored_finishes(pool):
         assert u.utilities[i] == pytest.approx(sum(u.scores[i]) / 4)
         assert all(r.startswith(state.text) for r in u.responses[i])
     assert len(state.patches) == 1  # the state itself is untouched
+
+
+def test_identical_next_patches_share_their_finishes(tiny_family):
+    """Two copies of one checkpoint write the same patches: they share k finishes (half the scoring)."""
+    backends = [TransformersBackend.from_pretrained(f"c{i}", str(tiny_family[0]), sampling=SamplingParams(temperature=0))
+                for i in range(2)]
+    pool = CandidatePool(backends, patch_tokens=2, seed=0)
+    calls = []
+
+    def scorer(query, response, reference, **meta):
+        calls.append(response)
+        return 1.0
+
+    state = Trace(key="s", query="the town", max_new_tokens=6)
+    (shared,) = estimate_utilities(pool, [state], ["x"], scorer, k=3)
+    assert len(calls) == 3 and shared.counts == [3, 3] and shared.responses[0] == shared.responses[1]
+    calls.clear()
+    (separate,) = estimate_utilities(pool, [state], ["x"], scorer, k=3, share_identical=False)
+    assert len(calls) == 6 and separate.counts == [3, 3]

@@ -90,12 +90,18 @@ def estimate_utilities(
     k: int = 32,
     finisher: SwitchPolicy | None = None,
     metas: Sequence[dict] | None = None,
+    share_identical: bool | None = None,
 ) -> list[StateUtilities]:
     """The paper's simulated rollouts: for each state and candidate c_i, c_i writes the next patch,
     then k finishes by ``finisher`` (random switching by default) are scored; s_i = mean score.
 
     All |states| x |C| x k finishes run as batched pool calls; each finish forks the KV cache of
     its parent state, so the shared prefix is read once per candidate. ``states`` are not modified.
+
+    When candidates write the very same next patch, their continuations are the same state for a
+    finisher that ignores who wrote what (random switching), so those candidates share one set of
+    k finishes (``share_identical``; the default for :class:`RandomSwitcher`). At most states all
+    candidates agree, so this is where most of the compute goes otherwise.
     """
     if k <= 0:
         raise ValueError(f"k must be > 0, got {k}")
@@ -103,6 +109,8 @@ def estimate_utilities(
         raise ValueError("one reference per state is required")
     n = len(pool)
     finisher = finisher or RandomSwitcher(n, seed=pool.seed)
+    if share_identical is None:
+        share_identical = isinstance(finisher, RandomSwitcher)
     metas = metas or [{} for _ in states]
 
     # 1. every candidate writes the next patch of every state (one batched call per candidate)
@@ -111,27 +119,40 @@ def estimate_utilities(
         pool.fork(s.key, [f"{s.key}/c{i}" for i in range(n)])
     pool.step(children, [i for _ in states for i in range(n)])
 
-    # 2. each child is finished k times
-    finishes: list[Trace] = []
-    for child in children:
+    # 2. each distinct child is finished k times
+    source: list[int] = []  # child -> the child whose finishes it uses
+    for si in range(len(states)):
+        seen: dict[tuple, int] = {}
+        for ci in range(si * n, (si + 1) * n):
+            p = children[ci].patches[-1]
+            sig = (tuple(p.token_ids), p.stop_reason, p.vocab) if share_identical else (ci,)
+            source.append(seen.setdefault(sig, ci))
+    distinct = sorted(set(source))
+    finishes: dict[int, list[Trace]] = {}
+    for ci in distinct:
+        child = children[ci]
         keys = [f"{child.key}/f{j}" for j in range(k)]
         pool.fork(child.key, keys)
-        finishes.extend(child.fork(key) for key in keys)
+        finishes[ci] = [child.fork(key) for key in keys]
     pool.release([c.key for c in children])
-    advance(pool, finisher, finishes)
-    pool.release([f.key for f in finishes])
+    flat = [f for ci in distinct for f in finishes[ci]]
+    advance(pool, finisher, flat)
+    pool.release([f.key for f in flat])
 
-    # 3. score and average
+    # 3. score (each distinct finish once) and average
+    scored: dict[int, list[ScoreResult]] = {}
+    for ci in distinct:
+        si = ci // n
+        block = finishes[ci]
+        scored[ci] = safe_score_batch(scorer, [states[si].query] * k, [f.text for f in block],
+                                      [references[si]] * k, [metas[si]] * k)
     results: list[StateUtilities] = []
-    for si, state in enumerate(states):
-        block = finishes[si * n * k:(si + 1) * n * k]
-        scored: list[ScoreResult] = safe_score_batch(
-            scorer, [state.query] * len(block), [f.text for f in block], [references[si]] * len(block),
-            [metas[si]] * len(block))
+    for si in range(len(states)):
+        rows = [source[ci] for ci in range(si * n, (si + 1) * n)]
         results.append(StateUtilities(
             next_patches=[children[si * n + i].patches[-1] for i in range(n)],
-            scores=[[r.value for r in scored[i * k:(i + 1) * k]] for i in range(n)],
-            failures=[[r.error for r in scored[i * k:(i + 1) * k] if r.failed] for i in range(n)],
-            responses=[[f.text for f in block[i * k:(i + 1) * k]] for i in range(n)],
+            scores=[[r.value for r in scored[ci]] for ci in rows],
+            failures=[[r.error for r in scored[ci] if r.failed] for ci in rows],
+            responses=[[f.text for f in finishes[ci]] for ci in rows],
         ))
     return results
