@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import threading
+import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from switchrl.backends import CandidatePool, SamplingParams, Trace, build_backend
 from switchrl.backends.openai_backend import OpenAIBackend, ServerError
@@ -155,3 +160,51 @@ def test_build_backend_and_config_errors(serve, tiny_family):
         build_backend(cfg.model_copy(update={"base_url": None}))
     with pytest.raises(ValueError, match="base_url must start with http"):
         OpenAIBackend("c0", "127.0.0.1:8000", "tiny", backend.tokenizer)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SWITCHRL_VLLM_PYTHON"),
+                    reason="set SWITCHRL_VLLM_PYTHON to a python with vLLM (e.g. /work/venv-vllm/bin/python)")
+def test_against_a_real_vllm_server(tmp_path, word_tokenizer):
+    """The vLLM OpenAI server (started from SWITCHRL_VLLM_PYTHON) writes what the local candidate writes."""
+    torch.manual_seed(0)  # vLLM's CPU attention needs head_dim >= 32
+    cfg = LlamaConfig(vocab_size=len(word_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      bos_token_id=word_tokenizer.bos_token_id, eos_token_id=word_tokenizer.eos_token_id,
+                      pad_token_id=word_tokenizer.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    word_tokenizer.save_pretrained(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [os.environ["SWITCHRL_VLLM_PYTHON"], "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path),
+           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", "256", "--enable-prefix-caching"]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, "the vLLM server exited during startup"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the vLLM server did not start within 600 s"
+                time.sleep(2)
+        url, greedy = f"http://127.0.0.1:{port}/v1", SamplingParams(temperature=0)
+        remote = OpenAIBackend.from_pretrained("c0", str(tmp_path), url, "tiny", sampling=greedy)
+        local = TransformersBackend.from_pretrained("c0", str(tmp_path), dtype="float32", sampling=greedy)
+        traces = [Trace(key=f"q{i}", query=q, max_new_tokens=12) for i, q in enumerate(QUERIES)]
+        for _ in range(2):
+            got, want = remote.write_patches(traces, 0, 6, seed=0), local.write_patches(traces, 0, 6, seed=0)
+            assert [(p.token_ids, p.text) for p in got] == [(p.token_ids, p.text) for p in want]
+            for t, p in zip(traces, want):
+                t.patches.append(p)
+        sampler = OpenAIBackend.from_pretrained("c0", str(tmp_path), url, "tiny", sampling=SamplingParams(1.0, 0.9))
+        fresh = [Trace(key=f"q{i}", query=q, max_new_tokens=12) for i, q in enumerate(QUERIES)]
+        first, again = (sampler.write_patches(fresh, 0, 6, seed=1) for _ in range(2))
+        assert [p.token_ids for p in first] == [p.token_ids for p in again]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
