@@ -4,8 +4,8 @@ Every benchmark builds random-weight Llama models from a config (``--arch tiny|1
 downloaded), runs the compared paths in the same process on the same inputs, and prints one JSON
 line per measurement with the ratio measured in that run. EOS is unreachable (the tokenizer's EOS id
 lies outside the model's vocabulary), so every response uses its whole token budget and paths are
-compared on equal work. Greedy decoding is used throughout, so the compared paths must write the
-same tokens; each line reports the fraction of responses that matched.
+compared on equal work. Greedy decoding is used throughout; ``switch_vs_reencode`` reports the
+fraction of responses on which both paths wrote the same tokens (``same_tokens``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from switchrl.backends.base import SamplingParams, Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.backends.transformers_backend import TransformersBackend, resolve_device, resolve_dtype
 from switchrl.envs.rollout import estimate_utilities, run_switch_generation
+from switchrl.policies.base import SwitchPolicy
 from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher
 from switchrl.utils.seeding import derive_seed, generator
 
@@ -148,7 +149,7 @@ def _emit(record: dict, out: Callable[[str], None]) -> dict:
     return record
 
 
-def _run(pool: CandidatePool, policy, queries: Sequence[str], max_new_tokens: int, tag: str) -> list[Trace]:
+def _run(pool: CandidatePool, policy: SwitchPolicy, queries: Sequence[str], max_new_tokens: int, tag: str) -> list[Trace]:
     keys = [f"{tag}/q{i}" for i in range(len(queries))]
     return run_switch_generation(pool, policy, queries, max_new_tokens, keys=keys, batch_size=len(queries))
 
