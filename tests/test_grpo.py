@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from switchrl.config import CandidateConfig, GenerationConfig, TaskSourceConfig
-from switchrl.run_config import RunConfig
+from switchrl.run_config import RLSection, RunConfig
 from switchrl.trainers.grpo import restricted_head, train_grpo
-from switchrl.run_config import RLSection
 from switchrl.trainers.rl import build_switcher, nucleus_logprob, prepare, sample_episodes, train
 
 QUERIES = [("one two three", "four"), ("red blue green", "town"), ("the river bridge", "park"),
