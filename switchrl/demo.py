@@ -11,6 +11,7 @@ import yaml
 
 from switchrl.config import parse
 from switchrl.run_config import RunConfig
+from switchrl.utils.threads import torch_threads
 
 
 def demo_config(seed: int, out: str | Path, n: int, quick: bool = False) -> RunConfig:
@@ -23,8 +24,8 @@ def demo_config(seed: int, out: str | Path, n: int, quick: bool = False) -> RunC
     data["eval"]["out_dir"] = str(out / "eval")
     data["eval"]["limit"] = n
     if quick:
-        data["simulate"].update(limit=8, k=4)
-        data["sft"].update(max_steps=4)
+        data["simulate"].update(limit=6, k=4)
+        data["sft"].update(max_steps=4, drop_all_equal=False)
     return parse(RunConfig, data, "switchrl/configs/demo.yaml")
 
 
@@ -40,13 +41,14 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", n: int = 200, quick: 
     config = demo_config(seed, out, n, quick)
     resolved = ResolvedRun(config)  # builds (or reuses) the family
     times["testbed"] = time.perf_counter() - start
-    for name, step in (("simulate", lambda: simulate(config)), ("sft", lambda: train_sft(config)),
-                       ("eval", lambda: evaluate(resolved))):
-        t = time.perf_counter()
-        result = step()
-        times[name] = time.perf_counter() - t
-        if name == "simulate":
-            print("simulated states:", json.dumps(summarize(result.records())))
+    with torch_threads(1):
+        for name, step in (("simulate", lambda: simulate(config)), ("sft", lambda: train_sft(config)),
+                           ("eval", lambda: evaluate(resolved))):
+            t = time.perf_counter()
+            result = step()
+            times[name] = time.perf_counter() - t
+            if name == "simulate":
+                print("simulated states:", json.dumps(summarize(result.records())))
     report = write_report(Path(out) / "eval")
     print()
     print(result.table)

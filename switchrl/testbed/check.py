@@ -11,7 +11,6 @@ import random
 import time
 from collections.abc import Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from switchrl.backends.base import Trace
@@ -24,6 +23,7 @@ from switchrl.tasks.base import TaskInstance
 from switchrl.tasks.testbed import TASKS
 from switchrl.testbed.family import TestbedFamily
 from switchrl.utils.seeding import derive_seed
+from switchrl.utils.threads import torch_threads
 
 _CHUNK = 20  # traces per batched call of the expensive policies (bounds KV-cache memory)
 
@@ -112,9 +112,7 @@ def check_family(family: TestbedFamily, n: int = 300, n_label: int = 60, k: int 
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         gen = family.generation_config()
         pool = CandidatePool.from_configs(family.candidate_configs(temperature=0.0),
                                           patch_tokens=gen.patch_tokens, seed=family.seed)
@@ -184,8 +182,6 @@ def check_family(family: TestbedFamily, n: int = 300, n_label: int = 60, k: int 
         label_scores = _score(exact, label_insts, run(label, label_insts, "label", batch_size=_CHUNK))
         best_name = max(names, key=lambda c: sum(single_scores[c][:n_label]))
         best_on_label = _pct(single_scores[best_name][:n_label])
-    finally:
-        torch.set_num_threads(threads)
 
     best_single = max(single["compositional"].values())
     metrics = {

@@ -9,8 +9,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from switchrl.config import CandidateConfig, GenerationConfig
 from switchrl.errors import CheckpointError
 from switchrl.rewards.base import Scorer
@@ -20,6 +18,7 @@ from switchrl.testbed import stages
 from switchrl.testbed.corpus import PROMPT_TEMPLATE
 from switchrl.testbed.tokenizer import LABEL_TOKENS, build_tokenizer
 from switchrl.testbed.world import World
+from switchrl.utils.threads import torch_threads
 
 STAGES = ("pretrained", "finetuned", "aligned")
 MARKER = "testbed.json"
@@ -89,7 +88,7 @@ class TestbedFamily:
         return cls(root=root, seed=int(info["seed"]), build_seconds=info.get("build_seconds", {}),
                    label_tokens=list(info.get("label_tokens", LABEL_TOKENS)))
 
-    def candidate_configs(self, temperature: float = 1.0, top_p: float = 1.0) -> list[CandidateConfig]:
+    def candidate_configs(self, temperature: float = 0.0, top_p: float = 1.0) -> list[CandidateConfig]:
         """The three checkpoints as candidates, sharing one prompt template and one EOS rule."""
         return [CandidateConfig(name=name, path=str(path), temperature=temperature, top_p=top_p,
                                 prompt_template=PROMPT_TEMPLATE, eos_after=EOS_AFTER, dtype="float32")
@@ -126,10 +125,8 @@ def build_family(seed: int = 0, out: str | Path | None = None, progress: bool = 
     world = World(seed)
     tokenizer = build_tokenizer(world)
     family = TestbedFamily(root=root, seed=seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # at this size extra threads gain little and thrash on a shared CPU (10x slower)
     seconds: dict[str, float] = {}
-    try:
+    with torch_threads(1):
         for name, run in (
             ("pretrained", lambda: stages.pretrain(world, tokenizer, family.pretrained, settings, progress)),
             ("finetuned", lambda: stages.finetune(world, tokenizer, family.pretrained, family.finetuned,
@@ -142,8 +139,6 @@ def build_family(seed: int = 0, out: str | Path | None = None, progress: bool = 
             start = time.perf_counter()
             run()
             seconds[name] = round(time.perf_counter() - start, 1)
-    finally:
-        torch.set_num_threads(threads)
     info = {"format_version": FORMAT_VERSION, "seed": seed, "build_seconds": seconds,
             "label_tokens": list(LABEL_TOKENS), "patch_tokens": PATCH_TOKENS, "settings": asdict(settings)}
     tmp = root / f".{MARKER}.tmp"
