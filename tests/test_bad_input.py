@@ -67,3 +67,9 @@ def test_config_needs_candidates(tmp_path):
     bad.write_text("generation: {patch_tokens: 3}\n")
     with pytest.raises(ConfigError, match="either 'candidates'"):
         load_run_config(bad)
+
+
+def test_hub_id_without_cache_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="not a local directory"):
+        CandidatePool.from_configs([CandidateConfig(name="a", path="no-such-org/no-such-model")])

@@ -52,23 +52,31 @@ def eos_ids(tokenizer: PreTrainedTokenizerBase, generation_config: object | None
     return frozenset(ids)
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    if not Path(path).exists():
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_checkpoint(path: str) -> None:
+    """A local directory, or a Hugging Face Hub id (``org/name``, resolved from the hub cache)."""
+    if not Path(path).exists() and not _HUB_ID.match(path):
         raise CheckpointError(f"checkpoint path does not exist: {path}")
+
+
+def _load(what: str, loader, path: str, **kwargs):
+    check_checkpoint(path)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return loader(path, **kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised with the path named
-        raise CheckpointError(f"cannot load a tokenizer from {path}: {err}") from err
+        where = "" if Path(path).exists() else " (not a local directory; as a hub id it needs the hub cache or network)"
+        raise CheckpointError(f"cannot load {what} from {path}{where}: {err}") from err
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    return _load("a tokenizer", AutoTokenizer.from_pretrained, path)
 
 
 def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu") -> torch.nn.Module:
-    if not Path(path).exists():
-        raise CheckpointError(f"checkpoint path does not exist: {path}")
     device = resolve_device(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"cannot load a causal LM from {path}: {err}") from err
+    model = _load("a causal LM", AutoModelForCausalLM.from_pretrained, path, dtype=resolve_dtype(dtype, device))
     return model.to(device).eval()
 
 
