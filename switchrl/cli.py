@@ -26,7 +26,8 @@ def _cmd_testbed(args: argparse.Namespace) -> int:
 
     family = build_family(seed=args.seed, out=args.out, force=getattr(args, "force", False))
     if args.testbed_cmd == "build":
-        print(f"testbed family (seed {family.seed}) at {family.root}")
+        took = ", ".join(f"{k} {v:.0f} s" for k, v in family.build_seconds.items()) or "reused"
+        print(f"testbed family (seed {family.seed}) at {family.root} ({took})")
         return 0
     metrics = check_family(family, n=args.n, n_label=args.n_label, k=args.k)
     print(format_check(metrics))
