@@ -21,7 +21,8 @@ WORDS = ("the a of in is and to it was on for as with by at from this that he sh
 
 
 def make_word_tokenizer(words=WORDS, extra=()) -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *words, *extra])}
+    tokens = list(dict.fromkeys(["<pad>", "<bos>", "<eos>", "<unk>", *words, *extra]))  # unique, in order
+    vocab = {w: i for i, w in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
@@ -60,3 +61,13 @@ def tiny_family(tmp_path_factory, word_tokenizer) -> list[Path]:
     root = tmp_path_factory.mktemp("tiny_family")
     return [save_tiny_model(root / f"m{i}", arch, word_tokenizer, seed=i)
             for i, arch in enumerate(["llama", "gpt2", "llama"])]
+
+
+def make_pool(paths, patch_tokens: int = 2, seed: int = 0, temperature: float = 1.0):
+    """A candidate pool over checkpoint ``paths`` named c0, c1, ..."""
+    from switchrl.backends import CandidatePool, SamplingParams
+    from switchrl.backends.transformers_backend import TransformersBackend
+
+    backends = [TransformersBackend.from_pretrained(f"c{i}", str(p), sampling=SamplingParams(temperature=temperature))
+                for i, p in enumerate(paths)]
+    return CandidatePool(backends, patch_tokens=patch_tokens, seed=seed)

@@ -8,13 +8,12 @@ import pytest
 import yaml
 from gymnasium.utils.env_checker import check_env
 
-from switchrl.backends import CandidatePool, SamplingParams
-from switchrl.backends.transformers_backend import TransformersBackend
 from switchrl.config import GenerationConfig
 from switchrl.envs import ENV_ID, FeatureObservation, SwitchEnv, SwitchEnvConfig
 from switchrl.envs.switch_env import ObservationLayout, coerce_config
 from switchrl.errors import ConfigError
 from switchrl.tasks.base import TaskInstance
+from tests.conftest import make_pool
 
 TASKS = [TaskInstance(id=f"t{i}", query=q, reference=r)
          for i, (q, r) in enumerate([("the town", "river"), ("one two", "three"), ("a red river", "bridge")])]
@@ -26,9 +25,7 @@ def words_overlap(query, response, reference, **meta):
 
 @pytest.fixture(scope="module")
 def pool(tiny_family):
-    backends = [TransformersBackend.from_pretrained(f"c{i}", str(p), sampling=SamplingParams(temperature=1.0))
-                for i, p in enumerate(tiny_family)]
-    return CandidatePool(backends, patch_tokens=2, seed=3)
+    return make_pool(tiny_family, patch_tokens=2, seed=3)
 
 
 def make_config(**kw) -> SwitchEnvConfig:

@@ -8,13 +8,12 @@ from switchrl.backends import CandidatePool, SamplingParams, Trace
 from switchrl.backends.transformers_backend import TransformersBackend
 from switchrl.envs.rollout import estimate_utilities, run_switch_generation
 from switchrl.policies import FixedSwitcher, RandomSwitcher
+from tests.conftest import make_pool
 
 
 @pytest.fixture()
 def pool(tiny_family):
-    backends = [TransformersBackend.from_pretrained(f"c{i}", str(p), sampling=SamplingParams(temperature=1.0))
-                for i, p in enumerate(tiny_family)]
-    return CandidatePool(backends, patch_tokens=3, seed=5)
+    return make_pool(tiny_family, patch_tokens=3, seed=5)
 
 
 def test_generation_is_independent_of_batching(pool):

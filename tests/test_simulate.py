@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from switchrl.backends import CandidatePool, SamplingParams
-from switchrl.backends.transformers_backend import TransformersBackend
 from switchrl.tasks.base import TaskInstance
 from switchrl.trainers.simulate import SimulateWorker, argmax_label, make_items
+from tests.conftest import make_pool
 
 
 @pytest.fixture()
 def pool(tiny_family):
-    backends = [TransformersBackend.from_pretrained(f"c{i}", str(p), sampling=SamplingParams(temperature=1.0))
-                for i, p in enumerate(tiny_family)]
-    return CandidatePool(backends, patch_tokens=2, seed=3)
+    return make_pool(tiny_family, patch_tokens=2, seed=3)
 
 
 def test_argmax_label_breaks_ties_by_seed_and_flags_them():

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from gymnasium.vector import AutoresetMode
 
-from switchrl.backends import CandidatePool, SamplingParams
-from switchrl.backends.transformers_backend import TransformersBackend
+from switchrl.backends import CandidatePool
 from switchrl.config import GenerationConfig
 from switchrl.envs import FeatureObservation, SwitchEnv, SwitchEnvConfig, SwitchVectorEnv
 from switchrl.errors import ConfigError
 from switchrl.tasks.base import TaskInstance
+from tests.conftest import make_pool
 
 TASKS = [TaskInstance(id=f"t{i}", query=q, reference=r)
          for i, (q, r) in enumerate([("the town", "river"), ("one two", "three"), ("a red river", "bridge")])]
@@ -23,9 +23,7 @@ def overlap(query, response, reference, **meta):
 
 @pytest.fixture(scope="module")
 def pool(tiny_family):
-    backends = [TransformersBackend.from_pretrained(f"c{i}", str(p), sampling=SamplingParams(temperature=1.0))
-                for i, p in enumerate(tiny_family)]
-    return CandidatePool(backends, patch_tokens=2, seed=3)
+    return make_pool(tiny_family, patch_tokens=2, seed=3)
 
 
 @pytest.fixture(scope="module")
