@@ -61,12 +61,17 @@ def _sum_instance(task: str, key_id: str, query: str, attribute: str, town_a: st
                         meta={"steps": steps, "solution": answer_text(steps)})
 
 
+def _shuffled_split(items: list, shares: tuple[float, float], seed: int, split: str) -> list:
+    """``split`` of ``items`` shuffled with ``seed``: the first ``shares`` go to train and validation, the rest to test."""
+    random.Random(seed).shuffle(items)
+    n_train, n_val = (round(s * len(items)) for s in shares)
+    return {"train": items[:n_train], "validation": items[n_train:n_train + n_val],
+            "test": items[n_train + n_val:]}[split]
+
+
 def recall_tasks(world: World, split: str) -> list[TaskInstance]:
-    keys = [(t, a) for t in world.outside_towns for a in ATTRIBUTES]
-    random.Random(derive_seed(world.seed, "recall-split")).shuffle(keys)
-    n_train, n_val = (round(s * len(keys)) for s in _RECALL_SHARES)
-    keys = {"train": keys[:n_train], "validation": keys[n_train:n_train + n_val],
-            "test": keys[n_train + n_val:]}[split]
+    keys = _shuffled_split([(t, a) for t in world.outside_towns for a in ATTRIBUTES], _RECALL_SHARES,
+                           derive_seed(world.seed, "recall-split"), split)
     out = []
     for town, attribute in keys:
         v = world.value(town, attribute)
@@ -95,11 +100,8 @@ def compositional_tasks(world: World, split: str) -> list[TaskInstance]:
 
 
 def arithmetic_tasks(world: World, split: str) -> list[TaskInstance]:
-    pairs = [(a, b) for a in range(MIN_VALUE, MAX_VALUE + 1) for b in range(MIN_VALUE, MAX_VALUE + 1)]
-    random.Random(derive_seed(world.seed, "arithmetic-split")).shuffle(pairs)
-    n_train, n_val = (round(s * len(pairs)) for s in _ARITHMETIC_SHARES)
-    pairs = {"train": pairs[:n_train], "validation": pairs[n_train:n_train + n_val],
-             "test": pairs[n_train + n_val:]}[split]
+    pairs = _shuffled_split([(a, b) for a in range(MIN_VALUE, MAX_VALUE + 1) for b in range(MIN_VALUE, MAX_VALUE + 1)],
+                            _ARITHMETIC_SHARES, derive_seed(world.seed, "arithmetic-split"), split)
     out = []
     for a, b in pairs:
         steps = arithmetic_steps(a, b)
