@@ -10,11 +10,15 @@ this class.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from switchrl.backends.base import SamplingParams
 
@@ -69,6 +73,9 @@ class CachedLM:
         self.model = model.eval()
         self.pad_token_id = pad_token_id
         self._entries: dict[str, _Entry] = {}
+        # a prefill needs the logits of its last position only
+        keep = "logits_to_keep" in inspect.signature(self._hf_model().forward).parameters
+        self._last_logits_only = {"logits_to_keep": 1} if keep else {}
 
     @property
     def device(self) -> torch.device:
@@ -95,6 +102,17 @@ class CachedLM:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    # ------------------------------------------------------------------ hooks for fused models
+    def _rows(self, keys: Sequence[Any]) -> Any:
+        """What the model needs to know about the rows of a batch of ``keys`` (nothing, here)."""
+        return None
+
+    def _forward(self, rows: Any, **kwargs: Any) -> Any:
+        return self.model(**kwargs)
+
+    def _hf_model(self) -> torch.nn.Module:
+        return self.model
 
     # ------------------------------------------------------------------ forward passes
     @torch.inference_mode()
@@ -133,9 +151,9 @@ class CachedLM:
             raise ValueError(f"max_new_tokens must be >= 0, got {list(max_new_tokens)}")
         if not sampling.greedy and (generators is None or len(generators) != batch):
             raise ValueError("sampling (temperature > 0) needs one generator per key")
-        state = _BatchState.start(self, keys, new_ids)
-        device = state.mask.device
         steps = max(max_new_tokens, default=0)
+        state = _BatchState.start(self, keys, new_ids, room=steps)
+        device = state.mask.device
         uniforms = None
         if not sampling.greedy and steps:
             uniforms = torch.stack([torch.rand(steps, generator=g) for g in generators]).to(device)
@@ -176,6 +194,48 @@ class CachedLM:
         return [Generation(row[:n], reason) for row, n, reason in zip(rows, lengths.tolist(), reasons)]
 
 
+class _GrowingLayer(DynamicLayer):
+    """A :class:`DynamicLayer` that writes new tokens into reserved room instead of concatenating.
+
+    ``DynamicLayer`` copies the whole cache on every decoding step (``torch.cat``); here a step
+    writes one position in place and the layer exposes a view of the filled part. The room is
+    sized for the whole call up front (``capacity``) and doubles if a call needs more.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self._k is None or end > self._k.shape[-2]:
+            room = max(end, self.capacity, 2 * (self._k.shape[-2] if self._k is not None else 0))
+            k, v = (x.new_empty((*x.shape[:-2], room, x.shape[-1])) for x in (key_states, value_states))
+            if self._k is not None:
+                k[..., :self.length, :] = self._k[..., :self.length, :]
+                v[..., :self.length, :] = self._v[..., :self.length, :]
+            self._k, self._v = k, v
+        self._k[..., self.length:end, :] = key_states
+        self._v[..., self.length:end, :] = value_states
+        self.length = end
+        self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
+        return self.keys, self.values
+
+
+class _GrowingCache(DynamicCache):
+    """A :class:`DynamicCache` of :class:`_GrowingLayer` s, optionally filled with ``layers`` [(keys, values)]."""
+
+    def __init__(self, capacity: int, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()):
+        Cache.__init__(self, layer_class_to_replicate=partial(_GrowingLayer, capacity))
+        for idx, (k, v) in enumerate(layers):
+            self.update(k, v, idx)
+
+
 def _length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     """Row indices grouped so that within a group the longest length is less than twice the shortest."""
     buckets: list[list[int]] = []
@@ -187,9 +247,12 @@ def _length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     return buckets
 
 
-def _prefill(lm: CachedLM, entries: Sequence[_Entry | None], past: Sequence[int],
-             new_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
-    """Read ``new_ids`` on top of the stored caches, left-padded; returns (mask, cache, last logits)."""
+def _prefill(lm: CachedLM, keys: Sequence[Any], entries: Sequence[_Entry | None], past: Sequence[int],
+             new_ids: Sequence[Sequence[int]], room: int) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+    """Read ``new_ids`` on top of the stored caches, left-padded; returns (mask, cache, last logits).
+
+    The cache keeps ``room`` free positions for the tokens decoded next.
+    """
     device = lm.device
     P, N, B = max(past), max(len(ids) for ids in new_ids), len(new_ids)
     mask = torch.zeros(B, P + N, dtype=torch.long)
@@ -200,7 +263,7 @@ def _prefill(lm: CachedLM, entries: Sequence[_Entry | None], past: Sequence[int]
         mask[b, P + N - len(ids):] = 1
         input_ids[b, N - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
         position_ids[b, N - len(ids):] = torch.arange(pl, pl + len(ids))
-    cache = DynamicCache()
+    layers = []
     if P > 0:
         template = next(e for e in entries if e is not None and e.length).layers
         layers = []
@@ -212,10 +275,11 @@ def _prefill(lm: CachedLM, entries: Sequence[_Entry | None], past: Sequence[int]
                     k[b, :, P - e.length:] = e.layers[li][0][0]
                     v[b, :, P - e.length:] = e.layers[li][1][0]
             layers.append((k, v))
-        cache = DynamicCache(ddp_cache_data=layers)
+    cache = _GrowingCache(P + N + room, layers)
     mask = mask.to(device)
-    out = lm.model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids.to(device),
-                   past_key_values=cache, use_cache=True)
+    out = lm._forward(lm._rows(keys), input_ids=input_ids.to(device), attention_mask=mask,
+                      position_ids=position_ids.to(device), past_key_values=cache, use_cache=True,
+                      **lm._last_logits_only)
     return mask, out.past_key_values, out.logits[:, -1, :]
 
 
@@ -227,7 +291,8 @@ class _BatchState:
         self.keys = list(keys)
 
     @classmethod
-    def start(cls, lm: CachedLM, keys: Sequence[str], new_ids: Sequence[Sequence[int]]) -> _BatchState:
+    def start(cls, lm: CachedLM, keys: Sequence[str], new_ids: Sequence[Sequence[int]], room: int = 0) -> _BatchState:
+        """Prefill ``new_ids`` on top of the stored caches, keeping ``room`` cache positions for decoding."""
         if len(keys) != len(new_ids):
             raise ValueError(f"got {len(keys)} keys but {len(new_ids)} token lists")
         if len(set(keys)) != len(keys):
@@ -235,6 +300,7 @@ class _BatchState:
         if any(len(ids) == 0 for ids in new_ids):
             raise ValueError("every trace must bring at least one new token to read")
         self = cls(lm, keys)
+        self.rows = lm._rows(keys)
         device = lm.device
         entries = [lm._entries.get(k) for k in keys]
         past = [e.length if e else 0 for e in entries]
@@ -243,7 +309,7 @@ class _BatchState:
         self.next_pos = torch.tensor(total, device=device)
         buckets = _length_buckets(n_new)
         if len(buckets) == 1:
-            self.mask, self.cache, self.logits = _prefill(lm, entries, past, new_ids)
+            self.mask, self.cache, self.logits = _prefill(lm, keys, entries, past, new_ids, room)
             return self
         # rows whose new chunks differ a lot in length are prefilled apart (no padding to the longest
         # chunk), then merged right-aligned into one decode batch of length max(past + new)
@@ -252,8 +318,8 @@ class _BatchState:
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         j = torch.arange(L, device=device)[None, :]
         for rows in buckets:
-            mask, cache, logits = _prefill(lm, [entries[r] for r in rows], [past[r] for r in rows],
-                                           [new_ids[r] for r in rows])
+            mask, cache, logits = _prefill(lm, [keys[r] for r in rows], [entries[r] for r in rows],
+                                           [past[r] for r in rows], [new_ids[r] for r in rows], 0)
             pk, nk = max(past[r] for r in rows), max(n_new[r] for r in rows)
             pb = torch.tensor([past[r] for r in rows], device=device)[:, None]
             nb = torch.tensor([n_new[r] for r in rows], device=device)[:, None]
@@ -270,15 +336,15 @@ class _BatchState:
                 index = src[:, None, :, None].expand(len(rows), layer.keys.shape[1], L, layer.keys.shape[3])
                 k_all[at] = layer.keys.gather(2, index)
                 v_all[at] = layer.values.gather(2, index)
-        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.cache = _GrowingCache(L + room, layers)
         return self
 
     def step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (``tokens`` [B]); rows not ``active`` [B] are masked out of the cache."""
         col = active.to(self.mask.dtype).unsqueeze(1)
         self.mask = torch.cat([self.mask, col], dim=1)
-        out = self.lm.model(input_ids=tokens.unsqueeze(1), attention_mask=self.mask,
-                            position_ids=self.next_pos.unsqueeze(1), past_key_values=self.cache, use_cache=True)
+        out = self.lm._forward(self.rows, input_ids=tokens.unsqueeze(1), attention_mask=self.mask,
+                               position_ids=self.next_pos.unsqueeze(1), past_key_values=self.cache, use_cache=True)
         self.next_pos = self.next_pos + col.squeeze(1)
         self.cache = out.past_key_values
         return out.logits[:, -1, :]

@@ -39,9 +39,17 @@ def build_backend(cfg: CandidateConfig) -> CandidateBackend:
 
 
 class CandidatePool:
-    """Named candidates plus the patch size; :meth:`step` runs one batched call per chosen candidate."""
+    """Named candidates plus the patch size; :meth:`step` writes one patch per trace.
 
-    def __init__(self, backends: Sequence[CandidateBackend], patch_tokens: int = 50, seed: int = 0):
+    With ``fuse`` (the default), transformers candidates that share an architecture (the
+    checkpoints of one training pipeline) are fused into one engine
+    (:class:`~switchrl.backends.transformers_backend.FusedCandidates`): a step then costs one
+    forward pass per token for all of them, however the switcher splits the batch. Other
+    candidates run one batched call each.
+    """
+
+    def __init__(self, backends: Sequence[CandidateBackend], patch_tokens: int = 50, seed: int = 0,
+                 fuse: bool = True):
         if patch_tokens <= 0:
             raise ConfigError(f"patch_tokens must be > 0, got {patch_tokens}")
         if not backends:
@@ -52,10 +60,15 @@ class CandidatePool:
         self.backends = list(backends)
         self.patch_tokens = patch_tokens
         self.seed = seed
+        if fuse:
+            from switchrl.backends.transformers_backend import fuse_backends
+
+            fuse_backends(self.backends)
 
     @classmethod
-    def from_configs(cls, configs: Sequence[CandidateConfig], patch_tokens: int = 50, seed: int = 0) -> CandidatePool:
-        return cls([build_backend(c) for c in configs], patch_tokens=patch_tokens, seed=seed)
+    def from_configs(cls, configs: Sequence[CandidateConfig], patch_tokens: int = 50, seed: int = 0,
+                     fuse: bool = True) -> CandidatePool:
+        return cls([build_backend(c) for c in configs], patch_tokens=patch_tokens, seed=seed, fuse=fuse)
 
     @property
     def names(self) -> list[str]:
@@ -73,8 +86,9 @@ class CandidatePool:
     def step(self, traces: Sequence[Trace], actions: Sequence[int]) -> list[Patch]:
         """Let candidate ``actions[i]`` write the next patch of ``traces[i]`` and append it.
 
-        Traces are grouped per candidate so each candidate runs one batched call. Returns the new
-        patches in the order of ``traces``.
+        Traces are grouped per candidate; candidates of one fused engine write their groups in one
+        call, every other candidate runs one batched call. Returns the new patches in the order of
+        ``traces``.
         """
         if len(traces) != len(actions):
             raise ValueError(f"got {len(traces)} traces but {len(actions)} actions")
@@ -86,12 +100,22 @@ class CandidatePool:
             if trace.done:
                 raise ValueError(f"trace {trace.key!r} is already finished ({trace.stop_reason})")
             groups[a].append(i)
+        calls: dict[int, list[int]] = defaultdict(list)  # one call per fused engine or unfused candidate
+        for a in groups:
+            engine = getattr(self.backends[a], "fused", None)
+            calls[id(engine) if engine is not None else -1 - a].append(a)
         out: list[Patch | None] = [None] * len(traces)
-        for a, rows in groups.items():
-            patches = self.backends[a].write_patches([traces[i] for i in rows], a, self.patch_tokens, self.seed)
-            for i, patch in zip(rows, patches):
-                out[i] = patch
-                traces[i].patches.append(patch)
+        for actions_of_call in calls.values():
+            jobs = [(self.backends[a], [traces[i] for i in groups[a]], a) for a in actions_of_call]
+            engine = getattr(jobs[0][0], "fused", None)
+            if engine is not None and len(jobs) > 1:
+                written = engine.write_patches(jobs, self.patch_tokens, self.seed)
+            else:
+                written = [b.write_patches(ts, a, self.patch_tokens, self.seed) for b, ts, a in jobs]
+            for a, patches in zip(actions_of_call, written):
+                for i, patch in zip(groups[a], patches):
+                    out[i] = patch
+                    traces[i].patches.append(patch)
         return out  # type: ignore[return-value]
 
     def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from switchrl.backends.base import Patch, SamplingParams, StopReason, Trace
-from switchrl.backends.cached_lm import CachedLM
+from switchrl.backends.cached_lm import CachedLM, Generation
+from switchrl.backends.fused import (
+    CandidateView,
+    FusedCachedLM,
+    NotFusable,
+    architecture_signature,
+    fuse_models,
+)
 from switchrl.errors import CheckpointError
 from switchrl.utils.seeding import derive_seed, generator
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
 _DETOK_WINDOW = 16  # tokens of left context used to detokenize a patch (keeps word boundaries)
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> str:
@@ -203,6 +213,21 @@ class TokenizedCandidate:
             self._views.pop(key, None)
 
 
+RowCallback = Callable[[int, list[int]], bool]
+
+
+@dataclass
+class _PatchRequest:
+    """One candidate's share of a generate call: its rows, their new tokens, limits and callbacks."""
+
+    keys: list[str]
+    new_ids: list[list[int]]
+    limits: list[int]
+    generators: list[torch.Generator] | None
+    should_stop: RowCallback | None
+    may_stop: RowCallback | None
+
+
 class TransformersBackend(TokenizedCandidate):
     """Writes patches for a batch of traces with one batched forward pass per token.
 
@@ -225,7 +250,8 @@ class TransformersBackend(TokenizedCandidate):
         super().__init__(name, tokenizer, sampling, chat_template, prompt_template, stop_strings,
                          getattr(model, "generation_config", None))
         self.eos_after = re.compile(eos_after) if eos_after else None
-        self.lm = CachedLM(model, pad_token_id=self.pad_token_id)
+        self.lm: CachedLM | CandidateView = CachedLM(model, pad_token_id=self.pad_token_id)
+        self.fused: FusedCandidates | None = None  # set when this candidate joins a fused engine
 
     @classmethod
     def from_pretrained(cls, name: str, path: str, dtype: str = "auto", device: str = "cpu",
@@ -234,10 +260,20 @@ class TransformersBackend(TokenizedCandidate):
         return cls(name, load_causal_lm(path, dtype, device), tokenizer, **kwargs)
 
     def write_patches(self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int) -> list[Patch]:
-        limits = self._patch_limits(traces, patch_tokens)
         if not traces:
+            self._patch_limits(traces, patch_tokens)
             return []
         start = time.perf_counter()
+        request = self._request(traces, patch_tokens, seed)
+        results = self.lm.generate(request.keys, request.new_ids, request.limits, self.sampling, request.generators,
+                                   stop_ids=self.stop_ids, should_stop=request.should_stop,
+                                   may_stop=request.may_stop)
+        seconds = (time.perf_counter() - start) / len(traces)
+        return self._patches(traces, author, results, seconds)
+
+    def _request(self, traces: Sequence[Trace], patch_tokens: int, seed: int) -> _PatchRequest:
+        """What :meth:`CachedLM.generate` needs to write the next patch of each of ``traces``."""
+        limits = self._patch_limits(traces, patch_tokens)
         prompt_lens, views = zip(*(self._view(t) for t in traces))
         new = [v[self.lm.cached_length(t.key):] for v, t in zip(views, traces)]
         gens = None if self.sampling.greedy else [generator(seed, t.key, len(t.patches), self.name) for t in traces]
@@ -257,9 +293,10 @@ class TransformersBackend(TokenizedCandidate):
                     text = traces[row].text + self._continuation_text(context, toks)
                     allowed[row] = self.eos_after.search(text) is not None
                 return allowed[row]
-        results = self.lm.generate([t.key for t in traces], new, limits, self.sampling, gens,
-                                   stop_ids=self.stop_ids, should_stop=should_stop, may_stop=may_stop)
-        seconds = (time.perf_counter() - start) / len(traces)
+        return _PatchRequest([t.key for t in traces], new, limits, gens, should_stop, may_stop)
+
+    def _patches(self, traces: Sequence[Trace], author: int, results: Sequence[Generation],
+                 seconds: float) -> list[Patch]:
         return [self.patch_from_ids(t, author, res.token_ids, res.stop_reason, seconds)
                 for t, res in zip(traces, results)]
 
@@ -270,3 +307,84 @@ class TransformersBackend(TokenizedCandidate):
     def release(self, keys: Sequence[str]) -> None:
         self.lm.release(keys)
         super().release(keys)
+
+
+class FusedCandidates:
+    """Transformers candidates of one architecture that write their patches in one forward per token.
+
+    The candidates' models are fused into one :class:`~switchrl.backends.fused.FusedModel` (weights
+    stacked, nothing copied) and each backend's ``lm`` becomes its view of the shared
+    :class:`~switchrl.backends.fused.FusedCachedLM`, so a backend used on its own behaves as before,
+    while :meth:`write_patches` lets several candidates write their rows of one step together.
+    Members must agree on sampling, stop ids and padding (one generate call serves them all).
+    """
+
+    def __init__(self, backends: Sequence[TransformersBackend]):
+        first = backends[0]
+        for b in backends:
+            if b.fused is not None or not isinstance(b.lm, CachedLM):
+                raise NotFusable(f"candidate {b.name!r} is already fused")
+            if len(b.lm):
+                raise NotFusable(f"candidate {b.name!r} holds live traces")
+            for what in ("vocab", "sampling", "stop_ids", "pad_token_id"):
+                if getattr(b, what) != getattr(first, what):
+                    raise NotFusable(f"candidates {first.name!r} and {b.name!r} differ in {what}")
+        self.lm = FusedCachedLM(fuse_models([b.lm.model for b in backends]), pad_token_id=first.pad_token_id)
+        self.members = list(backends)
+        for i, b in enumerate(backends):
+            b.lm, b.fused = CandidateView(self.lm, i), self
+
+    def write_patches(self, jobs: Sequence[tuple[TransformersBackend, Sequence[Trace], int]], patch_tokens: int,
+                      seed: int) -> list[list[Patch]]:
+        """For each ``(member, traces, author)`` job, the member's patches for ``traces``: one generate call."""
+        start = time.perf_counter()
+        requests = [b._request(traces, patch_tokens, seed) for b, traces, _ in jobs]
+        index = {id(b): i for i, b in enumerate(self.members)}
+        owner = [(j, r) for j, req in enumerate(requests) for r in range(len(req.keys))]
+
+        def merged(fns: list[RowCallback | None], default: bool) -> RowCallback | None:
+            if all(fn is None for fn in fns):
+                return None
+
+            def callback(row: int, toks: list[int]) -> bool:
+                j, r = owner[row]
+                return default if fns[j] is None else fns[j](r, toks)
+            return callback
+        first = self.members[0]
+        results = self.lm.generate(
+            [(index[id(b)], key) for (b, _, _), req in zip(jobs, requests) for key in req.keys],
+            [ids for req in requests for ids in req.new_ids], [n for req in requests for n in req.limits],
+            first.sampling, None if first.sampling.greedy else [g for req in requests for g in req.generators],
+            stop_ids=first.stop_ids, should_stop=merged([req.should_stop for req in requests], False),
+            may_stop=merged([req.may_stop for req in requests], True))
+        seconds = (time.perf_counter() - start) / max(1, len(results))
+        out, at = [], 0
+        for (b, traces, author), req in zip(jobs, requests):
+            out.append(b._patches(traces, author, results[at:at + len(req.keys)], seconds))
+            at += len(req.keys)
+        return out
+
+
+def _fusion_key(b: TransformersBackend) -> tuple:
+    return (architecture_signature(b.lm.model), b.vocab, b.sampling, b.stop_ids, b.pad_token_id)
+
+
+def fuse_backends(backends: Sequence[object]) -> list[FusedCandidates]:
+    """Fuse the transformers candidates among ``backends`` that share an architecture; returns the new groups.
+
+    Candidates that cannot be fused (another architecture, a layer type :func:`fuse_models` does not
+    know, live traces) keep their own model; the reason is logged.
+    """
+    groups: dict[tuple, list[TransformersBackend]] = {}
+    for b in backends:
+        if isinstance(b, TransformersBackend) and b.fused is None and isinstance(b.lm, CachedLM):
+            groups.setdefault(_fusion_key(b), []).append(b)
+    fused = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        try:
+            fused.append(FusedCandidates(members))
+        except NotFusable as err:
+            logger.info("candidates %s run one forward pass each: %s", [b.name for b in members], err)
+    return fused

@@ -1,0 +1,365 @@
+"""One forward pass for several candidates that share an architecture.
+
+The checkpoints of one training pipeline (pretrained, finetuned, aligned) have the same
+architecture and differ only in their weights. A switcher splits a batch of traces among them, so
+with one call per candidate every token costs one forward pass per candidate, and on small models
+or small batches those passes are dominated by fixed per-call cost. :class:`FusedModel` stacks the
+candidates' weights (the originals become views of the stack: no extra memory) and runs a batch
+whose rows belong to different candidates in **one** forward pass, each row with its own weights:
+
+* ``nn.Linear``: one matmul per candidate over its own rows, which are contiguous because
+  :class:`FusedCachedLM` sorts every batch by candidate (no gather or scatter; the FLOPs of one
+  model). One matmul over all candidates' weights side by side was measured slower on CPU: it
+  multiplies the FLOPs by the number of candidates;
+* ``nn.Embedding``: one lookup in the stacked tables;
+* ``nn.LayerNorm`` and any leaf whose parameters are 1-D and act elementwise along the last
+  dimension (RMSNorm and its relatives; checked numerically when fusing): each row's parameters
+  are gathered and broadcast.
+
+Anything else (parameters on a non-leaf module, a leaf of another kind, different configs or
+buffers) makes :func:`fuse_models` raise :class:`NotFusable` with the reason; callers then keep one
+model per candidate. :class:`FusedCachedLM` is the :class:`~switchrl.backends.cached_lm.CachedLM`
+of a fused model: its caches are keyed by ``(candidate, trace key)``, and :class:`CandidateView`
+gives each candidate the plain ``CachedLM`` interface on top of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from switchrl.backends.base import SamplingParams
+from switchrl.backends.cached_lm import CachedLM, Generation
+
+_CONFIG_IGNORED = {"_name_or_path", "name_or_path", "transformers_version", "architectures", "_commit_hash"}
+
+
+class NotFusable(ValueError):
+    """These models cannot share one forward pass (the message says why)."""
+
+
+@dataclass(frozen=True)
+class RowAssignment:
+    """Which candidate each row of a batch belongs to."""
+
+    index: torch.Tensor  # [B] candidate of each row
+    groups: tuple[tuple[int, torch.Tensor], ...]  # (candidate, its rows), candidates ascending
+    arange: torch.Tensor  # [B] 0..B-1
+    slices: tuple[tuple[int, int, int], ...] | None  # (candidate, start, end) when rows are sorted by candidate
+    memo: dict = field(default_factory=dict, compare=False)  # per-row parameters gathered for this batch
+
+    @classmethod
+    def of(cls, candidates: Sequence[int], device: torch.device | str) -> RowAssignment:
+        cands = list(candidates)
+        index = torch.tensor(cands, dtype=torch.long)
+        groups = tuple((c, (index == c).nonzero().squeeze(1).to(device)) for c in sorted(set(cands)))
+        slices = None
+        if cands == sorted(cands):
+            slices = tuple((c, cands.index(c), len(cands) - cands[::-1].index(c)) for c in sorted(set(cands)))
+        return cls(index.to(device), groups, torch.arange(len(cands), device=device), slices)
+
+    @property
+    def single(self) -> int | None:
+        """The candidate of every row when there is only one, else None."""
+        return self.groups[0][0] if len(self.groups) == 1 else None
+
+
+class _Rows:
+    """The assignment of the forward pass in progress, shared by every fused layer of a model."""
+
+    current: RowAssignment | None = None
+
+    def get(self) -> RowAssignment:
+        if self.current is None:
+            raise RuntimeError("a fused layer was called outside FusedModel.forward(rows=...)")
+        return self.current
+
+
+def _by_candidate(x: torch.Tensor, rows: RowAssignment, fn: Callable[[torch.Tensor, int], torch.Tensor],
+                  out_shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """``fn(rows of candidate c, c)`` for every candidate in the batch, assembled in row order."""
+    if rows.slices is not None:
+        parts = [fn(x[s:e], c) for c, s, e in rows.slices]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    out = torch.empty(*out_shape, dtype=dtype, device=x.device)
+    for c, at in rows.groups:
+        out[at] = fn(x[at], c)
+    return out
+
+
+class FusedLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: _Rows):
+        super().__init__()
+        self.weight, self.bias, self.rows = weight, bias, rows  # [C, out, in], [C, out]
+        self._weights = weight.unbind(0)
+        self._biases = [None] * len(self._weights) if bias is None else bias.unbind(0)
+
+    def _one(self, x: torch.Tensor, c: int) -> torch.Tensor:
+        return F.linear(x, self._weights[c], self._biases[c])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _by_candidate(x, self.rows.get(), self._one, (*x.shape[:-1], self.weight.shape[1]),
+                             x.dtype)
+
+
+class FusedEmbedding(nn.Module):
+    def __init__(self, weight: torch.Tensor, rows: _Rows):
+        super().__init__()
+        self.weight, self.rows = weight, rows  # [C, V, H]
+        self._weights = weight.unbind(0)
+
+    def _one(self, ids: torch.Tensor, c: int) -> torch.Tensor:
+        return F.embedding(ids, self._weights[c])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _by_candidate(ids, self.rows.get(), self._one, (*ids.shape, self.weight.shape[-1]), self.weight.dtype)
+
+
+class FusedLayerNorm(nn.Module):
+    def __init__(self, module: nn.LayerNorm, weight: torch.Tensor | None, bias: torch.Tensor | None, rows: _Rows):
+        super().__init__()
+        self.shape, self.eps = module.normalized_shape, module.eps
+        self.weight, self.bias, self.rows = weight, bias, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.rows.get()
+        if rows.single is not None:
+            c = rows.single
+            return F.layer_norm(x, self.shape, None if self.weight is None else self.weight[c],
+                                None if self.bias is None else self.bias[c], self.eps)
+        y = F.layer_norm(x, self.shape, None, None, self.eps)
+        if self.weight is not None:
+            y = y * _per_row(self.weight, rows, x)
+        if self.bias is not None:
+            y = y + _per_row(self.bias, rows, x)
+        return y
+
+
+class BroadcastLeaf(nn.Module):
+    """A leaf whose 1-D parameters act elementwise on the last dimension (e.g. RMSNorm), fed per-row parameters."""
+
+    def __init__(self, template: nn.Module, stacked: dict[str, nn.Parameter], rows: _Rows):
+        super().__init__()
+        self.template, self.stacked, self.rows = template, nn.ParameterDict(stacked), rows
+        for name in stacked:
+            del template._parameters[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.rows.get()
+        for name, value in self.stacked.items():
+            single = rows.single
+            setattr(self.template, name, value[single] if single is not None else _per_row(value, rows, x))
+        return self.template(x)
+
+
+def _per_row(stacked: torch.Tensor, rows: RowAssignment, x: torch.Tensor) -> torch.Tensor:
+    """``stacked`` [C, D] gathered per row and shaped to broadcast against ``x`` [B, ..., D]."""
+    key = (id(stacked), x.dim())
+    if key not in rows.memo:
+        rows.memo[key] = stacked[rows.index].view(x.shape[0], *([1] * (x.dim() - 2)), stacked.shape[-1])
+    return rows.memo[key]
+
+
+def _config_dict(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    data = config.to_dict() if hasattr(config, "to_dict") else {}
+    return {k: v for k, v in data.items() if k not in _CONFIG_IGNORED}
+
+
+def architecture_signature(model: nn.Module) -> str:
+    """Equal for models that may be fused: same class, config (but its name) and parameter layout."""
+    params = [(n, tuple(p.shape), str(p.dtype), str(p.device)) for n, p in model.named_parameters(remove_duplicate=False)]
+    return json.dumps([type(model).__qualname__, _config_dict(model), params], sort_keys=True, default=str)
+
+
+def _check_same_architecture(models: Sequence[nn.Module]) -> None:
+    first = models[0]
+    signature = architecture_signature(first)
+    for i, model in enumerate(models[1:], 1):
+        if type(model) is not type(first):
+            raise NotFusable(f"model {i} is a {type(model).__name__}, model 0 a {type(first).__name__}")
+        if architecture_signature(model) != signature:
+            raise NotFusable(f"model {i} differs from model 0 in its config or in its parameters' names, "
+                             "shapes, dtypes or devices")
+        for (name, b0), (_, b) in zip(first.named_buffers(), model.named_buffers()):
+            if b0.shape != b.shape or not torch.equal(b0, b):
+                raise NotFusable(f"buffer {name!r} differs between model 0 and model {i}")
+
+
+def _check_broadcast_leaf(name: str, modules: Sequence[nn.Module], leaf: BroadcastLeaf, rows: _Rows) -> None:
+    """Raise NotFusable unless ``leaf`` computes, row by row, what each candidate's own module does."""
+    width = next(iter(leaf.stacked.values())).shape[-1]
+    ref = next(iter(leaf.stacked.values()))
+    for shape in ((len(modules), 3, width), (len(modules), 2, 3, width)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(ref.device, ref.dtype)
+        with torch.no_grad():
+            try:
+                expected = torch.cat([m(x[c:c + 1]) for c, m in enumerate(modules)])
+                rows.current = RowAssignment.of(range(len(modules)), ref.device)
+                got = leaf(x)
+            except Exception as err:  # noqa: BLE001 - any failure means "not this kind of leaf"
+                raise NotFusable(f"{name} ({type(modules[0]).__name__}) cannot run with per-row parameters: "
+                                 f"{err}") from err
+            finally:
+                rows.current = None
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):
+            raise NotFusable(f"{name} ({type(modules[0]).__name__}) does not act elementwise on its parameters")
+
+
+class FusedModel(nn.Module):
+    """Several same-architecture causal LMs as one: ``forward(rows=..., **hf_kwargs)`` runs row ``b``
+    with the weights of candidate ``rows.index[b]``. Build it with :func:`fuse_models`."""
+
+    def __init__(self, template: nn.Module, n_candidates: int, rows: _Rows):
+        super().__init__()
+        self.template, self.n_candidates, self._rows = template, n_candidates, rows
+        self.config = getattr(template, "config", None)
+
+    def forward(self, rows: RowAssignment, **kwargs: Any) -> Any:
+        self._rows.current = rows
+        try:
+            return self.template(**kwargs)
+        finally:
+            self._rows.current = None
+
+
+def fuse_models(models: Sequence[nn.Module]) -> FusedModel:
+    """Stack the weights of ``models`` (same class, config and parameter shapes) into one :class:`FusedModel`.
+
+    Each original parameter is replaced by a view of its stack, so the models stay usable and the
+    weights are stored once. Raises :class:`NotFusable` (leaving the models untouched) when the
+    models differ in architecture or contain a layer that cannot take per-row parameters.
+    """
+    if len(models) < 2:
+        raise NotFusable("fusing needs at least two models")
+    _check_same_architecture(models)
+    first = models[0]
+    rows = _Rows()
+    memo = {id(p): p for p in first.parameters()}  # deep-copy the structure, not the weights
+    template = copy.deepcopy(first, memo)
+    named = [dict(m.named_modules()) for m in models]
+    plan: list[tuple[str, Callable[[dict[str, torch.Tensor]], nn.Module]]] = []
+    for name, module in first.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        if any(True for _ in module.children()):
+            raise NotFusable(f"{name} ({type(module).__name__}) holds parameters but is not a leaf module")
+        if isinstance(module, nn.Linear):
+            plan.append((name, lambda s: FusedLinear(s["weight"], s.get("bias"), rows)))
+        elif isinstance(module, nn.Embedding):
+            plan.append((name, lambda s: FusedEmbedding(s["weight"], rows)))
+        elif isinstance(module, nn.LayerNorm):
+            plan.append((name, lambda s, m=module: FusedLayerNorm(m, s.get("weight"), s.get("bias"), rows)))
+        elif all(p.dim() == 1 for p in own.values()):
+            plan.append((name, lambda s, n=name: BroadcastLeaf(dict(template.named_modules())[n], s, rows)))
+        else:
+            raise NotFusable(f"{name} ({type(module).__name__}) is a kind of layer that cannot be fused")
+    stacks: dict[tuple[int, ...], nn.Parameter] = {}  # tied parameters share one stack
+    stack_of: dict[tuple[str, str], nn.Parameter] = {}
+    fused: dict[str, nn.Module] = {}
+    for name, build in plan:
+        per_model = [dict(n[name].named_parameters(recurse=False)) for n in named]
+        for pname in per_model[0]:
+            key = tuple(id(own[pname]) for own in per_model)
+            if key not in stacks:
+                with torch.no_grad():
+                    stacks[key] = nn.Parameter(torch.stack([own[pname].detach() for own in per_model]),
+                                               requires_grad=False)
+            stack_of[name, pname] = stacks[key]
+        fused[name] = build({pname: stack_of[name, pname] for pname in per_model[0]})
+        if isinstance(fused[name], BroadcastLeaf):
+            _check_broadcast_leaf(name, [n[name] for n in named], fused[name], rows)
+    # every check passed: point the original parameters at their stacks, then swap the template's leaves
+    views: dict[tuple[int, int], nn.Parameter] = {}
+    for name, _ in plan:
+        for c, n in enumerate(named):
+            for pname, p in list(n[name].named_parameters(recurse=False)):
+                if (id(p), c) not in views:
+                    views[id(p), c] = nn.Parameter(stack_of[name, pname][c], requires_grad=p.requires_grad)
+                setattr(n[name], pname, views[id(p), c])
+    for name, module in fused.items():
+        parent, _, child = name.rpartition(".")
+        setattr(template.get_submodule(parent) if parent else template, child, module)
+    return FusedModel(template, len(models), rows)
+
+
+class FusedCachedLM(CachedLM):
+    """A :class:`CachedLM` over a :class:`FusedModel`; keys are ``(candidate, trace key)`` pairs."""
+
+    def __init__(self, model: FusedModel, pad_token_id: int = 0):
+        super().__init__(model, pad_token_id)
+
+    def _rows(self, keys: Sequence[Any]) -> RowAssignment:
+        return RowAssignment.of([k[0] for k in keys], self.device)
+
+    def _forward(self, rows: RowAssignment, **kwargs: Any) -> Any:
+        return self.model(rows=rows, **kwargs)
+
+    def _hf_model(self) -> nn.Module:
+        return self.model.template
+
+    def generate(self, keys: Sequence[Any], new_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+                 sampling: SamplingParams, generators: Sequence[torch.Generator] | None = None,
+                 stop_ids: frozenset[int] = frozenset(),
+                 should_stop: Callable[[int, list[int]], bool] | None = None,
+                 may_stop: Callable[[int, list[int]], bool] | None = None) -> list[Generation]:
+        """:meth:`CachedLM.generate` with the rows sorted by candidate (each layer then works on slices)."""
+        order = sorted(range(len(keys)), key=lambda r: keys[r][0])
+        if order == list(range(len(keys))):
+            return super().generate(keys, new_ids, max_new_tokens, sampling, generators, stop_ids, should_stop,
+                                    may_stop)
+
+        def permuted(fn: Callable[[int, list[int]], bool] | None) -> Callable[[int, list[int]], bool] | None:
+            return None if fn is None else (lambda row, toks: fn(order[row], toks))
+        out = super().generate([keys[r] for r in order], [new_ids[r] for r in order],
+                               [max_new_tokens[r] for r in order], sampling,
+                               None if generators is None else [generators[r] for r in order],
+                               stop_ids, permuted(should_stop), permuted(may_stop))
+        result: list[Generation | None] = [None] * len(keys)
+        for r, gen in zip(order, out):
+            result[r] = gen
+        return result  # type: ignore[return-value]
+
+
+class CandidateView:
+    """Candidate ``index`` of a :class:`FusedCachedLM`, with the interface of a plain :class:`CachedLM`."""
+
+    def __init__(self, lm: FusedCachedLM, index: int):
+        self.fused, self.index = lm, index
+
+    @property
+    def model(self) -> FusedModel:
+        return self.fused.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.fused.device
+
+    def __len__(self) -> int:
+        return sum(1 for candidate, _ in self.fused._entries if candidate == self.index)
+
+    def cached_length(self, key: str) -> int:
+        return self.fused.cached_length((self.index, key))
+
+    def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
+        self.fused.fork((self.index, src_key), [(self.index, k) for k in dst_keys])
+
+    def release(self, keys: Sequence[str]) -> None:
+        self.fused.release([(self.index, k) for k in keys])
+
+    def extend(self, keys: Sequence[str], new_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        return self.fused.extend([(self.index, k) for k in keys], new_ids)
+
+    def generate(self, keys: Sequence[str], new_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+                 sampling: SamplingParams, generators: Sequence[torch.Generator] | None = None,
+                 **kwargs: Any) -> list[Generation]:
+        return self.fused.generate([(self.index, k) for k in keys], new_ids, max_new_tokens, sampling, generators,
+                                   **kwargs)
