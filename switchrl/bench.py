@@ -57,7 +57,7 @@ class BenchSetup:
 
     def queries(self, n: int, prompt_len: int, seed: int) -> list[str]:
         """``n`` prompts of exactly ``prompt_len`` tokens (BOS + words), drawn from ``seed``."""
-        vocab = self.backends[0].lm.model.config.vocab_size
+        vocab = self.backends[0].model.config.vocab_size
         g = generator(seed, "bench-queries")
         ids = torch.randint(3, vocab, (n, prompt_len - 1), generator=g)
         return [" ".join(f"w{i}" for i in row.tolist()) for row in ids]
@@ -144,6 +144,15 @@ def _match(a: Sequence[Trace], b: Sequence[Trace]) -> float:
     return round(same / max(1, len(a)), 3)
 
 
+def _tokens_read(trace: Trace, prompt_len: int) -> int:
+    """Tokens the candidates of ``trace`` prefilled: each writer reads the prompt and what others wrote before its turns."""
+    total = 0
+    for c in set(trace.authors):
+        last = max(i for i, p in enumerate(trace.patches) if p.author == c)
+        total += prompt_len + sum(len(p.token_ids) for p in trace.patches[:last] if p.author != c)
+    return total
+
+
 def _emit(record: dict, out: Callable[[str], None]) -> dict:
     out(json.dumps(record))
     return record
@@ -163,25 +172,37 @@ def switch_vs_single(setup: BenchSetup, batch_sizes: Sequence[int] = (1, 8, 32),
                  patch_tokens=patch_tokens, repeats=repeats)
     switched = CandidatePool(setup.backends, patch_tokens=patch_tokens, seed=seed)
     single = CandidatePool(setup.backends[:1], patch_tokens=max_new_tokens, seed=seed)
+    # the same weights, one forward pass per candidate (what switchrl did before fusing candidates)
+    unfused = CandidatePool([TransformersBackend(b.name, b.model, b.tokenizer, sampling=b.sampling)
+                             for b in setup.backends], patch_tokens=patch_tokens, seed=seed, fuse=False)
     policy = RandomSwitcher(len(setup.backends), seed=seed)
     warm = setup.queries(2, prompt_len, seed)
-    _run(switched, policy, warm, min(max_new_tokens, 2 * patch_tokens), "warmup")
+    for pool in (switched, unfused):
+        _run(pool, policy, warm, min(max_new_tokens, 2 * patch_tokens), "warmup")
     _run(single, FixedSwitcher(1, 0), warm, min(max_new_tokens, 2 * patch_tokens), "warmup")
     records = []
     for b in tqdm(batch_sizes, desc="switch_vs_single", unit="batch", file=sys.stderr):
         queries = setup.queries(b, prompt_len, seed)
-        (t_single, single_traces, mem_single), (t_switch, traces, mem_switch) = _compare(
+        (t_single, single_traces, mem_single), (t_switch, traces, mem_switch), (t_unfused, unfused_traces, _) = _compare(
             setup.device, repeats, partial(_run, single, FixedSwitcher(1, 0), queries, max_new_tokens, f"single{b}"),
-            partial(_run, switched, policy, queries, max_new_tokens, f"switch{b}"))
+            partial(_run, switched, policy, queries, max_new_tokens, f"switch{b}"),
+            partial(_run, unfused, policy, queries, max_new_tokens, f"switch{b}"))  # same keys: same decisions
         tok_single = sum(t.num_tokens for t in single_traces)
         tok_switch = sum(t.num_tokens for t in traces)
+        tok_unfused = sum(t.num_tokens for t in unfused_traces)
         records.append(_emit({
             "bench": "switch_vs_single", "arch": setup.arch, "device": _device_name(setup.device),
             "dtype": str(setup.dtype).removeprefix("torch."), "batch": b, "prompt_len": prompt_len,
             "max_new_tokens": max_new_tokens, "patch_tokens": patch_tokens, "candidates": len(setup.backends),
             "single_tok_s": round(tok_single / t_single, 1), "switched_tok_s": round(tok_switch / t_switch, 1),
             "ratio": round((tok_switch / t_switch) / (tok_single / t_single), 3),
+            "unfused_tok_s": round(tok_unfused / t_unfused, 1),
+            "unfused_ratio": round((tok_unfused / t_unfused) / (tok_single / t_single), 3),
+            "same_tokens_unfused": _match(traces, unfused_traces),
             "switches_per_response": round(sum(t.num_switches for t in traces) / len(traces), 2),
+            "read_tokens_per_response": {
+                "single": round(sum(_tokens_read(t, prompt_len) for t in single_traces) / b, 1),
+                "switched": round(sum(_tokens_read(t, prompt_len) for t in traces) / b, 1)},
             "repeats": repeats, "single_mem": mem_single, "switched_mem": mem_switch,
         }, out))
     return records
@@ -199,7 +220,7 @@ def reencode_generation(setup: BenchSetup, policy: RandomSwitcher, queries: Sequ
             backend = setup.backends[author]
             prefix = torch.tensor([ids], device=setup.device)
             limit = min(patch_tokens, trace.remaining_tokens)
-            gen = backend.lm.model.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=limit,
+            gen = backend.model.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=limit,
                                             min_new_tokens=limit, do_sample=False, pad_token_id=0,
                                             eos_token_id=sorted(backend.stop_ids))
             new = gen[0, prefix.shape[1]:].tolist()

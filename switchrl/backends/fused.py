@@ -54,6 +54,7 @@ class RowAssignment:
     arange: torch.Tensor  # [B] 0..B-1
     slices: tuple[tuple[int, int, int], ...] | None  # (candidate, start, end) when rows are sorted by candidate
     memo: dict = field(default_factory=dict, compare=False)  # per-row parameters gathered for this batch
+    single: int | None = field(init=False)  # the candidate of every row when there is only one
 
     @classmethod
     def of(cls, candidates: Sequence[int], device: torch.device | str) -> RowAssignment:
@@ -65,10 +66,8 @@ class RowAssignment:
             slices = tuple((c, cands.index(c), len(cands) - cands[::-1].index(c)) for c in sorted(set(cands)))
         return cls(index.to(device), groups, torch.arange(len(cands), device=device), slices)
 
-    @property
-    def single(self) -> int | None:
-        """The candidate of every row when there is only one, else None."""
-        return self.groups[0][0] if len(self.groups) == 1 else None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "single", self.groups[0][0] if len(self.groups) == 1 else None)
 
 
 class _Rows:
@@ -105,8 +104,10 @@ class FusedLinear(nn.Module):
         return F.linear(x, self._weights[c], self._biases[c])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _by_candidate(x, self.rows.get(), self._one, (*x.shape[:-1], self.weight.shape[1]),
-                             x.dtype)
+        rows = self.rows.get()
+        if rows.single is not None:
+            return F.linear(x, self._weights[rows.single], self._biases[rows.single])
+        return _by_candidate(x, rows, self._one, (*x.shape[:-1], self.weight.shape[1]), x.dtype)
 
 
 class FusedEmbedding(nn.Module):
@@ -119,7 +120,10 @@ class FusedEmbedding(nn.Module):
         return F.embedding(ids, self._weights[c])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return _by_candidate(ids, self.rows.get(), self._one, (*ids.shape, self.weight.shape[-1]), self.weight.dtype)
+        rows = self.rows.get()
+        if rows.single is not None:
+            return F.embedding(ids, self._weights[rows.single])
+        return _by_candidate(ids, rows, self._one, (*ids.shape, self.weight.shape[-1]), self.weight.dtype)
 
 
 class FusedLayerNorm(nn.Module):
@@ -148,14 +152,15 @@ class BroadcastLeaf(nn.Module):
     def __init__(self, template: nn.Module, stacked: dict[str, nn.Parameter], rows: _Rows):
         super().__init__()
         self.template, self.stacked, self.rows = template, nn.ParameterDict(stacked), rows
+        self._params = [(name, value, value.unbind(0)) for name, value in stacked.items()]
         for name in stacked:
             del template._parameters[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.rows.get()
-        for name, value in self.stacked.items():
-            single = rows.single
-            setattr(self.template, name, value[single] if single is not None else _per_row(value, rows, x))
+        slots = self.template.__dict__  # plain attributes: found before nn.Module.__getattr__ is consulted
+        for name, value, per_candidate in self._params:
+            slots[name] = per_candidate[rows.single] if rows.single is not None else _per_row(value, rows, x)
         return self.template(x)
 
 

@@ -250,6 +250,7 @@ class TransformersBackend(TokenizedCandidate):
         super().__init__(name, tokenizer, sampling, chat_template, prompt_template, stop_strings,
                          getattr(model, "generation_config", None))
         self.eos_after = re.compile(eos_after) if eos_after else None
+        self.model = model  # this candidate's own model (its weights become views of a fused stack when fused)
         self.lm: CachedLM | CandidateView = CachedLM(model, pad_token_id=self.pad_token_id)
         self.fused: FusedCandidates | None = None  # set when this candidate joins a fused engine
 
@@ -329,7 +330,7 @@ class FusedCandidates:
             for what in ("vocab", "sampling", "stop_ids", "pad_token_id"):
                 if getattr(b, what) != getattr(first, what):
                     raise NotFusable(f"candidates {first.name!r} and {b.name!r} differ in {what}")
-        self.lm = FusedCachedLM(fuse_models([b.lm.model for b in backends]), pad_token_id=first.pad_token_id)
+        self.lm = FusedCachedLM(fuse_models([b.model for b in backends]), pad_token_id=first.pad_token_id)
         self.members = list(backends)
         for i, b in enumerate(backends):
             b.lm, b.fused = CandidateView(self.lm, i), self
@@ -366,7 +367,7 @@ class FusedCandidates:
 
 
 def _fusion_key(b: TransformersBackend) -> tuple:
-    return (architecture_signature(b.lm.model), b.vocab, b.sampling, b.stop_ids, b.pad_token_id)
+    return (architecture_signature(b.model), b.vocab, b.sampling, b.stop_ids, b.pad_token_id)
 
 
 def fuse_backends(backends: Sequence[object]) -> list[FusedCandidates]:
