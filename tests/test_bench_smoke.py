@@ -20,6 +20,9 @@ def test_switch_vs_single_and_reencode(capsys):
     single = _lines(capsys)
     assert [r["batch"] for r in single] == [1, 3]
     assert all(r["ratio"] > 0 and r["single_tok_s"] > 0 and r["switched_mem"]["peak_rss_mb"] > 0 for r in single)
+    # the fused engine writes exactly what one call per candidate writes
+    assert all(r["same_tokens_unfused"] == 1.0 and r["unfused_ratio"] > 0 for r in single)
+    assert all(r["read_tokens_per_response"]["single"] == 6 for r in single)
 
     assert main(["switch_vs_reencode", "--batch-sizes", "2", *TINY]) == 0
     [reencode] = _lines(capsys)
