@@ -114,3 +114,22 @@ def test_fused_pool_writes_what_separate_calls_write():
         paths.append([(t.authors, [p.token_ids for p in t.patches], t.stop_reason) for t in traces])
     assert paths[0] == paths[1]
     assert len({a for authors, _, _ in paths[1] for a in authors}) == 3
+
+
+def test_prefill_reads_once_and_changes_nothing(tiny_family):
+    """``pool.prefill`` (fused Llama pair + a GPT-2 alone) leaves each cache one token short and the tokens unchanged."""
+    from tests.conftest import make_pool
+
+    written = []
+    for prefill in (False, True):
+        pool = make_pool(tiny_family, patch_tokens=3, seed=1)
+        traces = [Trace(f"q{i}", q, max_new_tokens=12) for i, q in enumerate(["the red town", "one two three"])]
+        pool.step(traces, [0, 1])
+        if prefill:
+            pool.prefill(traces)
+            for b in pool.backends:
+                assert [b.lm.cached_length(t.key) for t in traces] == [len(b.view(t)) - 1 for t in traces]
+        pool.step(traces, [2, 2])
+        pool.step(traces, [1, 0])
+        written.append([[p.token_ids for p in t.patches] for t in traces])
+    assert written[0] == written[1]

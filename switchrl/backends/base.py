@@ -114,6 +114,9 @@ class CandidateBackend(Protocol):
     def write_patches(self, traces: Sequence[Trace], author: int, patch_tokens: int,
                       seed: int) -> list[Patch]: ...
 
+    def prefill(self, traces: Sequence[Trace]) -> None:
+        """Read ``traces`` as they stand now, so that forks of them share that work (may do nothing)."""
+
     def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
         """Let traces ``dst_keys`` start from what ``src_key`` has read (no copy where possible)."""
 

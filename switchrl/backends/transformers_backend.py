@@ -200,6 +200,9 @@ class TokenizedCandidate:
             raise ValueError(f"patch_tokens must be > 0, got {patch_tokens}")
         return [min(patch_tokens, t.remaining_tokens) for t in traces]
 
+    def prefill(self, traces: Sequence[Trace]) -> None:
+        """Nothing to do: engines behind this class cache prefixes themselves (vLLM / server prefix caching)."""
+
     def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
         view = self._views.get(src_key)
         for key in dst_keys:
@@ -296,6 +299,22 @@ class TransformersBackend(TokenizedCandidate):
                 return allowed[row]
         return _PatchRequest([t.key for t in traces], new, limits, gens, should_stop, may_stop)
 
+    def prefill(self, traces: Sequence[Trace]) -> None:
+        """Read each trace up to its last token (the next call feeds that one), e.g. once before forking it."""
+        keys, chunks = self._unread(traces)
+        if keys:
+            self.lm.extend(keys, chunks)
+
+    def _unread(self, traces: Sequence[Trace]) -> tuple[list[str], list[list[int]]]:
+        """Keys and tokens of the traces this candidate has not read up to their last token."""
+        keys, chunks = [], []
+        for t in traces:
+            view, have = self.view(t), self.lm.cached_length(t.key)
+            if have < len(view) - 1:
+                keys.append(t.key)
+                chunks.append(view[have:len(view) - 1])
+        return keys, chunks
+
     def _patches(self, traces: Sequence[Trace], author: int, results: Sequence[Generation],
                  seconds: float) -> list[Patch]:
         return [self.patch_from_ids(t, author, res.token_ids, res.stop_reason, seconds)
@@ -334,6 +353,16 @@ class FusedCandidates:
         self.members = list(backends)
         for i, b in enumerate(backends):
             b.lm, b.fused = CandidateView(self.lm, i), self
+
+    def prefill(self, traces: Sequence[Trace]) -> None:
+        """:meth:`TransformersBackend.prefill` for every member, in one forward pass."""
+        keys, chunks = [], []
+        for i, b in enumerate(self.members):
+            member_keys, member_chunks = b._unread(traces)
+            keys += [(i, key) for key in member_keys]
+            chunks += member_chunks
+        if keys:
+            self.lm.extend(keys, chunks)
 
     def write_patches(self, jobs: Sequence[tuple[TransformersBackend, Sequence[Trace], int]], patch_tokens: int,
                       seed: int) -> list[list[Patch]]:

@@ -95,8 +95,9 @@ def estimate_utilities(
     """The paper's simulated rollouts: for each state and candidate c_i, c_i writes the next patch,
     then k finishes by ``finisher`` (random switching by default) are scored; s_i = mean score.
 
-    All |states| x |C| x k finishes run as batched pool calls; each finish forks the KV cache of
-    its parent state, so the shared prefix is read once per candidate. ``states`` are not modified.
+    All |states| x |C| x k finishes run as batched pool calls. Every candidate reads each state and
+    each next patch once (:meth:`CandidatePool.prefill`) before they are forked, so the finishes
+    share that prefix instead of each reading it again. ``states`` are not modified.
 
     When candidates write the very same next patch, their continuations are the same state for a
     finisher that ignores who wrote what (random switching), so those candidates share one set of
@@ -115,6 +116,7 @@ def estimate_utilities(
 
     # 1. every candidate writes the next patch of every state (one batched call per candidate)
     children = [s.fork(f"{s.key}/c{i}") for s in states for i in range(n)]
+    pool.prefill(states)
     for s in states:
         pool.fork(s.key, [f"{s.key}/c{i}" for i in range(n)])
     pool.step(children, [i for _ in states for i in range(n)])
@@ -128,6 +130,7 @@ def estimate_utilities(
             sig = (tuple(p.token_ids), p.stop_reason, p.vocab) if share_identical else (ci,)
             source.append(seen.setdefault(sig, ci))
     distinct = sorted(set(source))
+    pool.prefill([children[ci] for ci in distinct if not children[ci].done])
     finishes: dict[int, list[Trace]] = {}
     for ci in distinct:
         child = children[ci]

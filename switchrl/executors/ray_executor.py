@@ -1,5 +1,8 @@
 """The Ray executor: actors that each hold one replica of the worker (e.g. the candidate pool).
 
+:class:`RayActors` (connect, placement, start / stop actors) is shared with the RL rollout pool
+(:class:`switchrl.executors.remote_pool.RayCandidatePool`).
+
 Chunks go to idle actors from a queue in the driver; results come back to the driver, which writes
 the shards, so a chunk whose actor died is simply run again (by Ray on the restarted actor, within
 ``max_task_retries``, or by the driver on another live actor) and no record is written twice.
@@ -12,8 +15,8 @@ import math
 import os
 import socket
 from collections import deque
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from switchrl.executors.base import (
     ChunkResult,
@@ -25,6 +28,7 @@ from switchrl.executors.base import (
 )
 
 logger = logging.getLogger(__name__)
+_Actors = TypeVar("_Actors", bound="RayActors")
 
 
 def _import_ray() -> Any:
@@ -48,19 +52,19 @@ class _Replica:
         return os.getpid()
 
 
-class RayExecutor:
-    """Runs chunks on ``replicas`` Ray actors placed per :class:`ExecutorConfig`.
+class RayActors:
+    """What every switchrl use of Ray shares: connect, place replicas, start and stop their actors.
 
-    Connects on first use: to ``ray_address`` (checked with a TCP probe first, so a bad address
+    Connects on first use: to ``config.ray_address`` (checked with a TCP probe first, so a bad address
     fails in ``connect_timeout_s``), to an already initialised Ray, or to a local Ray it starts and
-    later shuts down. Actors are reused across :meth:`map_chunks` calls with the same spec.
+    later shuts down (:meth:`close`). Each replica is one actor in its own placement group of one
+    bundle (see :meth:`replica_placement`), so a replica is placed whole or not at all.
     """
 
     def __init__(self, config: ExecutorConfig | None = None):
         self.config = config or ExecutorConfig(executor="ray")
         self.ray = _import_ray()
         self._started_ray = False
-        self._spec: WorkerSpec | None = None
         self._actors: list[Any] = []
         self._groups: list[Any] = []
 
@@ -86,9 +90,10 @@ class RayExecutor:
         except (ConnectionError, RuntimeError, TimeoutError) as err:
             raise ExecutorError(f"ray_address {address!r}: cannot connect to Ray: {err}") from None
 
-    def placement(self, spec: WorkerSpec) -> tuple[dict[str, float], tuple[str, ...]]:
-        """The resource bundle of one replica and its models' devices, after the CPU fallback."""
-        cfg, n = self.config, spec.num_models
+    def replica_placement(self, num_models: int) -> tuple[dict[str, float], tuple[str, ...]]:
+        """The resource bundle of a replica holding ``num_models`` models, and their devices (after
+        the CPU fallback on a cluster without GPUs)."""
+        cfg, n = self.config, num_models
         gpus = cfg.gpus_per_candidate
         if gpus > 0 and not self.ray.cluster_resources().get("GPU"):
             logger.warning("the Ray cluster has no GPUs: replicas run on CPU (gpus_per_candidate ignored)")
@@ -105,7 +110,10 @@ class RayExecutor:
         bundle["GPU"] = n * gpus
         return bundle, tuple(f"cuda:{i * int(gpus)}" for i in range(n))
 
-    def _num_replicas(self, bundle: dict[str, float]) -> int:
+    def num_replicas(self, bundle: dict[str, float], share: int = 1) -> int:
+        """``config.replicas``, checked against the cluster; ``auto``: as many as the free resources
+        hold, or, with ``share`` > 1 drivers splitting the cluster (e.g. accelerate ranks), that many's
+        share of the whole cluster."""
         nodes = [node["Resources"] for node in self.ray.nodes() if node.get("Alive")]
         if not any(all(res.get(k, 0) >= v for k, v in bundle.items()) for res in nodes):
             largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
@@ -119,6 +127,13 @@ class RayExecutor:
                 raise ExecutorError(f"replicas={self.config.replicas}: the Ray cluster ({total}) holds at most "
                                     f"{most} replicas of {bundle}; lower replicas or use 'auto'")
             return int(self.config.replicas)
+        if share > 1:
+            total = self.ray.cluster_resources()
+            if (fits := self._fits(total, bundle) // share) < 1:
+                raise ExecutorError(f"replicas 'auto': the Ray cluster ({total}) holds fewer than one replica "
+                                    f"({bundle}) for each of {share} processes; add resources or lower the "
+                                    "number of processes")
+            return fits
         free = self.ray.available_resources()
         if (fits := self._fits(free, bundle)) < 1:
             raise ExecutorError(f"replicas 'auto': no room for one replica ({bundle}) in the free "
@@ -129,17 +144,18 @@ class RayExecutor:
     def _fits(resources: dict[str, float], bundle: dict[str, float]) -> int:
         return min(math.floor(resources.get(k, 0) / v + 1e-9) for k, v in bundle.items())
 
-    def _start(self, spec: WorkerSpec) -> None:
-        """Reserve one placement group per replica (fails after ``placement_timeout_s``), start actors."""
-        if self._spec is spec and self.actors:
-            return
+    def start_actors(self, cls: type, num_models: int, args: Callable[[int, tuple[str, ...]], tuple],
+                     name: Callable[[int], str] | None = None, share: int = 1) -> list[Any]:
+        """Start one actor of ``cls`` per replica, each in its own placement group (placed within
+        ``placement_timeout_s`` or an :class:`ExecutorError`); ``args(replica, devices)`` gives its
+        constructor arguments, ``name(replica)`` its Ray actor name. Replaces any running actors."""
         self._stop_actors()
         self.connect()
         ray = self.ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bundle, devices = self.placement(spec)
-        n = self._num_replicas(bundle)
+        bundle, devices = self.replica_placement(num_models)
+        n = self.num_replicas(bundle, share)
         self._groups = [ray.util.placement_group([bundle], strategy="PACK") for _ in range(n)]
         ready, _ = ray.wait([g.ready() for g in self._groups], num_returns=n, timeout=self.config.placement_timeout_s)
         if len(ready) < n:
@@ -148,21 +164,64 @@ class RayExecutor:
             raise ExecutorError(
                 f"replicas={n} x {bundle} could not be placed within {self.config.placement_timeout_s:g} s "
                 f"(placement_timeout_s); only {len(ready)} fit the free resources {free}")
-        remote = ray.remote(_Replica)
+        remote = ray.remote(cls)
         self._actors = [
             remote.options(
                 num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
                 max_restarts=self.config.max_restarts, max_task_retries=self.config.max_task_retries,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
-            ).remote(spec, WorkerContext(replica=i, devices=devices))
+                **({"name": name(i)} if name is not None else {}),
+            ).remote(*args(i, devices))
             for i, group in enumerate(self._groups)
         ]
-        self._spec = spec
+        return self._actors
 
     @property
     def actors(self) -> list[Any]:
         """The handles of the actors not known to be dead."""
         return [a for a in self._actors if a is not None]
+
+    def _stop_actors(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        for group in self._groups:
+            self.ray.util.remove_placement_group(group)
+        self._actors, self._groups = [], []
+
+    def close(self) -> None:
+        """Kill the actors, free their placement groups, and stop Ray if this object started it."""
+        if self.ray.is_initialized():
+            self._stop_actors()
+            if self._started_ray:
+                self.ray.shutdown()
+                self._started_ray = False
+
+    def __enter__(self: _Actors) -> _Actors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RayExecutor(RayActors):
+    """Runs chunks on ``replicas`` Ray actors placed per :class:`ExecutorConfig` (see :class:`RayActors`).
+
+    Actors are reused across :meth:`map_chunks` calls with the same spec.
+    """
+
+    def __init__(self, config: ExecutorConfig | None = None):
+        super().__init__(config)
+        self._spec: WorkerSpec | None = None
+
+    def placement(self, spec: WorkerSpec) -> tuple[dict[str, float], tuple[str, ...]]:
+        """The resource bundle of one replica of ``spec`` and its models' devices."""
+        return self.replica_placement(spec.num_models)
+
+    def _start(self, spec: WorkerSpec) -> None:
+        if self._spec is spec and self.actors:
+            return
+        self.start_actors(_Replica, spec.num_models, lambda i, devices: (spec, WorkerContext(i, devices)))
+        self._spec = spec
 
     # -- work ------------------------------------------------------------------------------------
     def map_chunks(self, spec: WorkerSpec, chunks: Sequence[Sequence[Any]]) -> Iterator[ChunkResult]:
@@ -217,24 +276,3 @@ class RayExecutor:
             raise ExecutorError(f"every Ray actor died; {len(pending)} chunks were not run. Committed shards "
                                 "are kept: run again to resume (raise max_restarts to tolerate more failures). "
                                 f"Last error: {last_death}")
-
-    def _stop_actors(self) -> None:
-        for actor in self.actors:
-            self.ray.kill(actor)
-        for group in self._groups:
-            self.ray.util.remove_placement_group(group)
-        self._actors, self._groups, self._spec = [], [], None
-
-    def close(self) -> None:
-        """Kill the actors, free their placement groups, and stop Ray if this executor started it."""
-        if self.ray.is_initialized():
-            self._stop_actors()
-            if self._started_ray:
-                self.ray.shutdown()
-                self._started_ray = False
-
-    def __enter__(self) -> RayExecutor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
