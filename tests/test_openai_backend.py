@@ -179,7 +179,7 @@ def test_against_a_real_vllm_server(tmp_path, word_tokenizer):
         port = s.getsockname()[1]
     cmd = [os.environ["SWITCHRL_VLLM_PYTHON"], "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path),
            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "256", "--enable-prefix-caching"]
+           "--max-model-len", "256", "--enable-prefix-caching", "--gpu-memory-utilization", "0.2"]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     try:

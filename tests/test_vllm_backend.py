@@ -109,7 +109,7 @@ def test_real_vllm_engine_matches_transformers(tmp_path, word_tokenizer):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     word_tokenizer.save_pretrained(tmp_path)
     engine = VLLMBackend.from_pretrained("c0", str(tmp_path), dtype="float32", sampling=GREEDY,
-                                         engine_kwargs=dict(max_model_len=256))
+                                         engine_kwargs=dict(max_model_len=256, gpu_memory_utilization=0.2))
     local = TransformersBackend.from_pretrained("c0", str(tmp_path), dtype="float32", sampling=GREEDY)
     traces = [Trace(key=f"q{i}", query=q, max_new_tokens=12) for i, q in enumerate(QUERIES)]
     for _ in range(2):  # the second patch re-sends the first as prompt: a prefix-cache hit
