@@ -52,6 +52,11 @@ def _cmd_module(module: str, func: str = "main"):
     return run
 
 
+def _add_executor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=["local", "ray"], help="override the config's executor")
+    p.add_argument("--ray-address", help="auto, ray://host:port, or empty for a local Ray")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchrl", description="Switch Generation as reinforcement learning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,8 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         _add_config(p, required=name != "report")
         if name in ("simulate", "eval"):
-            p.add_argument("--executor", choices=["local", "ray"], help="override the config's executor")
-            p.add_argument("--ray-address", help="auto, ray://host:port, or empty for a local Ray")
+            _add_executor(p)
         if name == "report":
             p.add_argument("run_dir", help="an eval output directory")
         if name in ("sft",):
@@ -107,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", choices=["grpo", "ppo", "sb3-ppo"], required=True)
     p.add_argument("--reward", action="append", help="a scorer: builtin name or module:function (repeatable)")
     p.add_argument("--report-to", choices=["none", "wandb", "tensorboard"], default=None)
+    _add_executor(p)
     p.set_defaults(func=_cmd_module("switchrl.trainers.rl"))
 
     p = sub.add_parser("bench", help="throughput benchmarks (prints JSON lines with ratios)")

@@ -3,6 +3,8 @@ manifest as the one truth (resume, no duplicates, no loss).
 
     store = run(items, WorkerSpec(make_worker, config), "out/", executor="ray", chunk_size=8)
     store.records(); store.to_dataset()
+
+:class:`RayCandidatePool` puts RL rollouts' candidates on Ray actors (the trainer keeps the switcher).
 """
 
 from switchrl.executors.base import (
@@ -17,6 +19,7 @@ from switchrl.executors.base import (
 )
 from switchrl.executors.driver import item_id, make_executor, run
 from switchrl.executors.local import LocalExecutor
+from switchrl.executors.remote_pool import RayCandidatePool
 from switchrl.executors.shards import ShardInfo, ShardStore
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "ExecutorConfig",
     "ExecutorError",
     "LocalExecutor",
+    "RayCandidatePool",
     "ShardInfo",
     "ShardStore",
     "Worker",

@@ -122,6 +122,14 @@ class ExecutorConfig(StrictModel):
     connect_timeout_s: float = Field(10.0, gt=0)
     placement_timeout_s: float = Field(30.0, gt=0)
 
+    def overridden(self, **values: Any) -> ExecutorConfig:
+        """A copy with ``values`` (e.g. the CLI's ``executor`` / ``ray_address``) applied and validated;
+        ``None`` values are left out (``ray_address=""`` selects a local Ray)."""
+        from switchrl.config import parse
+
+        changed = {k: v for k, v in values.items() if v is not None}
+        return parse(ExecutorConfig, {**self.model_dump(), **changed}, "executor") if changed else self
+
     @field_validator("replicas")
     @classmethod
     def _positive(cls, v: int | str) -> int | str:

@@ -51,6 +51,10 @@ class _PoolReplica:
     def step(self, traces: list[Trace], actions: list[int]) -> list[Patch]:
         return self.pool.step(traces, actions)
 
+    def prefill(self, traces: list[Trace]) -> list[None]:
+        self.pool.prefill(traces)
+        return [None] * len(traces)
+
     def fork(self, src_key: str, dst_keys: list[str]) -> None:
         self.pool.fork(src_key, dst_keys)
 
@@ -88,12 +92,14 @@ class RayCandidatePool:
         self.ray = self._cluster.ray
         dumped = [c.model_dump(mode="json") for c in candidates]
         suffix = f"-{n}" if (n := next(_pools)) else ""
-        self.actor_names = [f"switchrl-rollout-rank{self.rank}-r{i}{suffix}"
-                            for i in range(self._cluster.num_replicas_hint)] if False else []
+
+        def name(i: int) -> str:
+            return f"switchrl-rollout-rank{self.rank}-r{i}{suffix}"
+
         actors = self._cluster.start_actors(
             _PoolReplica, len(candidates), lambda i, devices: (dumped, patch_tokens, seed, devices),
-            name=lambda i: f"switchrl-rollout-rank{self.rank}-r{i}{suffix}", share=world_size)
-        self.actor_names = [f"switchrl-rollout-rank{self.rank}-r{i}{suffix}" for i in range(len(actors))]
+            name=name, share=world_size)
+        self.actor_names = [name(i) for i in range(len(actors))]
         self._actors: list[Any] = list(actors)
         for a, actor in enumerate(self._actors):  # wait until every actor has loaded its models
             try:
@@ -132,24 +138,14 @@ class RayCandidatePool:
                 raise ValueError(f"action {action!r} is outside the candidates 0..{len(self) - 1} ({self._names})")
             if trace.done:
                 raise ValueError(f"trace {trace.key!r} is already finished ({trace.stop_reason})")
-        rows: dict[int, list[int]] = defaultdict(list)
-        for i, trace in enumerate(traces):
-            rows[self._actor_of(trace.key)].append(i)
-        out: list[Patch | None] = [None] * len(traces)
-        for _ in range(len(self._actors) + 1):  # each retry round loses at least one actor, or succeeds
-            calls = {a: self._actors[a].step.remote([traces[i] for i in r], [int(actions[i]) for i in r])
-                     for a, r in rows.items()}
-            failed, error = self._collect(calls, rows, out)
-            if error is not None:
-                raise error
-            if not failed:
-                break
-            rows = self._recover(failed, rows, traces)
-        else:
-            raise ExecutorError(f"Ray rollout actors keep failing; last errors: {failed}")
+        out = self._dispatch("step", traces, [int(a) for a in actions])
         for trace, patch in zip(traces, out):
-            trace.patches.append(patch)  # type: ignore[arg-type]
-        return out  # type: ignore[return-value]
+            trace.patches.append(patch)
+        return out
+
+    def prefill(self, traces: Sequence[Trace]) -> None:
+        """Let every candidate read ``traces`` as they stand (on their actors), e.g. before forking them."""
+        self._dispatch("prefill", traces)
 
     def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
         """Let ``dst_keys`` start from what ``src_key`` has read, on ``src_key``'s actor."""
@@ -181,8 +177,26 @@ class RayCandidatePool:
             self._load[a] += 1
         return a
 
+    def _dispatch(self, method: str, traces: Sequence[Trace], actions: list[int] | None = None) -> list[Any]:
+        """Call ``method`` on every actor holding some of ``traces`` (concurrently); results in trace order."""
+        rows: dict[int, list[int]] = defaultdict(list)
+        for i, trace in enumerate(traces):
+            rows[self._actor_of(trace.key)].append(i)
+        out: list[Any] = [None] * len(traces)
+        for _ in range(len(self._actors) + 1):  # each retry round loses at least one actor, or succeeds
+            calls = {a: getattr(self._actors[a], method).remote(
+                [traces[i] for i in r], *([[actions[i] for i in r]] if actions is not None else []))
+                for a, r in rows.items()}
+            failed, error = self._collect(calls, rows, out)
+            if error is not None:
+                raise error
+            if not failed:
+                return out
+            rows = self._recover(failed, rows, traces)
+        raise ExecutorError(f"Ray rollout actors keep failing; last errors: {failed}")
+
     def _collect(self, calls: dict[int, Any], rows: dict[int, list[int]],
-                 out: list[Patch | None]) -> tuple[dict[int, BaseException], BaseException | None]:
+                 out: list[Any]) -> tuple[dict[int, BaseException], BaseException | None]:
         """Fill ``out`` from every call that succeeded; return the lost actors' errors and the first
         error raised by a pool itself (a bug or bad input: not retried)."""
         lost = (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError)
@@ -190,7 +204,7 @@ class RayCandidatePool:
         error: BaseException | None = None
         for a, ref in calls.items():
             try:
-                patches = self.ray.get(ref)
+                values = self.ray.get(ref)
             except lost as err:
                 if getattr(err, "actor_init_failed", False):
                     return failed, ExecutorError(f"Ray actor {self.actor_names[a]} could not rebuild the "
@@ -200,8 +214,8 @@ class RayCandidatePool:
             except Exception as err:
                 error = error or err
                 continue
-            for i, patch in zip(rows[a], patches):
-                out[i] = patch
+            for i, value in zip(rows[a], values):
+                out[i] = value
         return failed, error
 
     def _recover(self, failed: dict[int, BaseException], rows: dict[int, list[int]],

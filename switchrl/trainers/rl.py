@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +31,7 @@ from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.envs.rollout import advance
 from switchrl.errors import ConfigError
+from switchrl.executors.remote_pool import RayCandidatePool
 from switchrl.policies.lm_switcher import LMSwitcher
 from switchrl.policies.sequence import EncodedSequence
 from switchrl.rewards.base import Scorer, safe_score_batch
@@ -77,7 +78,7 @@ class RLSetup:
 
     resolved: ResolvedRun
     rl: RLSection
-    pool: CandidatePool
+    pool: CandidatePool | RayCandidatePool
     instances: list[TaskInstance]
     rewards: TaskRewards
 
@@ -95,6 +96,8 @@ def prepare(config: RunConfig, rl: RLSection | None = None, reward: Any = None,
     """Resolve ``config`` for RL: candidates as a pool, the ``rl.split`` instances and their rewards.
 
     ``reward``: a scorer spec for every task (e.g. the CLI's ``--reward`` list), overriding the config.
+    With ``executor: ray`` the candidates run on Ray actors (:class:`~switchrl.executors.remote_pool.
+    RayCandidatePool`; one set per process under ``accelerate launch``) and the switcher stays here.
     """
     rl = rl or config.rl
     resolved = ResolvedRun(config)
@@ -113,7 +116,12 @@ def prepare(config: RunConfig, rl: RLSection | None = None, reward: Any = None,
     else:
         scorers = resolved.scorers(list(by_task))
     gen = resolved.generation
-    if pool is None:
+    if pool is None and config.executor.executor == "ray":
+        from switchrl.executors.remote_pool import RayCandidatePool
+
+        pool = RayCandidatePool(resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed,
+                                executor=config.executor)
+    elif pool is None:
         pool = CandidatePool.from_configs(resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
     return RLSetup(resolved, rl, pool, instances, TaskRewards(scorers))
 
@@ -388,19 +396,31 @@ def train(config: RunConfig, algo: str, rl: RLSection | None = None, reward: Any
     if report_to is not None:
         rl.report_to = report_to
     setup = prepare(config, rl, reward)
+    try:
+        return _algorithm(algo)(setup)
+    finally:
+        if isinstance(setup.pool, RayCandidatePool):
+            setup.pool.close()
+
+
+def _algorithm(algo: str) -> Callable[[RLSetup], RLResult]:
+    """The trainer function of ``algo`` (imported on demand: each pulls in its own dependencies)."""
     if algo == "grpo":
         from switchrl.trainers.grpo import train_grpo as run
     elif algo == "ppo":
         from switchrl.trainers.ppo import train_ppo as run
     else:
         from switchrl.trainers.sb3 import train_sb3 as run
-    return run(setup)
+    return run
 
 
 def main(args: Any) -> int:
-    """``switchrl rl --config X --algo grpo|ppo|sb3-ppo [--reward SPEC ...] [--report-to ...]``."""
+    """``switchrl rl --config X --algo grpo|ppo|sb3-ppo [--reward SPEC ...] [--report-to ...]
+    [--executor local|ray] [--ray-address A]``."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     config = load_run_config(args.config)
+    config.executor = config.executor.overridden(executor=getattr(args, "executor", None),
+                                                 ray_address=getattr(args, "ray_address", None))
     result = train(config, args.algo, reward=args.reward or None, report_to=args.report_to)
     print(f"{args.algo}: policy saved to {result.policy_dir}")
     if result.history:
