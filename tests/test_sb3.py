@@ -51,3 +51,35 @@ def test_sb3_ppo_one_update_and_switcher_adapter(tiny_family, tmp_path):
     setup = prepare(config, rl)
     out = run_switch_generation(setup.pool, switcher, ["one two three"], max_new_tokens=9)
     assert out[0].done and all(p.probs is not None for p in out[0].patches)
+
+
+def test_sb3_vec_env_steps_like_dummy_vec_env(tiny_family, tmp_path):
+    """One pool call per step for all envs gives what SB3's DummyVecEnv of FeatureObservation(SwitchEnv) gives."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from switchrl.envs import FeatureObservation, SwitchEnv, SwitchVectorEnv
+    from switchrl.envs.sb3_vec_env import SB3SwitchVecEnv
+    from switchrl.trainers.sb3 import env_config
+
+    config, rl = make_config(tiny_family, tmp_path), sb3_section(tiny_family, tmp_path)
+    first, second = prepare(config, rl), prepare(config, rl)  # one pool each: the two runs use the same keys
+    batched = SB3SwitchVecEnv(SwitchVectorEnv(env_config(first), num_envs=3, pool=first.pool, autoreset_mode="SameStep"),
+                              n_features=32)
+    dummy = DummyVecEnv([lambda: FeatureObservation(SwitchEnv(env_config(second), pool=second.pool), 32)] * 3)
+    for env in (batched, dummy):
+        env.seed(5)
+    np.testing.assert_allclose(batched.reset(), dummy.reset())
+    rng, ended = np.random.default_rng(0), 0
+    for _ in range(12):
+        actions = rng.integers(0, 3, size=3)
+        (obs_a, rew_a, done_a, info_a), (obs_b, rew_b, done_b, info_b) = batched.step(actions), dummy.step(actions)
+        np.testing.assert_allclose(obs_a, obs_b)
+        np.testing.assert_allclose(rew_a, rew_b)
+        assert done_a.tolist() == done_b.tolist()
+        for a, b, done in zip(info_a, info_b, done_a):
+            assert (a["author"], a["switched"]) == (b["author"], b["switched"])
+            if done:
+                ended += 1
+                assert a["score"] == b["score"] and a["TimeLimit.truncated"] == b["TimeLimit.truncated"]
+                np.testing.assert_allclose(a["terminal_observation"], b["terminal_observation"])
+    assert ended >= 3

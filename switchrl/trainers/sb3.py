@@ -2,7 +2,8 @@
 
 The cheap non-LM baseline switcher: an MLP over hashed n-grams of the query and the trace so far
 plus the recent authors (:class:`~switchrl.envs.wrappers.FeatureObservation`). ``rl.sb3.n_envs``
-envs share one candidate pool (an SB3 ``DummyVecEnv``; each step writes one patch per env). The
+envs share one candidate pool and write their patches of a step in one pool call
+(:class:`~switchrl.envs.sb3_vec_env.SB3SwitchVecEnv` over a ``SwitchVectorEnv``). The
 reward is the task score at the end of the episode minus ``rl.switch_cost`` per switch. Metrics
 (episode reward, score, switch rate, share per candidate, and SB3's ``train/*`` values) go to
 ``<out>/metrics.jsonl`` (and TensorBoard / W&B) after every rollout. Checkpoints are SB3 zips under
@@ -19,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from switchrl.envs.switch_env import DEFAULT_CHARSET, ObservationLayout, SwitchEnv, SwitchEnvConfig
-from switchrl.envs.wrappers import FeatureObservation
+from switchrl.envs.switch_env import DEFAULT_CHARSET, ObservationLayout, SwitchEnvConfig
+from switchrl.envs.vector_env import SwitchVectorEnv
 from switchrl.policies.sb3_switcher import SB3Switcher, SB3SwitcherMetadata
 from switchrl.rewards.base import Scorer
 from switchrl.tasks.base import TaskInstance
@@ -100,16 +101,15 @@ def train_sb3(setup: RLSetup) -> RLResult:
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
     from stable_baselines3.common.logger import configure
-    from stable_baselines3.common.monitor import Monitor
-    from stable_baselines3.common.vec_env import DummyVecEnv
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    from switchrl.envs.sb3_vec_env import SB3SwitchVecEnv
 
     rl, opts, out = setup.rl, setup.rl.sb3, setup.out_dir
     config = env_config(setup)
-
-    def make_env() -> FeatureObservation:
-        return FeatureObservation(Monitor(SwitchEnv(config, pool=setup.pool)), opts.n_features, opts.history)
-
-    env = DummyVecEnv([make_env] * opts.n_envs)
+    venv = SwitchVectorEnv(config, num_envs=opts.n_envs, pool=setup.pool, autoreset_mode="SameStep")
+    features = SB3SwitchVecEnv(venv, opts.n_features, opts.history)
+    env = VecMonitor(features)
     env.seed(rl.seed)
     checkpoints = out / "checkpoints"
     resume = last_checkpoint(checkpoints)
@@ -133,7 +133,7 @@ def train_sb3(setup: RLSetup) -> RLResult:
             logger.log(model.num_timesteps, last)
             history.append({"step": model.num_timesteps, **last})
     logger.close()
-    ngrams = list(env.envs[0].ngrams)
+    ngrams = list(features.features.ngrams)
     env.close()
     layout = ObservationLayout.from_config(config, len(setup.names))
     meta = SB3SwitcherMetadata(
