@@ -196,13 +196,18 @@ def test_grpo_with_candidates_on_completions_servers(serve, tiny_family, tmp_pat
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="needs accelerate's launcher (pip install accelerate)")
 def test_grpo_under_accelerate_launch_with_two_processes_and_ray_actors(ray_cluster, tiny_family, tmp_path):
-    """Two trainer processes (gloo on CPU), each with its own rollout actor on the same Ray cluster."""
+    """Two trainer processes (DDP over gloo on CPU), each with its own rollout actor on the same Ray cluster.
+
+    ``--multi_gpu`` is accelerate's torchrun launcher; on a machine without GPUs each process trains on
+    CPU (``--cpu`` would start a single process unless MPI is set up)."""
     path = write_config(tiny_family, tmp_path, replicas="auto")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    cmd = [shutil.which("accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "switchrl.cli", "rl", "--config", str(path),
            "--algo", "grpo", "--executor", "ray", "--ray-address", ray_cluster]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "rl" / "switcher" / "switchrl_switcher.json").is_file()
     assert proc.stdout.count("grpo: policy saved to") == 2  # both ranks trained and finished
+    names = {a["Name"] for a in ray._private.state.actors().values()}  # the GCS table (dead actors too)
+    assert {"switchrl-rollout-rank0-r0", "switchrl-rollout-rank1-r0"} <= names  # one actor per rank

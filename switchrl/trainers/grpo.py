@@ -192,8 +192,11 @@ def train_grpo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
         model.delete_adapter("ref")  # TRL's frozen copy of the starting adapter (the KL reference)
     model.eval()
     switcher.reset_cache()
-    policy_dir = save_switcher(switcher, setup.out_dir / "switcher")
+    policy_dir = setup.out_dir / "switcher"
     history = [h for h in trainer.state.log_history if "reward" in h]
-    (setup.out_dir / "rl_log.json").write_text(json.dumps({"algo": "grpo", "credit": setup.rl.credit,
-                                                           "history": history}, indent=2))
+    if trainer.accelerator.is_main_process:  # one writer under accelerate launch (the ranks' weights are equal)
+        save_switcher(switcher, policy_dir)
+        (setup.out_dir / "rl_log.json").write_text(json.dumps({"algo": "grpo", "credit": setup.rl.credit,
+                                                               "history": history}, indent=2))
+    trainer.accelerator.wait_for_everyone()
     return RLResult(setup.out_dir, policy_dir, history)
