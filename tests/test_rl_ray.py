@@ -184,6 +184,12 @@ def test_bad_ray_address_is_one_clear_error(tiny_family, tmp_path, capsys):
     assert "ray_address must be empty, 'auto'" in capsys.readouterr().err
 
 
+def test_unloadable_candidate_is_one_clear_error(tmp_path):
+    with pytest.raises(ExecutorError, match="Ray actor switchrl-rollout-rank0-r0(-[0-9]+)? could not build the "
+                                            "candidate pool: .*checkpoint path does not exist"):
+        RayCandidatePool([CandidateConfig(name="m0", path=str(tmp_path / "missing"))], executor={**RAY, "replicas": 1})
+
+
 def test_grpo_with_candidates_on_completions_servers(serve, tiny_family, tmp_path):  # noqa: F811
     """``backend: openai`` candidates (vLLM / OpenAI-compatible servers) need nothing else for RL."""
     config = make_config(tiny_family, tmp_path)

@@ -106,8 +106,9 @@ class RayCandidatePool:
                 loaded = self.ray.get(actor.names.remote())
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError) as err:
                 self.close()
+                cause = str(err).strip().splitlines()[-1]  # the last line of the actor's traceback
                 raise ExecutorError(f"Ray actor {self.actor_names[a]} could not build the candidate pool: "
-                                    f"{err}") from None
+                                    f"{cause}") from err
             if loaded != names:
                 self.close()
                 raise ExecutorError(f"Ray actor {self.actor_names[a]} holds candidates {loaded}, expected {names}")
