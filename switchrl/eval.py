@@ -29,7 +29,6 @@ import torch
 
 from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
-from switchrl.config import parse
 from switchrl.envs.rollout import run_switch_generation
 from switchrl.errors import CheckpointError, ConfigError
 from switchrl.executors import ExecutorConfig, WorkerContext, WorkerSpec, run
@@ -442,9 +441,8 @@ def evaluate(config: RunConfig | ResolvedRun, executor: ExecutorConfig | Mapping
 def main(args: argparse.Namespace) -> int:
     """``switchrl eval --config X [--executor local|ray] [--ray-address A]``."""
     config = load_run_config(args.config)
-    overrides = {k: v for k, v in (("executor", getattr(args, "executor", None)),
-                                   ("ray_address", getattr(args, "ray_address", None))) if v is not None}
-    executor = parse(ExecutorConfig, {**config.executor.model_dump(), **overrides}, "executor")
+    executor = config.executor.overridden(executor=getattr(args, "executor", None),
+                                          ray_address=getattr(args, "ray_address", None))
     result = evaluate(config, executor=executor)
     print(result.table)
     print(f"wrote {result.out_dir / 'results.json'}, {result.out_dir / 'table.md'}, "

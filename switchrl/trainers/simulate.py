@@ -17,10 +17,9 @@ import torch
 
 from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
-from switchrl.config import parse
 from switchrl.envs.rollout import advance, estimate_utilities
 from switchrl.errors import ConfigError
-from switchrl.executors import ExecutorConfig, ShardStore, WorkerContext, WorkerSpec, run
+from switchrl.executors import ShardStore, WorkerContext, WorkerSpec, run
 from switchrl.policies.baselines import RandomSwitcher
 from switchrl.rewards.base import Scorer
 from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
@@ -183,9 +182,7 @@ def summarize(records: Sequence[dict]) -> dict:
 def main(args) -> int:
     """``switchrl simulate --config X [--executor local|ray] [--ray-address A]``."""
     config = load_run_config(args.config)
-    overrides = {k: v for k, v in (("executor", args.executor), ("ray_address", args.ray_address)) if v}
-    if overrides:
-        config.executor = parse(ExecutorConfig, {**config.executor.model_dump(), **overrides}, "executor")
+    config.executor = config.executor.overridden(executor=args.executor, ray_address=args.ray_address)
     store = simulate(config)
     print(json.dumps({"out_dir": str(store.out_dir), **summarize(store.records())}, indent=2))
     return 0
