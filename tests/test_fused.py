@@ -133,3 +133,17 @@ def test_prefill_reads_once_and_changes_nothing(tiny_family):
         pool.step(traces, [1, 0])
         written.append([[p.token_ids for p in t.patches] for t in traces])
     assert written[0] == written[1]
+
+
+def test_fusing_frees_the_original_weights():
+    """Fusing keeps one copy of the weights: every original tensor is released (tied ones included)."""
+    import gc
+    import weakref
+
+    models = [build("llama-tied", seed) for seed in range(3)]
+    originals = [weakref.ref(p) for m in models for p in m.parameters()]
+    fused = fuse_models(models)
+    gc.collect()
+    assert originals and all(ref() is None for ref in originals)
+    assert models[0].lm_head.weight is models[0].model.embed_tokens.weight  # still tied, now a view
+    assert sum(p.numel() for p in fused.parameters()) == 3 * sum(p.numel() for p in models[0].parameters())

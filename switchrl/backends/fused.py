@@ -198,10 +198,13 @@ def _check_same_architecture(models: Sequence[nn.Module]) -> None:
                 raise NotFusable(f"buffer {name!r} differs between model 0 and model {i}")
 
 
-def _check_broadcast_leaf(name: str, modules: Sequence[nn.Module], leaf: BroadcastLeaf, rows: _Rows) -> None:
-    """Raise NotFusable unless ``leaf`` computes, row by row, what each candidate's own module does."""
-    width = next(iter(leaf.stacked.values())).shape[-1]
-    ref = next(iter(leaf.stacked.values()))
+def _check_broadcast_leaf(name: str, modules: Sequence[nn.Module], rows: _Rows) -> None:
+    """Raise NotFusable unless per-row parameters make ``modules[0]`` compute, row by row, what each module does."""
+    stacked = {p: torch.stack([dict(m.named_parameters(recurse=False))[p].detach() for m in modules])
+               for p in dict(modules[0].named_parameters(recurse=False))}
+    leaf = BroadcastLeaf(copy.deepcopy(modules[0]), stacked, rows)
+    ref = next(iter(stacked.values()))
+    width = ref.shape[-1]
     for shape in ((len(modules), 3, width), (len(modules), 2, 3, width)):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(ref.device, ref.dtype)
         with torch.no_grad():
@@ -238,19 +241,17 @@ class FusedModel(nn.Module):
 def fuse_models(models: Sequence[nn.Module]) -> FusedModel:
     """Stack the weights of ``models`` (same class, config and parameter shapes) into one :class:`FusedModel`.
 
-    Each original parameter is replaced by a view of its stack, so the models stay usable and the
-    weights are stored once. Raises :class:`NotFusable` (leaving the models untouched) when the
-    models differ in architecture or contain a layer that cannot take per-row parameters.
+    Each original parameter is replaced by a view of its stack, layer by layer, so the models stay
+    usable, the weights are stored once, and fusing needs extra memory for one layer at a time.
+    Raises :class:`NotFusable`, before touching any weight, when the models differ in architecture
+    or contain a layer that cannot take per-row parameters.
     """
     if len(models) < 2:
         raise NotFusable("fusing needs at least two models")
     _check_same_architecture(models)
-    first = models[0]
-    rows = _Rows()
-    memo = {id(p): p for p in first.parameters()}  # deep-copy the structure, not the weights
-    template = copy.deepcopy(first, memo)
+    first, rows = models[0], _Rows()
     named = [dict(m.named_modules()) for m in models]
-    plan: list[tuple[str, Callable[[dict[str, torch.Tensor]], nn.Module]]] = []
+    plan: dict[str, Callable[[dict[str, nn.Parameter], nn.Module], nn.Module]] = {}
     for name, module in first.named_modules():
         own = dict(module.named_parameters(recurse=False))
         if not own:
@@ -258,19 +259,22 @@ def fuse_models(models: Sequence[nn.Module]) -> FusedModel:
         if any(True for _ in module.children()):
             raise NotFusable(f"{name} ({type(module).__name__}) holds parameters but is not a leaf module")
         if isinstance(module, nn.Linear):
-            plan.append((name, lambda s: FusedLinear(s["weight"], s.get("bias"), rows)))
+            plan[name] = lambda s, m: FusedLinear(s["weight"], s.get("bias"), rows)
         elif isinstance(module, nn.Embedding):
-            plan.append((name, lambda s: FusedEmbedding(s["weight"], rows)))
+            plan[name] = lambda s, m: FusedEmbedding(s["weight"], rows)
         elif isinstance(module, nn.LayerNorm):
-            plan.append((name, lambda s, m=module: FusedLayerNorm(m, s.get("weight"), s.get("bias"), rows)))
+            plan[name] = lambda s, m: FusedLayerNorm(m, s.get("weight"), s.get("bias"), rows)
         elif all(p.dim() == 1 for p in own.values()):
-            plan.append((name, lambda s, n=name: BroadcastLeaf(dict(template.named_modules())[n], s, rows)))
+            _check_broadcast_leaf(name, [n[name] for n in named], rows)
+            plan[name] = lambda s, m: BroadcastLeaf(m, s, rows)
         else:
             raise NotFusable(f"{name} ({type(module).__name__}) is a kind of layer that cannot be fused")
+    # every check passed: stack layer by layer, pointing the originals at views of their stack at once,
+    # so each original tensor is freed before the next layer is stacked
     stacks: dict[tuple[int, ...], nn.Parameter] = {}  # tied parameters share one stack
     stack_of: dict[tuple[str, str], nn.Parameter] = {}
-    fused: dict[str, nn.Module] = {}
-    for name, build in plan:
+    views: dict[tuple[int, int], nn.Parameter] = {}
+    for name in plan:
         per_model = [dict(n[name].named_parameters(recurse=False)) for n in named]
         for pname in per_model[0]:
             key = tuple(id(own[pname]) for own in per_model)
@@ -279,20 +283,19 @@ def fuse_models(models: Sequence[nn.Module]) -> FusedModel:
                     stacks[key] = nn.Parameter(torch.stack([own[pname].detach() for own in per_model]),
                                                requires_grad=False)
             stack_of[name, pname] = stacks[key]
-        fused[name] = build({pname: stack_of[name, pname] for pname in per_model[0]})
-        if isinstance(fused[name], BroadcastLeaf):
-            _check_broadcast_leaf(name, [n[name] for n in named], fused[name], rows)
-    # every check passed: point the original parameters at their stacks, then swap the template's leaves
-    views: dict[tuple[int, int], nn.Parameter] = {}
-    for name, _ in plan:
-        for c, n in enumerate(named):
-            for pname, p in list(n[name].named_parameters(recurse=False)):
+            for c, own in enumerate(per_model):
+                p = own[pname]
                 if (id(p), c) not in views:
-                    views[id(p), c] = nn.Parameter(stack_of[name, pname][c], requires_grad=p.requires_grad)
-                setattr(n[name], pname, views[id(p), c])
-    for name, module in fused.items():
+                    views[id(p), c] = nn.Parameter(stacks[key][c], requires_grad=p.requires_grad)
+                setattr(named[c][name], pname, views[id(p), c])
+    del views, per_model
+    template = copy.deepcopy(first, {id(p): p for p in first.parameters()})  # the structure, not the weights
+    for name, build in plan.items():
+        module = template.get_submodule(name)
+        fused = build({pname: stack_of[name, pname] for pname in dict(module.named_parameters(recurse=False))},
+                      module)
         parent, _, child = name.rpartition(".")
-        setattr(template.get_submodule(parent) if parent else template, child, module)
+        setattr(template.get_submodule(parent) if parent else template, child, fused)
     return FusedModel(template, len(models), rows)
 
 
