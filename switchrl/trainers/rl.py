@@ -306,6 +306,7 @@ def _forked_episodes(switcher: LMSwitcher, pool: CandidatePool, queries: Sequenc
         live = [t for t, d in zip(trunks, targets) if not t.done and 0 < len(t.patches) < d]
     branches: list[Trace] = []
     points: list[int] = []
+    pool.prefill([t for t in trunks if t.patches and not t.done])  # every candidate reads a trunk once
     for i, trunk in enumerate(trunks):
         keys = [f"{key_prefix}/q{i}/g{g}" for g in range(group_size)]
         if trunk.done or not trunk.patches:  # ended before the target: branch at its last decision
