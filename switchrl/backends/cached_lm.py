@@ -247,9 +247,11 @@ def _length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     return buckets
 
 
-def _prefill(lm: CachedLM, keys: Sequence[Any], entries: Sequence[_Entry | None], past: Sequence[int],
+def _prefill(lm: CachedLM, rows: Any, entries: Sequence[_Entry | None], past: Sequence[int],
              new_ids: Sequence[Sequence[int]], room: int) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
     """Read ``new_ids`` on top of the stored caches, left-padded; returns (mask, cache, last logits).
+
+    ``rows`` is what ``lm._rows`` says of these rows (the candidate of each row, for a fused model).
 
     The cache keeps ``room`` free positions for the tokens decoded next.
     """
@@ -277,7 +279,7 @@ def _prefill(lm: CachedLM, keys: Sequence[Any], entries: Sequence[_Entry | None]
             layers.append((k, v))
     cache = _GrowingCache(P + N + room, layers)
     mask = mask.to(device)
-    out = lm._forward(lm._rows(keys), input_ids=input_ids.to(device), attention_mask=mask,
+    out = lm._forward(rows, input_ids=input_ids.to(device), attention_mask=mask,
                       position_ids=position_ids.to(device), past_key_values=cache, use_cache=True,
                       **lm._last_logits_only)
     return mask, out.past_key_values, out.logits[:, -1, :]
@@ -309,7 +311,7 @@ class _BatchState:
         self.next_pos = torch.tensor(total, device=device)
         buckets = _length_buckets(n_new)
         if len(buckets) == 1:
-            self.mask, self.cache, self.logits = _prefill(lm, keys, entries, past, new_ids, room)
+            self.mask, self.cache, self.logits = _prefill(lm, self.rows, entries, past, new_ids, room)
             return self
         # rows whose new chunks differ a lot in length are prefilled apart (no padding to the longest
         # chunk), then merged right-aligned into one decode batch of length max(past + new)
@@ -318,7 +320,7 @@ class _BatchState:
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         j = torch.arange(L, device=device)[None, :]
         for rows in buckets:
-            mask, cache, logits = _prefill(lm, [keys[r] for r in rows], [entries[r] for r in rows],
+            mask, cache, logits = _prefill(lm, lm._rows([keys[r] for r in rows]), [entries[r] for r in rows],
                                            [past[r] for r in rows], [new_ids[r] for r in rows], 0)
             pk, nk = max(past[r] for r in rows), max(n_new[r] for r in rows)
             pb = torch.tensor([past[r] for r in rows], device=device)[:, None]

@@ -51,7 +51,6 @@ class RowAssignment:
 
     index: torch.Tensor  # [B] candidate of each row
     groups: tuple[tuple[int, torch.Tensor], ...]  # (candidate, its rows), candidates ascending
-    arange: torch.Tensor  # [B] 0..B-1
     slices: tuple[tuple[int, int, int], ...] | None  # (candidate, start, end) when rows are sorted by candidate
     memo: dict = field(default_factory=dict, compare=False)  # per-row parameters gathered for this batch
     single: int | None = field(init=False)  # the candidate of every row when there is only one
@@ -64,7 +63,7 @@ class RowAssignment:
         slices = None
         if cands == sorted(cands):
             slices = tuple((c, cands.index(c), len(cands) - cands[::-1].index(c)) for c in sorted(set(cands)))
-        return cls(index.to(device), groups, torch.arange(len(cands), device=device), slices)
+        return cls(index.to(device), groups, slices)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "single", self.groups[0][0] if len(self.groups) == 1 else None)

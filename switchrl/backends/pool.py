@@ -38,7 +38,47 @@ def build_backend(cfg: CandidateConfig) -> CandidateBackend:
     raise ConfigError(f"candidate {cfg.name!r}: backend {cfg.backend!r} is not available in this install")
 
 
-class CandidatePool:
+def check_pool(candidates: Sequence, patch_tokens: int) -> list[str]:
+    """What every pool checks of its patch size and its candidates (anything with a ``name``); their names."""
+    if patch_tokens <= 0:
+        raise ConfigError(f"patch_tokens must be > 0, got {patch_tokens}")
+    if not candidates:
+        raise ConfigError("candidates: a pool needs at least one candidate")
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"candidates: names must be unique, got {names}")
+    return names
+
+
+def check_step(traces: Sequence[Trace], actions: Sequence[int], names: Sequence[str]) -> list[int]:
+    """``actions`` as ints, after checking that there is one per trace, each names a candidate and no
+    trace has ended."""
+    if len(traces) != len(actions):
+        raise ValueError(f"got {len(traces)} traces but {len(actions)} actions")
+    for trace, action in zip(traces, actions):
+        if not 0 <= int(action) < len(names):
+            raise ValueError(f"action {action!r} is outside the candidates 0..{len(names) - 1} ({list(names)})")
+        if trace.done:
+            raise ValueError(f"trace {trace.key!r} is already finished ({trace.stop_reason})")
+    return [int(a) for a in actions]
+
+
+class CandidateNames:
+    """``len`` and :meth:`index` for a pool that has ``names``."""
+
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ValueError(f"no candidate named {name!r}; candidates are {self.names}") from None
+
+
+class CandidatePool(CandidateNames):
     """Named candidates plus the patch size; :meth:`step` writes one patch per trace.
 
     With ``fuse`` (the default), transformers candidates that share an architecture (the
@@ -50,13 +90,7 @@ class CandidatePool:
 
     def __init__(self, backends: Sequence[CandidateBackend], patch_tokens: int = 50, seed: int = 0,
                  fuse: bool = True):
-        if patch_tokens <= 0:
-            raise ConfigError(f"patch_tokens must be > 0, got {patch_tokens}")
-        if not backends:
-            raise ConfigError("candidates: a pool needs at least one candidate")
-        names = [b.name for b in backends]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"candidates: names must be unique, got {names}")
+        check_pool(backends, patch_tokens)
         self.backends = list(backends)
         self.patch_tokens = patch_tokens
         self.seed = seed
@@ -74,15 +108,6 @@ class CandidatePool:
     def names(self) -> list[str]:
         return [b.name for b in self.backends]
 
-    def __len__(self) -> int:
-        return len(self.backends)
-
-    def index(self, name: str) -> int:
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise ValueError(f"no candidate named {name!r}; candidates are {self.names}") from None
-
     def step(self, traces: Sequence[Trace], actions: Sequence[int]) -> list[Patch]:
         """Let candidate ``actions[i]`` write the next patch of ``traces[i]`` and append it.
 
@@ -90,15 +115,8 @@ class CandidatePool:
         call, every other candidate runs one batched call. Returns the new patches in the order of
         ``traces``.
         """
-        if len(traces) != len(actions):
-            raise ValueError(f"got {len(traces)} traces but {len(actions)} actions")
         groups: dict[int, list[int]] = defaultdict(list)
-        for i, (trace, action) in enumerate(zip(traces, actions)):
-            a = int(action)
-            if not 0 <= a < len(self):
-                raise ValueError(f"action {action!r} is outside the candidates 0..{len(self) - 1} ({self.names})")
-            if trace.done:
-                raise ValueError(f"trace {trace.key!r} is already finished ({trace.stop_reason})")
+        for i, a in enumerate(check_step(traces, actions, self.names)):
             groups[a].append(i)
         calls: dict[int, list[int]] = defaultdict(list)  # one call per fused engine or unfused candidate
         for a in groups:

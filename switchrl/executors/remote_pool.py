@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from switchrl.backends.base import Patch, Trace
+from switchrl.backends.pool import CandidateNames, check_pool, check_step
 from switchrl.config import CandidateConfig, parse
 from switchrl.errors import ConfigError
 from switchrl.executors.base import ExecutorConfig, ExecutorError
@@ -62,7 +63,7 @@ class _PoolReplica:
         self.pool.release(keys)
 
 
-class RayCandidatePool:
+class RayCandidatePool(CandidateNames):
     """Drop-in for :class:`~switchrl.backends.pool.CandidatePool` in RL rollouts, with the candidates
     on ``executor.replicas`` Ray actors (placement, restarts and timeouts from ``executor``).
 
@@ -74,13 +75,7 @@ class RayCandidatePool:
     def __init__(self, candidates: Sequence[CandidateConfig], patch_tokens: int = 50, seed: int = 0,
                  executor: ExecutorConfig | Mapping | None = None, rank: int | None = None,
                  world_size: int | None = None):
-        if patch_tokens <= 0:
-            raise ConfigError(f"patch_tokens must be > 0, got {patch_tokens}")
-        if not candidates:
-            raise ConfigError("candidates: a pool needs at least one candidate")
-        names = [c.name for c in candidates]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"candidates: names must be unique, got {names}")
+        names = check_pool(candidates, patch_tokens)
         config = executor if isinstance(executor, ExecutorConfig) else parse(
             ExecutorConfig, {"executor": "ray", **(executor or {})}, "executor")
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -120,26 +115,10 @@ class RayCandidatePool:
     def names(self) -> list[str]:
         return list(self._names)
 
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def index(self, name: str) -> int:
-        try:
-            return self._names.index(name)
-        except ValueError:
-            raise ValueError(f"no candidate named {name!r}; candidates are {self._names}") from None
-
     def step(self, traces: Sequence[Trace], actions: Sequence[int]) -> list[Patch]:
         """Let candidate ``actions[i]`` write the next patch of ``traces[i]`` and append it; one
         concurrent call per actor holding some of the traces. Returns the patches in trace order."""
-        if len(traces) != len(actions):
-            raise ValueError(f"got {len(traces)} traces but {len(actions)} actions")
-        for trace, action in zip(traces, actions):
-            if not 0 <= int(action) < len(self):
-                raise ValueError(f"action {action!r} is outside the candidates 0..{len(self) - 1} ({self._names})")
-            if trace.done:
-                raise ValueError(f"trace {trace.key!r} is already finished ({trace.stop_reason})")
-        out = self._dispatch("step", traces, [int(a) for a in actions])
+        out = self._dispatch("step", traces, check_step(traces, actions, self._names))
         for trace, patch in zip(traces, out):
             trace.patches.append(patch)
         return out
