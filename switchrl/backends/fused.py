@@ -7,10 +7,12 @@ or small batches those passes are dominated by fixed per-call cost. :class:`Fuse
 candidates' weights (the originals become views of the stack: no extra memory) and runs a batch
 whose rows belong to different candidates in **one** forward pass, each row with its own weights:
 
-* ``nn.Linear``: one matmul per candidate over its own rows, which are contiguous because
-  :class:`FusedCachedLM` sorts every batch by candidate (no gather or scatter; the FLOPs of one
-  model). One matmul over all candidates' weights side by side was measured slower on CPU: it
-  multiplies the FLOPs by the number of candidates;
+* ``nn.Linear``, one token per row (decoding): one batched matmul (``bmm``) over the stacked
+  weights. The rows are gathered into an equal-sized group per candidate (short groups repeat one
+  of their rows) and scattered back after, so each candidate's weights are read once, in one call
+  for all candidates. A set of candidates with gaps (0 and 2 of 3) costs one call per run of
+  consecutive candidates. Several tokens per row (a prefill): one matmul per candidate over its own
+  rows, since padded slots would cost real work there;
 * ``nn.Embedding``: one lookup in the stacked tables;
 * ``nn.LayerNorm`` and any leaf whose parameters are 1-D and act elementwise along the last
   dimension (RMSNorm and its relatives; checked numerically when fusing): each row's parameters
@@ -29,6 +31,7 @@ import copy
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -47,26 +50,48 @@ class NotFusable(ValueError):
 
 @dataclass(frozen=True)
 class RowAssignment:
-    """Which candidate each row of a batch belongs to."""
+    """Which candidate each row of a batch belongs to, and the grouped layout fused layers compute in.
+
+    Grouped layout: ``len(present)`` groups of ``width`` slots, group ``g`` holding the rows of
+    candidate ``present[g]`` (padded by repeating its first row); ``gather`` lists the row of each
+    slot, ``scatter`` the slot of each row.
+    """
 
     index: torch.Tensor  # [B] candidate of each row
-    groups: tuple[tuple[int, torch.Tensor], ...]  # (candidate, its rows), candidates ascending
-    slices: tuple[tuple[int, int, int], ...] | None  # (candidate, start, end) when rows are sorted by candidate
-    memo: dict = field(default_factory=dict, compare=False)  # per-row parameters gathered for this batch
+    present: tuple[int, ...]  # the candidates with rows, ascending
+    width: int  # slots per group: the largest number of rows of one candidate
+    gather: torch.Tensor  # [len(present) * width] row of each slot
+    scatter: torch.Tensor  # [B] slot of each row
+    runs: tuple[tuple[int, int, int], ...]  # (first group, first candidate, end candidate) of consecutive candidates
+    members: tuple[torch.Tensor, ...]  # the rows of each present candidate
+    memo: dict = field(default_factory=dict, compare=False)  # per-row tensors built once for this batch
     single: int | None = field(init=False)  # the candidate of every row when there is only one
 
     @classmethod
     def of(cls, candidates: Sequence[int], device: torch.device | str) -> RowAssignment:
         cands = list(candidates)
-        index = torch.tensor(cands, dtype=torch.long)
-        groups = tuple((c, (index == c).nonzero().squeeze(1).to(device)) for c in sorted(set(cands)))
-        slices = None
-        if cands == sorted(cands):
-            slices = tuple((c, cands.index(c), len(cands) - cands[::-1].index(c)) for c in sorted(set(cands)))
-        return cls(index.to(device), groups, slices)
+        if not cands:
+            raise ValueError("a batch needs at least one row")
+        present = tuple(sorted(set(cands)))
+        members = {c: [r for r, rc in enumerate(cands) if rc == c] for c in present}
+        width = max(len(rows) for rows in members.values())
+        gather, scatter = [], [0] * len(cands)
+        for g, c in enumerate(present):
+            for j, r in enumerate(members[c]):
+                scatter[r] = g * width + j
+            gather += members[c] + [members[c][0]] * (width - len(members[c]))
+        runs: list[tuple[int, int, int]] = []
+        for g, c in enumerate(present):
+            if runs and runs[-1][2] == c:
+                runs[-1] = (runs[-1][0], runs[-1][1], c + 1)
+            else:
+                runs.append((g, c, c + 1))
+        as_tensor = partial(torch.tensor, dtype=torch.long, device=device)
+        return cls(as_tensor(cands), present, width, as_tensor(gather), as_tensor(scatter), tuple(runs),
+                   tuple(as_tensor(members[c]) for c in present))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "single", self.groups[0][0] if len(self.groups) == 1 else None)
+        object.__setattr__(self, "single", self.present[0] if len(self.present) == 1 else None)
 
 
 class _Rows:
@@ -80,33 +105,31 @@ class _Rows:
         return self.current
 
 
-def _by_candidate(x: torch.Tensor, rows: RowAssignment, fn: Callable[[torch.Tensor, int], torch.Tensor],
-                  out_shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """``fn(rows of candidate c, c)`` for every candidate in the batch, assembled in row order."""
-    if rows.slices is not None:
-        parts = [fn(x[s:e], c) for c, s, e in rows.slices]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-    out = torch.empty(*out_shape, dtype=dtype, device=x.device)
-    for c, at in rows.groups:
-        out[at] = fn(x[at], c)
-    return out
-
-
 class FusedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: _Rows):
         super().__init__()
         self.weight, self.bias, self.rows = weight, bias, rows  # [C, out, in], [C, out]
-        self._weights = weight.unbind(0)
+        self._weights = weight.unbind(0)  # per-candidate views, made once
         self._biases = [None] * len(self._weights) if bias is None else bias.unbind(0)
-
-    def _one(self, x: torch.Tensor, c: int) -> torch.Tensor:
-        return F.linear(x, self._weights[c], self._biases[c])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.rows.get()
         if rows.single is not None:
             return F.linear(x, self._weights[rows.single], self._biases[rows.single])
-        return _by_candidate(x, rows, self._one, (*x.shape[:-1], self.weight.shape[1]), x.dtype)
+        if x.dim() > 2 and x.shape[1] > 1 and len(rows.gather) > len(rows.index):
+            # several tokens per row (a prefill): padded slots would cost real work, so one matmul per candidate
+            out = x.new_empty(*x.shape[:-1], self.weight.shape[1])
+            for c, at in zip(rows.present, rows.members):
+                out.index_copy_(0, at, F.linear(x.index_select(0, at), self._weights[c], self._biases[c]))
+            return out
+        # [B, ..., in] -> [groups, width * ..., in]: each candidate's rows side by side
+        grouped = x.index_select(0, rows.gather).reshape(len(rows.present), -1, x.shape[-1])
+        parts = []
+        for g, c0, c1 in rows.runs:
+            xs, w = grouped[g:g + c1 - c0], self.weight[c0:c1].transpose(1, 2)
+            parts.append(torch.bmm(xs, w) if self.bias is None else torch.baddbmm(self.bias[c0:c1, None], xs, w))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return y.reshape(len(rows.gather), *x.shape[1:-1], y.shape[-1]).index_select(0, rows.scatter)
 
 
 class FusedEmbedding(nn.Module):
@@ -115,14 +138,14 @@ class FusedEmbedding(nn.Module):
         self.weight, self.rows = weight, rows  # [C, V, H]
         self._weights = weight.unbind(0)
 
-    def _one(self, ids: torch.Tensor, c: int) -> torch.Tensor:
-        return F.embedding(ids, self._weights[c])
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.rows.get()
         if rows.single is not None:
             return F.embedding(ids, self._weights[rows.single])
-        return _by_candidate(ids, rows, self._one, (*ids.shape, self.weight.shape[-1]), self.weight.dtype)
+        # one lookup in the candidates' tables laid end to end: row b reads table index[b]
+        offset = _per_row_tensor(rows, ("embedding-offset", ids.dim()),
+                                 lambda: (rows.index * self.weight.shape[1]).view(-1, *([1] * (ids.dim() - 1))))
+        return F.embedding(ids + offset, self.weight.view(-1, self.weight.shape[-1]))
 
 
 class FusedLayerNorm(nn.Module):
@@ -163,12 +186,17 @@ class BroadcastLeaf(nn.Module):
         return self.template(x)
 
 
+def _per_row_tensor(rows: RowAssignment, key: Any, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``build()``, computed once per batch (every layer and decoding step of a call shares it)."""
+    if key not in rows.memo:
+        rows.memo[key] = build()
+    return rows.memo[key]
+
+
 def _per_row(stacked: torch.Tensor, rows: RowAssignment, x: torch.Tensor) -> torch.Tensor:
     """``stacked`` [C, D] gathered per row and shaped to broadcast against ``x`` [B, ..., D]."""
-    key = (id(stacked), x.dim())
-    if key not in rows.memo:
-        rows.memo[key] = stacked[rows.index].view(x.shape[0], *([1] * (x.dim() - 2)), stacked.shape[-1])
-    return rows.memo[key]
+    return _per_row_tensor(rows, (id(stacked), x.dim()), lambda: stacked[rows.index].view(
+        x.shape[0], *([1] * (x.dim() - 2)), stacked.shape[-1]))
 
 
 def _config_dict(model: nn.Module) -> dict:
@@ -312,28 +340,6 @@ class FusedCachedLM(CachedLM):
 
     def _hf_model(self) -> nn.Module:
         return self.model.template
-
-    def generate(self, keys: Sequence[Any], new_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
-                 sampling: SamplingParams, generators: Sequence[torch.Generator] | None = None,
-                 stop_ids: frozenset[int] = frozenset(),
-                 should_stop: Callable[[int, list[int]], bool] | None = None,
-                 may_stop: Callable[[int, list[int]], bool] | None = None) -> list[Generation]:
-        """:meth:`CachedLM.generate` with the rows sorted by candidate (each layer then works on slices)."""
-        order = sorted(range(len(keys)), key=lambda r: keys[r][0])
-        if order == list(range(len(keys))):
-            return super().generate(keys, new_ids, max_new_tokens, sampling, generators, stop_ids, should_stop,
-                                    may_stop)
-
-        def permuted(fn: Callable[[int, list[int]], bool] | None) -> Callable[[int, list[int]], bool] | None:
-            return None if fn is None else (lambda row, toks: fn(order[row], toks))
-        out = super().generate([keys[r] for r in order], [new_ids[r] for r in order],
-                               [max_new_tokens[r] for r in order], sampling,
-                               None if generators is None else [generators[r] for r in order],
-                               stop_ids, permuted(should_stop), permuted(may_stop))
-        result: list[Generation | None] = [None] * len(keys)
-        for r, gen in zip(order, out):
-            result[r] = gen
-        return result  # type: ignore[return-value]
 
 
 class CandidateView:
