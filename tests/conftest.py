@@ -1,8 +1,12 @@
-"""Shared fixtures: tiny tokenizers and random-weight models built from configs (no downloads)."""
+"""Shared fixtures: tiny tokenizers and random-weight models built from configs (no downloads), and a fake
+completions server."""
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -15,6 +19,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from switchrl.backends.transformers_backend import load_causal_lm, load_tokenizer  # noqa: E402
 
 WORDS = ("the a of in is and to it was on for as with by at from this that he she they we you one two three "
          "four five six seven eight nine ten red blue green town river bridge park school road answer").split()
@@ -71,3 +77,68 @@ def make_pool(paths, patch_tokens: int = 2, seed: int = 0, temperature: float = 
     backends = [TransformersBackend.from_pretrained(f"c{i}", str(p), sampling=SamplingParams(temperature=temperature))
                 for i, p in enumerate(paths)]
     return CandidatePool(backends, patch_tokens=patch_tokens, seed=seed)
+
+
+# ------------------------------------------------- a fake OpenAI-compatible completions server
+class _CompletionsHandler(BaseHTTPRequestHandler):
+    """``POST /v1/completions`` in the vLLM dialect: token-id prompts, ``token_ids`` in each choice."""
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def do_POST(self) -> None:
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        srv.requests.append(body)
+        if self.path != "/v1/completions" or body.get("model") != srv.served_model:
+            return self._send(400 if self.path == "/v1/completions" else 404,
+                              {"error": {"message": f"unknown model {body.get('model')!r}"}})
+        prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+        choices = []
+        for i, ids in enumerate(prompts):
+            x = torch.tensor([ids])
+            kwargs = dict(do_sample=False)
+            if body["temperature"] > 0:
+                kwargs = dict(do_sample=True, temperature=body["temperature"], top_p=body["top_p"], top_k=0)
+            with srv.lock:
+                torch.manual_seed(body.get("seed", 0))
+                out = srv.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=body["max_tokens"],
+                                         eos_token_id=srv.eos, pad_token_id=0, **kwargs)
+            new = out[0, len(ids):].tolist()
+            ended = srv.eos in new
+            new = new[:new.index(srv.eos) + 1] if ended else new  # vLLM returns the EOS id, not its text
+            choice = {"index": i, "text": srv.tokenizer.decode(new, skip_special_tokens=True),
+                      "finish_reason": "stop" if ended else "length", "stop_reason": None}
+            if srv.token_ids and body.get("return_token_ids"):
+                choice["token_ids"] = new
+            choices.append(choice)
+        self._send(200, {"object": "text_completion", "model": srv.served_model, "choices": choices})
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def serve(tiny_family):
+    """Start a fake OpenAI-compatible completions server (a real tiny model behind it) for a checkpoint;
+    yields a factory returning (base_url, server)."""
+    servers = []
+
+    def start(path, token_ids: bool = True):
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), _CompletionsHandler)
+        srv.model, srv.tokenizer = load_causal_lm(str(path), "float64"), load_tokenizer(str(path))
+        srv.eos, srv.served_model, srv.token_ids = srv.tokenizer.eos_token_id, "tiny", token_ids
+        srv.requests, srv.lock = [], threading.Lock()
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_port}/v1", srv
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()

@@ -43,14 +43,21 @@ def build(arch: str, seed: int) -> torch.nn.Module:
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_fused_forward_matches_each_model(arch):
     models = [build(arch, seed) for seed in range(3)]
-    ids = torch.randint(0, 64, (5, 7), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 64, (6, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = [m(input_ids=ids).logits for m in models]
+        first = [m(input_ids=ids[:, :1]).logits for m in models]
         fused = fuse_models(models)
-        for candidates in ([0, 1, 2, 1, 0], [0, 0, 1, 2, 2], [2, 0, 2, 0, 0], [1, 1, 1, 1, 1]):  # [2, 0, ...]: a gap
-            logits = fused(rows=RowAssignment.of(candidates, "cpu"), input_ids=ids).logits
+        # uneven groups, a gap (candidate 1 absent), even groups, one candidate; with several tokens per
+        # row (uneven groups: one matmul per candidate) and with one (one bmm over padded groups)
+        for candidates in ([0, 1, 2, 1, 0, 0], [0, 0, 1, 2, 2, 2], [2, 0, 2, 0, 0, 2], [0, 1, 2, 2, 1, 0],
+                           [1, 1, 1, 1, 1, 1]):
+            rows = RowAssignment.of(candidates, "cpu")
+            logits = fused(rows=rows, input_ids=ids).logits
+            one = fused(rows=rows, input_ids=ids[:, :1]).logits
             for row, c in enumerate(candidates):
                 torch.testing.assert_close(logits[row], ref[c][row])
+                torch.testing.assert_close(one[row], first[c][row])
         # the originals still compute what they did, and their weights now live in the fused stacks
         torch.testing.assert_close(models[2](input_ids=ids).logits, ref[2])
     stacks = {p.untyped_storage().data_ptr() for p in fused.parameters()}

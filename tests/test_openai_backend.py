@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -17,75 +14,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from switchrl.backends import CandidatePool, SamplingParams, Trace, build_backend
 from switchrl.backends.openai_backend import OpenAIBackend, ServerError
-from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm, load_tokenizer
+from switchrl.backends.transformers_backend import TransformersBackend
 from switchrl.config import CandidateConfig
 from switchrl.errors import ConfigError
 from switchrl.utils.seeding import derive_seed
 
 QUERIES = ["the town of red river", "one two three", "the answer is", "a blue bridge in the park"]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """``POST /v1/completions`` in the vLLM dialect: token-id prompts, ``token_ids`` in each choice."""
-
-    def log_message(self, *args) -> None:  # keep pytest output clean
-        pass
-
-    def do_POST(self) -> None:
-        srv = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        srv.requests.append(body)
-        if self.path != "/v1/completions" or body.get("model") != srv.served_model:
-            return self._send(400 if self.path == "/v1/completions" else 404,
-                              {"error": {"message": f"unknown model {body.get('model')!r}"}})
-        prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
-        choices = []
-        for i, ids in enumerate(prompts):
-            x = torch.tensor([ids])
-            kwargs = dict(do_sample=False)
-            if body["temperature"] > 0:
-                kwargs = dict(do_sample=True, temperature=body["temperature"], top_p=body["top_p"], top_k=0)
-            with srv.lock:
-                torch.manual_seed(body.get("seed", 0))
-                out = srv.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=body["max_tokens"],
-                                         eos_token_id=srv.eos, pad_token_id=0, **kwargs)
-            new = out[0, len(ids):].tolist()
-            ended = srv.eos in new
-            new = new[:new.index(srv.eos) + 1] if ended else new  # vLLM returns the EOS id, not its text
-            choice = {"index": i, "text": srv.tokenizer.decode(new, skip_special_tokens=True),
-                      "finish_reason": "stop" if ended else "length", "stop_reason": None}
-            if srv.token_ids and body.get("return_token_ids"):
-                choice["token_ids"] = new
-            choices.append(choice)
-        self._send(200, {"object": "text_completion", "model": srv.served_model, "choices": choices})
-
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
-@pytest.fixture
-def serve(tiny_family):
-    """Start a completions server for a checkpoint; yields a factory returning (base_url, server)."""
-    servers = []
-
-    def start(path, token_ids: bool = True):
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        srv.model, srv.tokenizer = load_causal_lm(str(path), "float64"), load_tokenizer(str(path))
-        srv.eos, srv.served_model, srv.token_ids = srv.tokenizer.eos_token_id, "tiny", token_ids
-        srv.requests, srv.lock = [], threading.Lock()
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
-        return f"http://127.0.0.1:{srv.server_port}/v1", srv
-
-    yield start
-    for srv in servers:
-        srv.shutdown()
-        srv.server_close()
 
 
 def _local(paths, sampling):

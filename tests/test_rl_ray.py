@@ -18,7 +18,6 @@ import yaml
 ray = pytest.importorskip("ray")
 
 from test_grpo import QUERIES, make_config, rl_section  # noqa: E402
-from test_openai_backend import serve  # noqa: E402, F401  (the fake completions server fixture)
 
 from switchrl.backends import CandidatePool, Trace  # noqa: E402
 from switchrl.cli import main as cli  # noqa: E402

@@ -116,7 +116,7 @@ class FusedLinear(nn.Module):
         rows = self.rows.get()
         if rows.single is not None:
             return F.linear(x, self._weights[rows.single], self._biases[rows.single])
-        if x.dim() > 2 and x.shape[1] > 1 and len(rows.gather) > len(rows.index):
+        if x.numel() > x.shape[0] * x.shape[-1] and len(rows.gather) > len(rows.index):
             # several tokens per row (a prefill): padded slots would cost real work, so one matmul per candidate
             out = x.new_empty(*x.shape[:-1], self.weight.shape[1])
             for c, at in zip(rows.present, rows.members):
