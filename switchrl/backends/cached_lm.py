@@ -268,7 +268,6 @@ def _prefill(lm: CachedLM, rows: Any, entries: Sequence[_Entry | None], past: Se
     layers = []
     if P > 0:
         template = next(e for e in entries if e is not None and e.length).layers
-        layers = []
         for li, (k0, v0) in enumerate(template):
             k = k0.new_zeros((B, k0.shape[1], P, k0.shape[3]))
             v = v0.new_zeros((B, v0.shape[1], P, v0.shape[3]))

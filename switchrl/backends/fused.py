@@ -52,14 +52,13 @@ class NotFusable(ValueError):
 class RowAssignment:
     """Which candidate each row of a batch belongs to, and the grouped layout fused layers compute in.
 
-    Grouped layout: ``len(present)`` groups of ``width`` slots, group ``g`` holding the rows of
-    candidate ``present[g]`` (padded by repeating its first row); ``gather`` lists the row of each
-    slot, ``scatter`` the slot of each row.
+    Grouped layout: ``len(present)`` groups of ``width`` slots (the most rows of one candidate),
+    group ``g`` holding the rows of candidate ``present[g]`` (padded by repeating its first row);
+    ``gather`` lists the row of each slot, ``scatter`` the slot of each row.
     """
 
     index: torch.Tensor  # [B] candidate of each row
     present: tuple[int, ...]  # the candidates with rows, ascending
-    width: int  # slots per group: the largest number of rows of one candidate
     gather: torch.Tensor  # [len(present) * width] row of each slot
     scatter: torch.Tensor  # [B] slot of each row
     runs: tuple[tuple[int, int, int], ...]  # (first group, first candidate, end candidate) of consecutive candidates
@@ -87,7 +86,7 @@ class RowAssignment:
             else:
                 runs.append((g, c, c + 1))
         as_tensor = partial(torch.tensor, dtype=torch.long, device=device)
-        return cls(as_tensor(cands), present, width, as_tensor(gather), as_tensor(scatter), tuple(runs),
+        return cls(as_tensor(cands), present, as_tensor(gather), as_tensor(scatter), tuple(runs),
                    tuple(as_tensor(members[c]) for c in present))
 
     def __post_init__(self) -> None:
@@ -328,9 +327,6 @@ def fuse_models(models: Sequence[nn.Module]) -> FusedModel:
 
 class FusedCachedLM(CachedLM):
     """A :class:`CachedLM` over a :class:`FusedModel`; keys are ``(candidate, trace key)`` pairs."""
-
-    def __init__(self, model: FusedModel, pad_token_id: int = 0):
-        super().__init__(model, pad_token_id)
 
     def _rows(self, keys: Sequence[Any]) -> RowAssignment:
         return RowAssignment.of([k[0] for k in keys], self.device)

@@ -139,13 +139,13 @@ class CandidatePool(CandidateNames):
     def prefill(self, traces: Sequence[Trace]) -> None:
         """Let every candidate read ``traces`` as they stand (one call per fused engine), e.g. before
         forking them: the forks then share that work instead of each reading the prefix again."""
-        engines: dict[int, object] = {}
+        seen: set[int] = set()
         for b in self.backends:
             engine = getattr(b, "fused", None)
             if engine is None:
                 b.prefill(traces)
-            elif id(engine) not in engines:
-                engines[id(engine)] = engine
+            elif id(engine) not in seen:
+                seen.add(id(engine))
                 engine.prefill(traces)
 
     def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:

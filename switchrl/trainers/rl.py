@@ -117,8 +117,6 @@ def prepare(config: RunConfig, rl: RLSection | None = None, reward: Any = None,
         scorers = resolved.scorers(list(by_task))
     gen = resolved.generation
     if pool is None and config.executor.executor == "ray":
-        from switchrl.executors.remote_pool import RayCandidatePool
-
         pool = RayCandidatePool(resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed,
                                 executor=config.executor)
     elif pool is None:
