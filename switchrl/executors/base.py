@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import Field, field_validator
 
@@ -89,6 +89,22 @@ class ChunkResult:
     index: int
     records: list[dict]
     worker: str
+
+
+_Closing = TypeVar("_Closing", bound="ClosesOnExit")
+
+
+class ClosesOnExit:
+    """``with obj: ...`` calls ``obj.close()`` on the way out; subclasses define :meth:`close`."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Closing) -> _Closing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Executor(Protocol):

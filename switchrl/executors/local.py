@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from switchrl.executors.base import ChunkResult, Worker, WorkerContext, WorkerSpec
+from switchrl.executors.base import ChunkResult, ClosesOnExit, Worker, WorkerContext, WorkerSpec
 
 
-class LocalExecutor:
+class LocalExecutor(ClosesOnExit):
     """Runs every chunk in this process. The worker of a spec is built on first use and reused."""
 
     def __init__(self) -> None:
@@ -28,9 +28,3 @@ class LocalExecutor:
 
     def close(self) -> None:
         self._workers.clear()
-
-    def __enter__(self) -> LocalExecutor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

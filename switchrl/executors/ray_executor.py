@@ -16,10 +16,11 @@ import os
 import socket
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from switchrl.executors.base import (
     ChunkResult,
+    ClosesOnExit,
     ExecutorConfig,
     ExecutorError,
     WorkerContext,
@@ -28,7 +29,6 @@ from switchrl.executors.base import (
 )
 
 logger = logging.getLogger(__name__)
-_Actors = TypeVar("_Actors", bound="RayActors")
 
 
 def _import_ray() -> Any:
@@ -52,7 +52,7 @@ class _Replica:
         return os.getpid()
 
 
-class RayActors:
+class RayActors(ClosesOnExit):
     """What every switchrl use of Ray shares: connect, place replicas, start and stop their actors.
 
     Connects on first use: to ``config.ray_address`` (checked with a TCP probe first, so a bad address
@@ -177,6 +177,11 @@ class RayActors:
         return self._actors
 
     @property
+    def lost_actor_errors(self) -> tuple[type[BaseException], ...]:
+        """What Ray raises for a call whose actor died or is restarting (as opposed to an error of the call)."""
+        return (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError)
+
+    @property
     def actors(self) -> list[Any]:
         """The handles of the actors not known to be dead."""
         return [a for a in self._actors if a is not None]
@@ -195,12 +200,6 @@ class RayActors:
             if self._started_ray:
                 self.ray.shutdown()
                 self._started_ray = False
-
-    def __enter__(self: _Actors) -> _Actors:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class RayExecutor(RayActors):
@@ -231,7 +230,7 @@ class RayExecutor(RayActors):
             return
         self._start(spec)
         ray = self.ray
-        actor_errors = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        actor_errors = self.lost_actor_errors
         pending = deque(range(len(chunks)))
         idle = deque(i for i, actor in enumerate(self._actors) if actor is not None)
         alive = set(idle)

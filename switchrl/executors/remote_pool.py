@@ -25,10 +25,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from switchrl.backends.base import Patch, Trace
-from switchrl.backends.pool import CandidateNames, check_pool, check_step
+from switchrl.backends.pool import CandidateNames, CandidatePool, check_pool, check_step
 from switchrl.config import CandidateConfig, parse
 from switchrl.errors import ConfigError
-from switchrl.executors.base import ExecutorConfig, ExecutorError
+from switchrl.executors.base import ClosesOnExit, ExecutorConfig, ExecutorError
 from switchrl.executors.ray_executor import RayActors
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,6 @@ class _PoolReplica:
     """One actor: a candidate pool built once, writing patches for the traces routed to it."""
 
     def __init__(self, candidates: list[dict], patch_tokens: int, seed: int, devices: tuple[str, ...]):
-        from switchrl.backends.pool import CandidatePool
-
         configs = [CandidateConfig.model_validate(c) for c in candidates]
         if devices:
             configs = [c.model_copy(update={"device": d}) for c, d in zip(configs, devices)]
@@ -63,7 +61,7 @@ class _PoolReplica:
         self.pool.release(keys)
 
 
-class RayCandidatePool(CandidateNames):
+class RayCandidatePool(CandidateNames, ClosesOnExit):
     """Drop-in for :class:`~switchrl.backends.pool.CandidatePool` in RL rollouts, with the candidates
     on ``executor.replicas`` Ray actors (placement, restarts and timeouts from ``executor``).
 
@@ -85,6 +83,7 @@ class RayCandidatePool(CandidateNames):
         self.patch_tokens, self.seed, self._names = patch_tokens, seed, names
         self._cluster = RayActors(config)
         self.ray = self._cluster.ray
+        self._lost = self._cluster.lost_actor_errors
         dumped = [c.model_dump(mode="json") for c in candidates]
         suffix = f"-{n}" if (n := next(_pools)) else ""
 
@@ -99,7 +98,7 @@ class RayCandidatePool(CandidateNames):
         for a, actor in enumerate(self._actors):  # wait until every actor has loaded its models
             try:
                 loaded = self.ray.get(actor.names.remote())
-            except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError) as err:
+            except self._lost as err:
                 self.close()
                 cause = str(err).strip().splitlines()[-1]  # the last line of the actor's traceback
                 raise ExecutorError(f"Ray actor {self.actor_names[a]} could not build the candidate pool: "
@@ -179,13 +178,12 @@ class RayCandidatePool(CandidateNames):
                  out: list[Any]) -> tuple[dict[int, BaseException], BaseException | None]:
         """Fill ``out`` from every call that succeeded; return the lost actors' errors and the first
         error raised by a pool itself (a bug or bad input: not retried)."""
-        lost = (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError)
         failed: dict[int, BaseException] = {}
         error: BaseException | None = None
         for a, ref in calls.items():
             try:
                 values = self.ray.get(ref)
-            except lost as err:
+            except self._lost as err:
                 if getattr(err, "actor_init_failed", False):
                     return failed, ExecutorError(f"Ray actor {self.actor_names[a]} could not rebuild the "
                                                  f"candidate pool after a restart: {err}")
@@ -202,7 +200,6 @@ class RayCandidatePool(CandidateNames):
                  traces: Sequence[Trace]) -> dict[int, list[int]]:
         """The rows to send again: to the same actor if Ray restarted it, else to the live actors
         (all of a dead actor's traces move). The traces are re-read from scratch either way."""
-        lost = (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError)
         again: dict[int, list[int]] = defaultdict(list)
         for a, err in failed.items():
             keys = [traces[i].key for i in rows[a]]
@@ -212,7 +209,7 @@ class RayCandidatePool(CandidateNames):
                                self.actor_names[a], len(keys), err)
                 again[a].extend(rows[a])
                 continue
-            except lost:
+            except self._lost:
                 pass
             self._actors[a] = None
             logger.warning("Ray actor %s is dead; moving its traces to the other actors: %s", self.actor_names[a], err)
@@ -231,9 +228,3 @@ class RayCandidatePool(CandidateNames):
     def close(self) -> None:
         """Kill the actors (and stop Ray if this pool started it)."""
         self._cluster.close()
-
-    def __enter__(self) -> RayCandidatePool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from switchrl.errors import CheckpointError
-from switchrl.executors.base import RECORD_ID_KEY
+from switchrl.executors.base import RECORD_ID_KEY, ClosesOnExit
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
@@ -65,7 +65,7 @@ def encode_records(records: Iterable[dict]) -> bytes:
         raise ValueError(f"records must be JSON-serialisable: {err}") from None
 
 
-class ShardStore:
+class ShardStore(ClosesOnExit):
     """The shards and manifest of one output directory.
 
     ``order`` (item ids) fixes the order in which :meth:`records` returns records; without it,
@@ -225,12 +225,6 @@ class ShardStore:
         if self._lock is not None and not self._lock.closed:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
-
-    def __enter__(self) -> ShardStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"ShardStore({str(self.out_dir)!r}, shards={len(self.shards)}, records={self.num_records})"
