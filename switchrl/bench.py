@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -43,6 +44,7 @@ ARCHS: dict[str, dict] = {
                num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
 }
 GREEDY = SamplingParams(temperature=0.0)
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -112,13 +114,13 @@ def memory_stats(device: str) -> dict:
     return out
 
 
-def _timed(device: str, fn: Callable[[], list[Trace]]) -> tuple[float, list[Trace]]:
+def _timed(device: str, fn: Callable[[], _T]) -> tuple[float, _T]:
     gc.collect()
     _sync(device)
     start = time.perf_counter()
-    traces = fn()
+    result = fn()
     _sync(device)
-    return time.perf_counter() - start, traces
+    return time.perf_counter() - start, result
 
 
 def _compare(device: str, repeats: int, *fns: Callable[[], list[Trace]]) -> list[tuple[float, list[Trace], dict]]:
@@ -160,11 +162,8 @@ def _prefill_seconds(setup: BenchSetup, queries: Sequence[str], repeats: int) ->
     keys = [f"prefill/q{i}" for i in range(len(queries))]
     best = float("inf")
     for _ in range(repeats + 1):  # the first run warms up
-        _sync(setup.device)
-        start = time.perf_counter()
-        backend.lm.extend(keys, ids)
-        _sync(setup.device)
-        best = min(best, time.perf_counter() - start)
+        seconds, _ = _timed(setup.device, partial(backend.lm.extend, keys, ids))
+        best = min(best, seconds)
         backend.lm.release(keys)
     return best
 
