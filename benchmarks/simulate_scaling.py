@@ -35,9 +35,12 @@ class UtilityWorker:
         from switchrl.backends.transformers_backend import TransformersBackend
 
         devices = context.devices or ("cpu",) * len(config["models"])
-        backends = [TransformersBackend.from_pretrained(f"c{i}", path, device=device,
-                                                        sampling=SamplingParams(temperature=1.0))
-                    for i, (path, device) in enumerate(zip(config["models"], devices))]
+        backends = [
+            TransformersBackend.from_pretrained(
+                f"c{i}", path, device=device, sampling=SamplingParams(temperature=1.0)
+            )
+            for i, (path, device) in enumerate(zip(config["models"], devices))
+        ]
         self.pool = CandidatePool(backends, patch_tokens=config["patch_tokens"], seed=config["seed"])
         self.k, self.max_new_tokens = config["k"], config["max_new_tokens"]
 
@@ -46,10 +49,13 @@ class UtilityWorker:
         from switchrl.envs.rollout import estimate_utilities
 
         states = [Trace(key=it.id, query=it.query, max_new_tokens=self.max_new_tokens) for it in items]
-        est = estimate_utilities(self.pool, states, ["river"] * len(items),
-                                 lambda q, r, ref, **m: float(ref in r), k=self.k)
+        est = estimate_utilities(
+            self.pool, states, ["river"] * len(items), lambda q, r, ref, **m: float(ref in r), k=self.k
+        )
         self.pool.release([s.key for s in states])
-        return [{"id": it.id, "utilities": e.utilities, "finishes": sum(e.counts)} for it, e in zip(items, est)]
+        return [
+            {"id": it.id, "utilities": e.utilities, "finishes": sum(e.counts)} for it, e in zip(items, est)
+        ]
 
 
 def make_worker(config: dict, context: WorkerContext) -> UtilityWorker:
@@ -68,9 +74,18 @@ def tiny_models(root: Path, n: int, hidden: int) -> list[str]:
     paths = []
     for i in range(n):
         torch.manual_seed(i)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        cfg = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         LlamaForCausalLM(cfg).save_pretrained(root / f"m{i}")
         tok.save_pretrained(root / f"m{i}")
         paths.append(str(root / f"m{i}"))
@@ -99,8 +114,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = args.models or tiny_models(root / "models", 3, args.hidden)
-        spec = WorkerSpec(make_worker, {"models": models, "k": args.k, "patch_tokens": args.patch_tokens,
-                                        "max_new_tokens": args.max_new_tokens, "seed": 0}, num_models=len(models))
+        spec = WorkerSpec(
+            make_worker,
+            {
+                "models": models,
+                "k": args.k,
+                "patch_tokens": args.patch_tokens,
+                "max_new_tokens": args.max_new_tokens,
+                "seed": 0,
+            },
+            num_models=len(models),
+        )
         words = ["the town", "a red river", "one two three", "the answer is"]
         items = [State(f"s{i}", words[i % len(words)]) for i in range(args.states)]
         if args.ray_address is None:
@@ -108,25 +132,48 @@ def main() -> None:
         settings = (["local"] if args.local else []) + list(args.actors)
         base = None
         for setting in settings:
-            config = ExecutorConfig(executor="local") if setting == "local" else ExecutorConfig(
-                executor="ray", ray_address=args.ray_address, replicas=setting, placement=args.placement,
-                gpus_per_candidate=args.gpus_per_candidate)
+            config = (
+                ExecutorConfig(executor="local")
+                if setting == "local"
+                else ExecutorConfig(
+                    executor="ray",
+                    ray_address=args.ray_address,
+                    replicas=setting,
+                    placement=args.placement,
+                    gpus_per_candidate=args.gpus_per_candidate,
+                )
+            )
             with make_executor(config) as executor:
                 warm = [State(f"warm{i}", "the town") for i in range(1 if setting == "local" else setting)]
                 run(warm, spec, root / f"warm-{setting}", executor=executor, chunk_size=1, progress=False)
                 start = time.perf_counter()
-                store = run(items, spec, root / f"run-{setting}", executor=executor,
-                            chunk_size=args.chunk_size, progress=False)
+                store = run(
+                    items,
+                    spec,
+                    root / f"run-{setting}",
+                    executor=executor,
+                    chunk_size=args.chunk_size,
+                    progress=False,
+                )
                 seconds = time.perf_counter() - start
             finishes = sum(r["finishes"] for r in store.records())
             rate = finishes / seconds
             if setting == 1:
                 base = rate
-            print(json.dumps({"executor": "local" if setting == "local" else "ray",
-                              "actors": 1 if setting == "local" else setting, "states": len(items),
-                              "finishes": finishes, "seconds": round(seconds, 3),
-                              "finishes_per_s": round(rate, 2),
-                              "speedup_vs_1_actor": round(rate / base, 3) if base else None}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "executor": "local" if setting == "local" else "ray",
+                        "actors": 1 if setting == "local" else setting,
+                        "states": len(items),
+                        "finishes": finishes,
+                        "seconds": round(seconds, 3),
+                        "finishes_per_s": round(rate, 2),
+                        "speedup_vs_1_actor": round(rate / base, 3) if base else None,
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from typing import Any
 from switchrl.rewards import token_f1
 
 
-def length_penalised_f1(query: str, response: str, reference: str, *, max_words: int = 64,
-                        penalty: float = 0.01, **meta: Any) -> float:
+def length_penalised_f1(
+    query: str, response: str, reference: str, *, max_words: int = 64, penalty: float = 0.01, **meta: Any
+) -> float:
     """SQuAD token F1, minus ``penalty`` per word beyond ``max_words``, floored at 0."""
     if max_words < 0:
         raise ValueError(f"max_words must be >= 0, got {max_words}")

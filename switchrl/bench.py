@@ -35,13 +35,34 @@ from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher
 from switchrl.utils.seeding import derive_seed, generator
 
 ARCHS: dict[str, dict] = {
-    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2),
-    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-               rope_theta=500000.0),
-    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    "tiny": dict(
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+    "8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+    ),
 }
 GREEDY = SamplingParams(temperature=0.0)
 _T = TypeVar("_T")
@@ -70,17 +91,30 @@ def synthetic_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
     A model with ``vocab_size`` outputs can never emit that EOS, so responses run to their budget.
     """
-    vocab = {"<pad>": 0, "<bos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab_size)}, "<eos>": vocab_size}
+    vocab = {
+        "<pad>": 0,
+        "<bos>": 1,
+        "<unk>": 2,
+        **{f"w{i}": i for i in range(3, vocab_size)},
+        "<eos>": vocab_size,
+    }
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
-def build_setup(arch: str, n_candidates: int = 3, device: str = "auto", dtype: str = "auto",
-                seed: int = 0, sampling: SamplingParams = GREEDY) -> BenchSetup:
+def build_setup(
+    arch: str,
+    n_candidates: int = 3,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    sampling: SamplingParams = GREEDY,
+) -> BenchSetup:
     """``n_candidates`` random-weight models of ``arch`` (different weights, one tokenizer)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
@@ -92,7 +126,9 @@ def build_setup(arch: str, n_candidates: int = 3, device: str = "auto", dtype: s
     tokenizer = synthetic_tokenizer(spec["vocab_size"])
     backends = []
     for i in range(n_candidates):
-        cfg = LlamaConfig(**spec, max_position_embeddings=8192, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+        cfg = LlamaConfig(
+            **spec, max_position_embeddings=8192, bos_token_id=1, eos_token_id=None, pad_token_id=0
+        )
         torch.manual_seed(derive_seed(seed, "bench-model", arch, i))
         with torch.device(device):
             model = LlamaForCausalLM(cfg).to(torch_dtype).eval()
@@ -123,7 +159,9 @@ def _timed(device: str, fn: Callable[[], _T]) -> tuple[float, _T]:
     return time.perf_counter() - start, result
 
 
-def _compare(device: str, repeats: int, *fns: Callable[[], list[Trace]]) -> list[tuple[float, list[Trace], dict]]:
+def _compare(
+    device: str, repeats: int, *fns: Callable[[], list[Trace]]
+) -> list[tuple[float, list[Trace], dict]]:
     """Run ``fns`` in turn ``repeats`` times; per fn the best time, its traces and its peak memory.
 
     Alternating the compared paths and keeping each one's best run makes a ratio robust to other
@@ -141,8 +179,10 @@ def _compare(device: str, repeats: int, *fns: Callable[[], list[Trace]]) -> list
 
 
 def _match(a: Sequence[Trace], b: Sequence[Trace]) -> float:
-    same = sum(x.authors == y.authors and [p.token_ids for p in x.patches] == [p.token_ids for p in y.patches]
-               for x, y in zip(a, b))
+    same = sum(
+        x.authors == y.authors and [p.token_ids for p in x.patches] == [p.token_ids for p in y.patches]
+        for x, y in zip(a, b)
+    )
     return round(same / max(1, len(a)), 3)
 
 
@@ -173,23 +213,41 @@ def _emit(record: dict, out: Callable[[str], None]) -> dict:
     return record
 
 
-def _run(pool: CandidatePool, policy: SwitchPolicy, queries: Sequence[str], max_new_tokens: int, tag: str) -> list[Trace]:
+def _run(
+    pool: CandidatePool, policy: SwitchPolicy, queries: Sequence[str], max_new_tokens: int, tag: str
+) -> list[Trace]:
     keys = [f"{tag}/q{i}" for i in range(len(queries))]
     return run_switch_generation(pool, policy, queries, max_new_tokens, keys=keys, batch_size=len(queries))
 
 
 # ---------------------------------------------------------------------------------------- benchmarks
-def switch_vs_single(setup: BenchSetup, batch_sizes: Sequence[int] = (1, 8, 32), prompt_len: int = 128,
-                     max_new_tokens: int = 256, patch_tokens: int = 50, seed: int = 0, repeats: int = 1,
-                     out: Callable[[str], None] = print) -> list[dict]:
+def switch_vs_single(
+    setup: BenchSetup,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    prompt_len: int = 128,
+    max_new_tokens: int = 256,
+    patch_tokens: int = 50,
+    seed: int = 0,
+    repeats: int = 1,
+    out: Callable[[str], None] = print,
+) -> list[dict]:
     """Switched generation (random switcher, a decision every patch) vs candidate 0 alone, same engine."""
-    _check_sizes(batch_sizes=batch_sizes, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                 patch_tokens=patch_tokens, repeats=repeats)
+    _check_sizes(
+        batch_sizes=batch_sizes,
+        prompt_len=prompt_len,
+        max_new_tokens=max_new_tokens,
+        patch_tokens=patch_tokens,
+        repeats=repeats,
+    )
     switched = CandidatePool(setup.backends, patch_tokens=patch_tokens, seed=seed)
     single = CandidatePool(setup.backends[:1], patch_tokens=max_new_tokens, seed=seed)
     # the same weights, one forward pass per candidate (what switchrl did before fusing candidates)
-    unfused = CandidatePool([TransformersBackend(b.name, b.model, b.tokenizer, sampling=b.sampling)
-                             for b in setup.backends], patch_tokens=patch_tokens, seed=seed, fuse=False)
+    unfused = CandidatePool(
+        [TransformersBackend(b.name, b.model, b.tokenizer, sampling=b.sampling) for b in setup.backends],
+        patch_tokens=patch_tokens,
+        seed=seed,
+        fuse=False,
+    )
     policy = RandomSwitcher(len(setup.backends), seed=seed)
     warm = setup.queries(2, prompt_len, seed)
     for pool in (switched, unfused):
@@ -198,39 +256,68 @@ def switch_vs_single(setup: BenchSetup, batch_sizes: Sequence[int] = (1, 8, 32),
     records = []
     for b in tqdm(batch_sizes, desc="switch_vs_single", unit="batch", file=sys.stderr):
         queries = setup.queries(b, prompt_len, seed)
-        (t_single, single_traces, mem_single), (t_switch, traces, mem_switch), (t_unfused, unfused_traces, _) = _compare(
-            setup.device, repeats, partial(_run, single, FixedSwitcher(1, 0), queries, max_new_tokens, f"single{b}"),
+        (
+            (t_single, single_traces, mem_single),
+            (t_switch, traces, mem_switch),
+            (t_unfused, unfused_traces, _),
+        ) = _compare(
+            setup.device,
+            repeats,
+            partial(_run, single, FixedSwitcher(1, 0), queries, max_new_tokens, f"single{b}"),
             partial(_run, switched, policy, queries, max_new_tokens, f"switch{b}"),
-            partial(_run, unfused, policy, queries, max_new_tokens, f"switch{b}"))  # same keys: same decisions
+            partial(_run, unfused, policy, queries, max_new_tokens, f"switch{b}"),
+        )  # same keys: same decisions
         tok_single = sum(t.num_tokens for t in single_traces)
         tok_switch = sum(t.num_tokens for t in traces)
         tok_unfused = sum(t.num_tokens for t in unfused_traces)
-        read = {name: sum(_tokens_read(t, prompt_len) for t in ts) for name, ts in
-                (("single", single_traces), ("switched", traces))}
+        read = {
+            name: sum(_tokens_read(t, prompt_len) for t in ts)
+            for name, ts in (("single", single_traces), ("switched", traces))
+        }
         # switching makes the candidates read (prefill) more tokens than one model does; reading them
         # at this engine's prompt-prefill speed alone caps the ratio at `ratio_cap_from_reading`
         prefill_tok_s = b * prompt_len / _prefill_seconds(setup, queries, repeats)
         t_reading = (read["switched"] - read["single"]) / prefill_tok_s
-        records.append(_emit({
-            "bench": "switch_vs_single", "arch": setup.arch, "device": _device_name(setup.device),
-            "dtype": str(setup.dtype).removeprefix("torch."), "batch": b, "prompt_len": prompt_len,
-            "max_new_tokens": max_new_tokens, "patch_tokens": patch_tokens, "candidates": len(setup.backends),
-            "single_tok_s": round(tok_single / t_single, 1), "switched_tok_s": round(tok_switch / t_switch, 1),
-            "ratio": round((tok_switch / t_switch) / (tok_single / t_single), 3),
-            "unfused_tok_s": round(tok_unfused / t_unfused, 1),
-            "unfused_ratio": round((tok_unfused / t_unfused) / (tok_single / t_single), 3),
-            "same_tokens_unfused": _match(traces, unfused_traces),
-            "switches_per_response": round(sum(t.num_switches for t in traces) / len(traces), 2),
-            "read_tokens_per_response": {name: round(n / b, 1) for name, n in read.items()},
-            "prefill_tok_s": round(prefill_tok_s, 1),
-            "ratio_cap_from_reading": round(t_single / (t_single + t_reading), 3),
-            "repeats": repeats, "single_mem": mem_single, "switched_mem": mem_switch,
-        }, out))
+        records.append(
+            _emit(
+                {
+                    "bench": "switch_vs_single",
+                    "arch": setup.arch,
+                    "device": _device_name(setup.device),
+                    "dtype": str(setup.dtype).removeprefix("torch."),
+                    "batch": b,
+                    "prompt_len": prompt_len,
+                    "max_new_tokens": max_new_tokens,
+                    "patch_tokens": patch_tokens,
+                    "candidates": len(setup.backends),
+                    "single_tok_s": round(tok_single / t_single, 1),
+                    "switched_tok_s": round(tok_switch / t_switch, 1),
+                    "ratio": round((tok_switch / t_switch) / (tok_single / t_single), 3),
+                    "unfused_tok_s": round(tok_unfused / t_unfused, 1),
+                    "unfused_ratio": round((tok_unfused / t_unfused) / (tok_single / t_single), 3),
+                    "same_tokens_unfused": _match(traces, unfused_traces),
+                    "switches_per_response": round(sum(t.num_switches for t in traces) / len(traces), 2),
+                    "read_tokens_per_response": {name: round(n / b, 1) for name, n in read.items()},
+                    "prefill_tok_s": round(prefill_tok_s, 1),
+                    "ratio_cap_from_reading": round(t_single / (t_single + t_reading), 3),
+                    "repeats": repeats,
+                    "single_mem": mem_single,
+                    "switched_mem": mem_switch,
+                },
+                out,
+            )
+        )
     return records
 
 
-def reencode_generation(setup: BenchSetup, policy: RandomSwitcher, queries: Sequence[str], max_new_tokens: int,
-                        patch_tokens: int, tag: str) -> list[Trace]:
+def reencode_generation(
+    setup: BenchSetup,
+    policy: RandomSwitcher,
+    queries: Sequence[str],
+    max_new_tokens: int,
+    patch_tokens: int,
+    tag: str,
+) -> list[Trace]:
     """The reference style: one query at a time, every patch re-encodes the whole prefix with ``generate``."""
     traces = []
     for i, query in enumerate(queries):
@@ -241,10 +328,16 @@ def reencode_generation(setup: BenchSetup, policy: RandomSwitcher, queries: Sequ
             backend = setup.backends[author]
             prefix = torch.tensor([ids], device=setup.device)
             limit = min(patch_tokens, trace.remaining_tokens)
-            gen = backend.model.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=limit,
-                                            min_new_tokens=limit, do_sample=False, pad_token_id=0,
-                                            eos_token_id=sorted(backend.stop_ids))
-            new = gen[0, prefix.shape[1]:].tolist()
+            gen = backend.model.generate(
+                prefix,
+                attention_mask=torch.ones_like(prefix),
+                max_new_tokens=limit,
+                min_new_tokens=limit,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=sorted(backend.stop_ids),
+            )
+            new = gen[0, prefix.shape[1] :].tolist()
             trace.patches.append(backend.patch_from_ids(trace, author, new))
             ids.extend(new)
         traces.append(trace)
@@ -253,12 +346,24 @@ def reencode_generation(setup: BenchSetup, policy: RandomSwitcher, queries: Sequ
     return traces
 
 
-def switch_vs_reencode(setup: BenchSetup, batch_sizes: Sequence[int] = (1, 8), prompt_len: int = 128,
-                       max_new_tokens: int = 256, patch_tokens: int = 50, seed: int = 0, repeats: int = 1,
-                       out: Callable[[str], None] = print) -> list[dict]:
+def switch_vs_reencode(
+    setup: BenchSetup,
+    batch_sizes: Sequence[int] = (1, 8),
+    prompt_len: int = 128,
+    max_new_tokens: int = 256,
+    patch_tokens: int = 50,
+    seed: int = 0,
+    repeats: int = 1,
+    out: Callable[[str], None] = print,
+) -> list[dict]:
     """switchrl's batched KV-reuse path vs re-encoding the prefix with ``generate`` every patch."""
-    _check_sizes(batch_sizes=batch_sizes, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                 patch_tokens=patch_tokens, repeats=repeats)
+    _check_sizes(
+        batch_sizes=batch_sizes,
+        prompt_len=prompt_len,
+        max_new_tokens=max_new_tokens,
+        patch_tokens=patch_tokens,
+        repeats=repeats,
+    )
     pool = CandidatePool(setup.backends, patch_tokens=patch_tokens, seed=seed)
     policy = RandomSwitcher(len(setup.backends), seed=seed)
     warm = setup.queries(1, prompt_len, seed)
@@ -267,29 +372,62 @@ def switch_vs_reencode(setup: BenchSetup, batch_sizes: Sequence[int] = (1, 8), p
     for b in tqdm(batch_sizes, desc="switch_vs_reencode", unit="batch", file=sys.stderr):
         queries = setup.queries(b, prompt_len, seed)
         (t_ref, ref, _), (t_kv, got, mem) = _compare(
-            setup.device, repeats, partial(reencode_generation, setup, policy, queries, max_new_tokens, patch_tokens,
-                                           f"b{b}"),
-            partial(_run, pool, policy, queries, max_new_tokens, f"b{b}"))
+            setup.device,
+            repeats,
+            partial(reencode_generation, setup, policy, queries, max_new_tokens, patch_tokens, f"b{b}"),
+            partial(_run, pool, policy, queries, max_new_tokens, f"b{b}"),
+        )
         tokens = sum(t.num_tokens for t in got)
-        records.append(_emit({
-            "bench": "switch_vs_reencode", "arch": setup.arch, "device": _device_name(setup.device),
-            "dtype": str(setup.dtype).removeprefix("torch."), "batch": b, "prompt_len": prompt_len,
-            "max_new_tokens": max_new_tokens, "patch_tokens": patch_tokens, "candidates": len(setup.backends),
-            "reencode_tok_s": round(sum(t.num_tokens for t in ref) / t_ref, 1),
-            "kv_reuse_tok_s": round(tokens / t_kv, 1), "ratio": round(t_ref / t_kv, 3),
-            "same_tokens": _match(got, ref), "repeats": repeats, **mem,
-        }, out))
+        records.append(
+            _emit(
+                {
+                    "bench": "switch_vs_reencode",
+                    "arch": setup.arch,
+                    "device": _device_name(setup.device),
+                    "dtype": str(setup.dtype).removeprefix("torch."),
+                    "batch": b,
+                    "prompt_len": prompt_len,
+                    "max_new_tokens": max_new_tokens,
+                    "patch_tokens": patch_tokens,
+                    "candidates": len(setup.backends),
+                    "reencode_tok_s": round(sum(t.num_tokens for t in ref) / t_ref, 1),
+                    "kv_reuse_tok_s": round(tokens / t_kv, 1),
+                    "ratio": round(t_ref / t_kv, 3),
+                    "same_tokens": _match(got, ref),
+                    "repeats": repeats,
+                    **mem,
+                },
+                out,
+            )
+        )
     return records
 
 
-def simulate_throughput(setup: BenchSetup, states: Sequence[int] = (1, 2, 4), k: int = 32, prompt_len: int = 64,
-                        prefix_patches: int = 1, max_new_tokens: int = 128, patch_tokens: int = 32, seed: int = 0,
-                        repeats: int = 1, out: Callable[[str], None] = print) -> list[dict]:
+def simulate_throughput(
+    setup: BenchSetup,
+    states: Sequence[int] = (1, 2, 4),
+    k: int = 32,
+    prompt_len: int = 64,
+    prefix_patches: int = 1,
+    max_new_tokens: int = 128,
+    patch_tokens: int = 32,
+    seed: int = 0,
+    repeats: int = 1,
+    out: Callable[[str], None] = print,
+) -> list[dict]:
     """Scored finishes per second of :func:`estimate_utilities` (k finishes per candidate and state)."""
-    _check_sizes(batch_sizes=states, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                 patch_tokens=patch_tokens, k=k, repeats=repeats)
+    _check_sizes(
+        batch_sizes=states,
+        prompt_len=prompt_len,
+        max_new_tokens=max_new_tokens,
+        patch_tokens=patch_tokens,
+        k=k,
+        repeats=repeats,
+    )
     if prefix_patches < 0 or (prefix_patches + 1) * patch_tokens >= max_new_tokens:
-        raise ValueError("prefix_patches must be >= 0 and leave room for a patch and a finish in max_new_tokens")
+        raise ValueError(
+            "prefix_patches must be >= 0 and leave room for a patch and a finish in max_new_tokens"
+        )
     pool = CandidatePool(setup.backends, patch_tokens=patch_tokens, seed=seed)
     policy = RandomSwitcher(len(setup.backends), seed=seed)
 
@@ -299,22 +437,43 @@ def simulate_throughput(setup: BenchSetup, states: Sequence[int] = (1, 2, 4), k:
     records = []
     for s in tqdm(states, desc="simulate_throughput", unit="batch", file=sys.stderr):
         queries = setup.queries(s, prompt_len, seed)
-        prefixes = [Trace(key=f"s{s}/q{i}", query=q, max_new_tokens=max_new_tokens) for i, q in enumerate(queries)]
+        prefixes = [
+            Trace(key=f"s{s}/q{i}", query=q, max_new_tokens=max_new_tokens) for i, q in enumerate(queries)
+        ]
         for _ in range(prefix_patches):
             pool.step(prefixes, [d.action for d in policy.decide(prefixes)])
         refs = [p.text.split()[-1] if p.text.split() else "" for p in prefixes]
-        [(elapsed, _, mem)] = _compare(setup.device, repeats, partial(
-            estimate_utilities, pool, prefixes, refs, scorer, k=k, finisher=policy))
+        [(elapsed, _, mem)] = _compare(
+            setup.device,
+            repeats,
+            partial(estimate_utilities, pool, prefixes, refs, scorer, k=k, finisher=policy),
+        )
         pool.release([p.key for p in prefixes])
         finishes = s * len(setup.backends) * k
         tokens = finishes * (max_new_tokens - prefix_patches * patch_tokens)
-        records.append(_emit({
-            "bench": "simulate_throughput", "arch": setup.arch, "device": _device_name(setup.device),
-            "dtype": str(setup.dtype).removeprefix("torch."), "states": s, "k": k, "candidates": len(setup.backends),
-            "prompt_len": prompt_len, "max_new_tokens": max_new_tokens, "patch_tokens": patch_tokens,
-            "finishes": finishes, "seconds": round(elapsed, 2), "finishes_per_s": round(finishes / elapsed, 2),
-            "tok_s": round(tokens / elapsed, 1), "repeats": repeats, **mem,
-        }, out))
+        records.append(
+            _emit(
+                {
+                    "bench": "simulate_throughput",
+                    "arch": setup.arch,
+                    "device": _device_name(setup.device),
+                    "dtype": str(setup.dtype).removeprefix("torch."),
+                    "states": s,
+                    "k": k,
+                    "candidates": len(setup.backends),
+                    "prompt_len": prompt_len,
+                    "max_new_tokens": max_new_tokens,
+                    "patch_tokens": patch_tokens,
+                    "finishes": finishes,
+                    "seconds": round(elapsed, 2),
+                    "finishes_per_s": round(finishes / elapsed, 2),
+                    "tok_s": round(tokens / elapsed, 1),
+                    "repeats": repeats,
+                    **mem,
+                },
+                out,
+            )
+        )
     return records
 
 
@@ -352,8 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--candidates", type=int, default=3)
-    p.add_argument("--batch-sizes", type=_int_list, default=None,
-                   help="switch_vs_single: 1,8,32; switch_vs_reencode: 1,8")
+    p.add_argument(
+        "--batch-sizes",
+        type=_int_list,
+        default=None,
+        help="switch_vs_single: 1,8,32; switch_vs_reencode: 1,8",
+    )
     p.add_argument("--states", type=_int_list, default=[1, 2, 4], help="simulate_throughput: states per call")
     p.add_argument("--k", type=int, default=32, help="simulate_throughput: finishes per candidate and state")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -374,8 +537,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     setup = build_setup(args.arch, args.candidates, args.device, args.dtype, args.seed)
     names = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
-    common = dict(prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, patch_tokens=args.patch_tokens,
-                  seed=args.seed, repeats=args.repeats)
+    common = dict(
+        prompt_len=args.prompt_len,
+        max_new_tokens=args.max_new_tokens,
+        patch_tokens=args.patch_tokens,
+        seed=args.seed,
+        repeats=args.repeats,
+    )
     if "switch_vs_single" in names:
         switch_vs_single(setup, batch_sizes=args.batch_sizes or (1, 8, 32), **common)
     if "switch_vs_reencode" in names:

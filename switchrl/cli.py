@@ -58,7 +58,9 @@ def _add_executor(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="switchrl", description="Switch Generation as reinforcement learning.")
+    parser = argparse.ArgumentParser(
+        prog="switchrl", description="Switch Generation as reinforcement learning."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="write switched responses and print who wrote each patch")
@@ -84,17 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
             tp.add_argument("--json", help="also write the metrics as JSON here")
         tp.set_defaults(func=_cmd_testbed)
 
-    p = sub.add_parser("demo", help="build the testbed, train the SFT switcher and print the comparison table")
+    p = sub.add_parser(
+        "demo", help="build the testbed, train the SFT switcher and print the comparison table"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--n", type=int, default=200, help="test queries per task")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for smoke tests)")
     p.set_defaults(func=_cmd_demo)
 
-    for name, help_ in [("simulate", "simulated rollouts: utilities and labels per state"),
-                        ("sft", "train the switcher on simulated rollouts (TRL SFTTrainer + LoRA)"),
-                        ("eval", "the comparison table: single models, random, untuned, SFT (and RL) switchers"),
-                        ("report", "an HTML page of an eval run: who wrote what")]:
+    for name, help_ in [
+        ("simulate", "simulated rollouts: utilities and labels per state"),
+        ("sft", "train the switcher on simulated rollouts (TRL SFTTrainer + LoRA)"),
+        ("eval", "the comparison table: single models, random, untuned, SFT (and RL) switchers"),
+        ("report", "an HTML page of an eval run: who wrote what"),
+    ]:
         p = sub.add_parser(name, help=help_)
         _add_config(p, required=name != "report")
         if name in ("simulate", "eval"):
@@ -103,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("run_dir", help="an eval output directory")
         if name in ("sft",):
             p.add_argument("--report-to", choices=["none", "wandb", "tensorboard"], default=None)
-        p.set_defaults(func=_cmd_module(f"switchrl.trainers.{name}" if name in ("simulate", "sft")
-                                        else f"switchrl.{name}"))
+        p.set_defaults(
+            func=_cmd_module(
+                f"switchrl.trainers.{name}" if name in ("simulate", "sft") else f"switchrl.{name}"
+            )
+        )
 
     p = sub.add_parser("rl", help="refine the switcher with RL (grpo | ppo | sb3-ppo)")
     _add_config(p)

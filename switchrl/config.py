@@ -34,7 +34,9 @@ class CandidateConfig(StrictModel):
     top_k: int = Field(0, ge=0)
     stop_strings: list[str] = Field(default_factory=list)
     eos_after: str | None = Field(
-        None, description="regex: EOS is banned until the response text matches it (apply to every system alike)")
+        None,
+        description="regex: EOS is banned until the response text matches it (apply to every system alike)",
+    )
     base_url: str | None = Field(None, description="openai backend: server address, e.g. http://host:8000/v1")
     served_model: str | None = Field(None, description="openai backend: the model name the server serves")
 
@@ -92,7 +94,9 @@ class SwitcherConfig(StrictModel):
 
     type: Literal["random", "fixed", "round_robin", "lm"] = "random"
     candidate: str | None = Field(None, description="fixed: the candidate's name")
-    path: str | None = Field(None, description="lm: a saved switcher directory (or a base model to wrap, untuned)")
+    path: str | None = Field(
+        None, description="lm: a saved switcher directory (or a base model to wrap, untuned)"
+    )
     top_p: float = Field(0.7, gt=0, le=1)
     greedy: bool = False
     seed: int = 0

@@ -42,8 +42,11 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", n: int = 200, quick: 
     resolved = ResolvedRun(config)  # builds (or reuses) the family
     times["testbed"] = time.perf_counter() - start
     with torch_threads(1):
-        for name, step in (("simulate", lambda: simulate(config)), ("sft", lambda: train_sft(config)),
-                           ("eval", lambda: evaluate(resolved))):
+        for name, step in (
+            ("simulate", lambda: simulate(config)),
+            ("sft", lambda: train_sft(config)),
+            ("eval", lambda: evaluate(resolved)),
+        ):
             t = time.perf_counter()
             result = step()
             times[name] = time.perf_counter() - t

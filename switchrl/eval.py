@@ -60,11 +60,17 @@ class SystemSpec:
     name: str
     kind: str
     index: int | None = None  # singles: the candidate
-    path: str | None = None  # LM systems: a saved switcher dir ("sft", "rl", "path") or a base model ("untuned")
+    path: str | None = (
+        None  # LM systems: a saved switcher dir ("sft", "rl", "path") or a base model ("untuned")
+    )
 
 
-def resolve_systems(resolved: ResolvedRun, names: Sequence[str], candidate_names: Sequence[str],
-                    notes: list[str] | None = None) -> list[SystemSpec]:
+def resolve_systems(
+    resolved: ResolvedRun,
+    names: Sequence[str],
+    candidate_names: Sequence[str],
+    notes: list[str] | None = None,
+) -> list[SystemSpec]:
     """Expand ``eval.systems`` into :class:`SystemSpec` objects, checking paths without loading models.
 
     ``singles`` expands to one system per candidate; ``rl`` without ``eval.rl_path`` and ``oracle``
@@ -104,21 +110,27 @@ def resolve_systems(resolved: ResolvedRun, names: Sequence[str], candidate_names
             path = _switcher_dir(name, "eval.systems")
             out.append(SystemSpec(Path(path).name, "path", path=path))
         else:
-            raise ConfigError(f"eval.systems: unknown system {name!r}; expected one of {', '.join(SYSTEM_KINDS)} "
-                              "or a saved switcher directory")
+            raise ConfigError(
+                f"eval.systems: unknown system {name!r}; expected one of {', '.join(SYSTEM_KINDS)} "
+                "or a saved switcher directory"
+            )
     seen: set[str] = set()
     for spec in out:
         if spec.name in seen:
-            raise ConfigError(f"eval.systems: system name {spec.name!r} appears twice (a candidate and a "
-                              "switcher directory may not share a name)")
+            raise ConfigError(
+                f"eval.systems: system name {spec.name!r} appears twice (a candidate and a "
+                "switcher directory may not share a name)"
+            )
         seen.add(spec.name)
     return out
 
 
 def _switcher_dir(path: str, field_name: str) -> str:
     if not ((Path(path) / METADATA_FILE).is_file() or is_sb3_switcher_dir(path)):
-        raise CheckpointError(f"{field_name}: {path} is not a saved switcher (no {METADATA_FILE}); "
-                              "train one with `switchrl sft` or fix the path")
+        raise CheckpointError(
+            f"{field_name}: {path} is not a saved switcher (no {METADATA_FILE}); "
+            "train one with `switchrl sft` or fix the path"
+        )
     return str(path)
 
 
@@ -141,8 +153,10 @@ class _LMSystem:
         if self._switcher is None:
             switcher = self._load()
             if switcher.candidate_names != self._names:
-                raise CheckpointError(f"{self._where}: the switcher was trained for candidates "
-                                      f"{switcher.candidate_names}, but this run has {self._names}")
+                raise CheckpointError(
+                    f"{self._where}: the switcher was trained for candidates "
+                    f"{switcher.candidate_names}, but this run has {self._names}"
+                )
             self._switcher = switcher
         self._switcher.seed = seed  # decisions draw from (seed, trace key, patch index)
         return self._switcher
@@ -156,8 +170,14 @@ class _LMSystem:
                 torch.cuda.empty_cache()
 
 
-def build_systems(resolved: ResolvedRun, pool: CandidatePool, names: Sequence[str], *,
-                  notes: list[str] | None = None, device: str | None = None) -> dict[str, SystemFactory]:
+def build_systems(
+    resolved: ResolvedRun,
+    pool: CandidatePool,
+    names: Sequence[str],
+    *,
+    notes: list[str] | None = None,
+    device: str | None = None,
+) -> dict[str, SystemFactory]:
     """System name -> :data:`SystemFactory`, in table order (see :func:`resolve_systems`).
 
     LM switchers (``untuned``, ``sft``, ``rl``, saved directories) load lazily on first use, on
@@ -178,14 +198,23 @@ def build_systems(resolved: ResolvedRun, pool: CandidatePool, names: Sequence[st
         elif spec.kind == "untuned":
             family_labels = getattr(resolved.family, "label_tokens", None)
             labels = list(family_labels[:n]) if family_labels and len(family_labels) >= n else None
-            load = partial(LMSwitcher.from_base, spec.path, cands, label_tokens=labels,
-                           patch_tokens=pool.patch_tokens, **lm_kwargs)
+            load = partial(
+                LMSwitcher.from_base,
+                spec.path,
+                cands,
+                label_tokens=labels,
+                patch_tokens=pool.patch_tokens,
+                **lm_kwargs,
+            )
             systems[spec.name] = _LMSystem(load, cands, "untuned")
         elif spec.kind in ("rl", "path") and is_sb3_switcher_dir(spec.path):
-            systems[spec.name] = lambda seed, inst, path=spec.path: SB3Switcher.from_pretrained(path, seed=seed)
+            systems[spec.name] = lambda seed, inst, path=spec.path: SB3Switcher.from_pretrained(
+                path, seed=seed
+            )
         elif spec.kind in ("sft", "rl", "path"):
-            systems[spec.name] = _LMSystem(partial(LMSwitcher.from_pretrained, spec.path, **lm_kwargs), cands,
-                                           spec.path or spec.name)
+            systems[spec.name] = _LMSystem(
+                partial(LMSwitcher.from_pretrained, spec.path, **lm_kwargs), cands, spec.path or spec.name
+            )
         else:  # oracle
             systems[spec.name] = _oracle_factory(pool)
     return systems
@@ -198,9 +227,16 @@ def _oracle_factory(pool: CandidatePool) -> SystemFactory:
     def make(seed: int, instances: Mapping[str, TaskInstance]) -> SwitchPolicy:
         missing = [i.id for i in instances.values() if "solution" not in i.meta]
         if missing:
-            raise ConfigError(f"oracle: task instances {missing[:3]} have no meta['solution'] (reference answer text)")
-        return oracle_cls(pool, {key: tokenizer(inst.meta["solution"], add_special_tokens=False)["input_ids"]
-                                 for key, inst in instances.items()})
+            raise ConfigError(
+                f"oracle: task instances {missing[:3]} have no meta['solution'] (reference answer text)"
+            )
+        return oracle_cls(
+            pool,
+            {
+                key: tokenizer(inst.meta["solution"], add_special_tokens=False)["input_ids"]
+                for key, inst in instances.items()
+            },
+        )
 
     return make
 
@@ -219,18 +255,30 @@ class EvalItem:
         return f"{self.system}/{self.seed}/{self.instance.task}/{self.instance.id}"
 
 
-def make_items(systems: Sequence[str], seeds: Sequence[int],
-               instances: Mapping[str, Sequence[TaskInstance]]) -> list[EvalItem]:
+def make_items(
+    systems: Sequence[str], seeds: Sequence[int], instances: Mapping[str, Sequence[TaskInstance]]
+) -> list[EvalItem]:
     """Every (system, seed, task, instance), grouped so that a chunk mostly shares one policy."""
-    return [EvalItem(s, seed, inst) for s in systems for seed in seeds
-            for insts in instances.values() for inst in insts]
+    return [
+        EvalItem(s, seed, inst)
+        for s in systems
+        for seed in seeds
+        for insts in instances.values()
+        for inst in insts
+    ]
 
 
 class EvalWorker:
     """Writes and scores the responses of :class:`EvalItem` chunks with one candidate pool and its systems."""
 
-    def __init__(self, pool: CandidatePool, systems: Mapping[str, SystemFactory], scorers: Mapping[str, Any],
-                 max_new_tokens: int, batch_size: int = 64):
+    def __init__(
+        self,
+        pool: CandidatePool,
+        systems: Mapping[str, SystemFactory],
+        scorers: Mapping[str, Any],
+        max_new_tokens: int,
+        batch_size: int = 64,
+    ):
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
         if batch_size <= 0:
@@ -256,12 +304,22 @@ class EvalWorker:
             by_key = {it.id: it.instance for it in batch}
             policy = self.systems[system](seed, by_key)
             start = time.perf_counter()
-            traces = run_switch_generation(self.pool, policy, [it.instance.query for it in batch],
-                                           self.max_new_tokens, keys=list(by_key), batch_size=self.batch_size)
+            traces = run_switch_generation(
+                self.pool,
+                policy,
+                [it.instance.query for it in batch],
+                self.max_new_tokens,
+                keys=list(by_key),
+                batch_size=self.batch_size,
+            )
             seconds = (time.perf_counter() - start) / len(batch)
-            scores = safe_score_batch(self.scorers[task], [it.instance.query for it in batch],
-                                      [t.text for t in traces], [it.instance.reference for it in batch],
-                                      [it.instance.meta for it in batch])
+            scores = safe_score_batch(
+                self.scorers[task],
+                [it.instance.query for it in batch],
+                [t.text for t in traces],
+                [it.instance.reference for it in batch],
+                [it.instance.meta for it in batch],
+            )
             for i, item, trace, score in zip(rows, batch, traces, scores):
                 records[i] = self._record(item, trace, score, seconds)
         return records  # type: ignore[return-value]
@@ -269,14 +327,29 @@ class EvalWorker:
     def _record(self, item: EvalItem, trace: Trace, score: ScoreResult, seconds: float) -> dict:
         names = self.pool.names
         return {
-            "id": item.id, "system": item.system, "seed": item.seed, "task": item.instance.task,
-            "query_id": item.instance.id, "query": item.instance.query, "reference": item.instance.reference,
-            "text": trace.text, "score": score.value, "error": score.error,
-            "num_tokens": trace.num_tokens, "num_switches": trace.num_switches, "stop_reason": trace.stop_reason,
+            "id": item.id,
+            "system": item.system,
+            "seed": item.seed,
+            "task": item.instance.task,
+            "query_id": item.instance.id,
+            "query": item.instance.query,
+            "reference": item.instance.reference,
+            "text": trace.text,
+            "score": score.value,
+            "error": score.error,
+            "num_tokens": trace.num_tokens,
+            "num_switches": trace.num_switches,
+            "stop_reason": trace.stop_reason,
             "seconds": seconds,
-            "patches": [{"author": p.author, "name": names[p.author], "text": p.text,
-                         "probs": [round(x, PROB_DIGITS) for x in p.probs] if p.probs is not None else None}
-                        for p in trace.patches],
+            "patches": [
+                {
+                    "author": p.author,
+                    "name": names[p.author],
+                    "text": p.text,
+                    "probs": [round(x, PROB_DIGITS) for x in p.probs] if p.probs is not None else None,
+                }
+                for p in trace.patches
+            ],
         }
 
 
@@ -291,8 +364,9 @@ def make_worker(config: dict, context: WorkerContext) -> EvalWorker:
     pool = CandidatePool.from_configs(candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
     switcher_device = devices[min(len(candidates), len(devices) - 1)] if devices else None
     systems = build_systems(resolved, pool, config["systems"], device=switcher_device)
-    return EvalWorker(pool, systems, resolved.scorers(config["tasks"]), gen.max_new_tokens,
-                      resolved.config.eval.batch_size)
+    return EvalWorker(
+        pool, systems, resolved.scorers(config["tasks"]), gen.max_new_tokens, resolved.config.eval.batch_size
+    )
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -321,18 +395,23 @@ def summarize(records: Sequence[dict], candidate_names: Sequence[str]) -> dict[s
             authors = [p["author"] for r in recs for p in r["patches"]]
             tokens, seconds = sum(r["num_tokens"] for r in recs), sum(r["seconds"] for r in recs)
             out[task][system] = {
-                "accuracy": accuracy, "ci95": ci, "n": len(recs),
+                "accuracy": accuracy,
+                "ci95": ci,
+                "n": len(recs),
                 "failures": sum(r["error"] is not None for r in recs),
                 "switches": statistics.fmean(r["num_switches"] for r in recs),
-                "share": {c: (authors.count(i) / len(authors) if authors else 0.0)
-                          for i, c in enumerate(candidate_names)},
+                "share": {
+                    c: (authors.count(i) / len(authors) if authors else 0.0)
+                    for i, c in enumerate(candidate_names)
+                },
                 "tokens_per_s": tokens / seconds if seconds > 0 else None,
             }
     return out
 
 
-def format_table(metrics: Mapping[str, Mapping[str, dict]], candidate_names: Sequence[str],
-                 notes: Sequence[str] = ()) -> str:
+def format_table(
+    metrics: Mapping[str, Mapping[str, dict]], candidate_names: Sequence[str], notes: Sequence[str] = ()
+) -> str:
     """The Markdown comparison table: accuracy ± CI (task x system), then switches, shares and tokens/s."""
     tasks = list(metrics)
     systems = list(dict.fromkeys(s for t in tasks for s in metrics[t]))
@@ -356,14 +435,23 @@ def format_table(metrics: Mapping[str, Mapping[str, dict]], candidate_names: Seq
     lines += grid("Responses scored (n)", lambda m: str(m["n"]))
     lines += grid("Mean switches per response", lambda m: f"{m['switches']:.2f}")
     lines += grid("Tokens/s", lambda m: "–" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:.1f}")
-    lines += ["## Share of patches per candidate (%)", "", row(["task", "system", *candidate_names]),
-              row(["---"] * (len(candidate_names) + 2))]
+    lines += [
+        "## Share of patches per candidate (%)",
+        "",
+        row(["task", "system", *candidate_names]),
+        row(["---"] * (len(candidate_names) + 2)),
+    ]
     for t in tasks:
         for s in systems:
             if s in metrics[t]:
-                lines.append(row([t, s, *(f"{100 * metrics[t][s]['share'][c]:.1f}" for c in candidate_names)]))
-    lines += ["", f"CI: {CI_METHOD}. A response whose scorer raised counts as 0 and is listed as failed. "
-              "Tokens/s: generated tokens per second of worker wall time, switcher included."]
+                lines.append(
+                    row([t, s, *(f"{100 * metrics[t][s]['share'][c]:.1f}" for c in candidate_names)])
+                )
+    lines += [
+        "",
+        f"CI: {CI_METHOD}. A response whose scorer raised counts as 0 and is listed as failed. "
+        "Tokens/s: generated tokens per second of worker wall time, switcher included.",
+    ]
     lines += [f"Note: {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
@@ -391,8 +479,12 @@ def _dir_signature(path: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def evaluate(config: RunConfig | ResolvedRun, executor: ExecutorConfig | Mapping | str | None = None,
-             out_dir: str | Path | None = None, progress: bool = True) -> EvalResult:
+def evaluate(
+    config: RunConfig | ResolvedRun,
+    executor: ExecutorConfig | Mapping | str | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> EvalResult:
     """Run every system of ``config.eval`` on every test instance for every seed; write the outputs.
 
     ``executor`` overrides the config's (``"local"``, ``"ray"`` or an :class:`ExecutorConfig`);
@@ -417,21 +509,46 @@ def evaluate(config: RunConfig | ResolvedRun, executor: ExecutorConfig | Mapping
     items = make_items(systems, ev.seeds, instances)
     run_dump = cfg.model_dump(mode="json")
     tasks = list(instances)
-    spec = WorkerSpec("switchrl.eval:make_worker", {"run": run_dump, "systems": list(ev.systems), "tasks": tasks},
-                      num_models=len(candidate_names) + any(s.kind in LM_KINDS for s in specs))
-    fingerprint = {"eval": run_dump["eval"], "candidates": [c.model_dump(mode="json") for c in resolved.candidates],
-                   "generation": resolved.generation.model_dump(mode="json"), "reward": run_dump["reward"],
-                   "tasks": run_dump["tasks"], "testbed": run_dump["testbed"], "switcher": run_dump["switcher"],
-                   "switchers": {s.name: _dir_signature(s.path) for s in specs if s.path}}
-    store = run(items, spec, out / "responses", executor=executor if executor is not None else cfg.executor,
-                chunk_size=ev.batch_size, fingerprint=fingerprint, progress=progress, desc="eval",
-                rates={"tokens": lambda recs: sum(r["num_tokens"] for r in recs)})
+    spec = WorkerSpec(
+        "switchrl.eval:make_worker",
+        {"run": run_dump, "systems": list(ev.systems), "tasks": tasks},
+        num_models=len(candidate_names) + any(s.kind in LM_KINDS for s in specs),
+    )
+    fingerprint = {
+        "eval": run_dump["eval"],
+        "candidates": [c.model_dump(mode="json") for c in resolved.candidates],
+        "generation": resolved.generation.model_dump(mode="json"),
+        "reward": run_dump["reward"],
+        "tasks": run_dump["tasks"],
+        "testbed": run_dump["testbed"],
+        "switcher": run_dump["switcher"],
+        "switchers": {s.name: _dir_signature(s.path) for s in specs if s.path},
+    }
+    store = run(
+        items,
+        spec,
+        out / "responses",
+        executor=executor if executor is not None else cfg.executor,
+        chunk_size=ev.batch_size,
+        fingerprint=fingerprint,
+        progress=progress,
+        desc="eval",
+        rates={"tokens": lambda recs: sum(r["num_tokens"] for r in recs)},
+    )
     records = store.records()
     metrics = summarize(records, candidate_names)
     table = format_table(metrics, candidate_names, notes)
     result = EvalResult(out, candidate_names, systems, tasks, metrics, records, notes, table)
-    results = {"candidates": candidate_names, "systems": systems, "tasks": tasks, "seeds": ev.seeds,
-               "split": ev.split, "ci_method": CI_METHOD, "notes": notes, "metrics": metrics}
+    results = {
+        "candidates": candidate_names,
+        "systems": systems,
+        "tasks": tasks,
+        "seeds": ev.seeds,
+        "split": ev.split,
+        "ci_method": CI_METHOD,
+        "notes": notes,
+        "metrics": metrics,
+    }
     atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
     atomic_write(out / "table.md", table.encode())
     store.export_jsonl(out / "responses.jsonl")
@@ -441,10 +558,13 @@ def evaluate(config: RunConfig | ResolvedRun, executor: ExecutorConfig | Mapping
 def main(args: argparse.Namespace) -> int:
     """``switchrl eval --config X [--executor local|ray] [--ray-address A]``."""
     config = load_run_config(args.config)
-    executor = config.executor.overridden(executor=getattr(args, "executor", None),
-                                          ray_address=getattr(args, "ray_address", None))
+    executor = config.executor.overridden(
+        executor=getattr(args, "executor", None), ray_address=getattr(args, "ray_address", None)
+    )
     result = evaluate(config, executor=executor)
     print(result.table)
-    print(f"wrote {result.out_dir / 'results.json'}, {result.out_dir / 'table.md'}, "
-          f"{result.out_dir / 'responses.jsonl'}")
+    print(
+        f"wrote {result.out_dir / 'results.json'}, {result.out_dir / 'table.md'}, "
+        f"{result.out_dir / 'responses.jsonl'}"
+    )
     return 0

@@ -30,8 +30,10 @@ def build_policy(cfg: SwitcherConfig, candidate_names: list[str]) -> SwitchPolic
         raise ConfigError("switcher.path: an lm switcher needs a saved switcher directory")
     switcher = LMSwitcher.from_pretrained(cfg.path, top_p=cfg.top_p, greedy=cfg.greedy, seed=cfg.seed)
     if switcher.candidate_names != candidate_names:
-        raise ConfigError(f"switcher.path: the switcher was trained for {switcher.candidate_names}, "
-                          f"but the candidates are {candidate_names}")
+        raise ConfigError(
+            f"switcher.path: the switcher was trained for {switcher.candidate_names}, "
+            f"but the candidates are {candidate_names}"
+        )
     return switcher
 
 
@@ -43,7 +45,9 @@ def parse_switcher(spec: str) -> SwitcherConfig:
         return SwitcherConfig(type="fixed", candidate=spec.split(":", 1)[1])
     if Path(spec).is_dir():
         return SwitcherConfig(type="lm", path=spec)
-    raise ConfigError(f"--switcher: expected random, round_robin, fixed:NAME or a switcher directory, got {spec!r}")
+    raise ConfigError(
+        f"--switcher: expected random, round_robin, fixed:NAME or a switcher directory, got {spec!r}"
+    )
 
 
 def render(trace: Trace, names: list[str]) -> str:
@@ -68,10 +72,19 @@ def main(args: argparse.Namespace) -> int:
     gen = resolved.generation
     pool = CandidatePool.from_configs(resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
     policy = build_policy(config.switcher, pool.names)
-    traces = run_switch_generation(pool, policy, queries, gen.max_new_tokens, keys=keys, progress=len(queries) > 8)
-    rows = [{"id": key, "query": t.query, "response": t.text, "stop_reason": t.stop_reason,
-             "patches": [{"author": pool.names[p.author], "text": p.text} for p in t.patches]}
-            for key, t in zip(keys, traces)]
+    traces = run_switch_generation(
+        pool, policy, queries, gen.max_new_tokens, keys=keys, progress=len(queries) > 8
+    )
+    rows = [
+        {
+            "id": key,
+            "query": t.query,
+            "response": t.text,
+            "stop_reason": t.stop_reason,
+            "patches": [{"author": pool.names[p.author], "text": p.text} for p in t.patches],
+        }
+        for key, t in zip(keys, traces)
+    ]
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     for key, t in zip(keys, traces):

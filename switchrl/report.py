@@ -18,8 +18,18 @@ from pathlib import Path
 from switchrl.errors import CheckpointError
 from switchrl.executors.shards import atomic_write
 
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf")
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -43,8 +53,9 @@ def _load(run_dir: Path) -> tuple[dict, list[dict]]:
     results_path, responses_path = run_dir / "results.json", run_dir / "responses.jsonl"
     for path in (results_path, responses_path):
         if not path.is_file():
-            raise CheckpointError(f"{run_dir} is not an eval run directory: {path.name} is missing "
-                                  "(run `switchrl eval` first)")
+            raise CheckpointError(
+                f"{run_dir} is not an eval run directory: {path.name} is missing (run `switchrl eval` first)"
+            )
     try:
         results = json.loads(results_path.read_text())
         records = [json.loads(line) for line in responses_path.read_text().splitlines() if line.strip()]
@@ -64,7 +75,9 @@ def share_chart(metrics: Mapping[str, Mapping[str, dict]], candidates: Sequence[
     import matplotlib.pyplot as plt
 
     tasks = list(metrics)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.0, 3.2 * len(tasks)), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(max(4.0, 3.2 * len(tasks)), 3.6), squeeze=False, sharey=True
+    )
     for ax, task in zip(axes[0], tasks):
         systems = list(metrics[task])
         bottom = [0.0] * len(systems)
@@ -102,8 +115,10 @@ def _table_html(results: dict) -> str:
                 continue
             ci = "n/a" if m["ci95"] is None else f"{100 * m['ci95']:.1f}"
             fails = f' <span class="error">({m["failures"]} failed)</span>' if m["failures"] else ""
-            title = escape(f"n={m['n']}, switches/response={m['switches']:.2f}, "
-                           + ", ".join(f"{c} {100 * m['share'].get(c, 0):.0f}%" for c in candidates))
+            title = escape(
+                f"n={m['n']}, switches/response={m['switches']:.2f}, "
+                + ", ".join(f"{c} {100 * m['share'].get(c, 0):.0f}%" for c in candidates)
+            )
             cells.append(f'<td title="{title}">{100 * m["accuracy"]:.1f} ± {ci}{fails}</td>')
         rows.append(f"<tr><td>{escape(t)}</td>{''.join(cells)}</tr>")
     acc = f"<table><tr><th>task</th>{head}</tr>{''.join(rows)}</table>"
@@ -111,9 +126,14 @@ def _table_html(results: dict) -> str:
         f"<tr><td>{escape(t)}</td><td>{escape(s)}</td><td>{m['switches']:.2f}</td>"
         + "".join(f"<td>{100 * m['share'].get(c, 0):.1f}</td>" for c in candidates)
         + f"<td>{_fmt(m['tokens_per_s'])}</td></tr>"
-        for t in tasks for s, m in metrics[t].items())
-    share = ("<table><tr><th>task</th><th>system</th><th>switches / response</th>"
-             + "".join(f"<th>{escape(c)} %</th>" for c in candidates) + f"<th>tokens/s</th></tr>{share_rows}</table>")
+        for t in tasks
+        for s, m in metrics[t].items()
+    )
+    share = (
+        "<table><tr><th>task</th><th>system</th><th>switches / response</th>"
+        + "".join(f"<th>{escape(c)} %</th>" for c in candidates)
+        + f"<th>tokens/s</th></tr>{share_rows}</table>"
+    )
     return acc + share
 
 
@@ -123,44 +143,58 @@ def _patch_html(patch: dict, candidates: Sequence[str]) -> str:
     title = f"written by {name}"
     if patch.get("probs"):
         title += "; switcher: " + ", ".join(f"{c} {p:.2f}" for c, p in zip(candidates, patch["probs"]))
-    return (f'<span class="patch" style="background:{_color(author)}33;border-bottom:2px solid {_color(author)}" '
-            f'title="{escape(title)}">{escape(patch["text"])}</span>')
+    return (
+        f'<span class="patch" style="background:{_color(author)}33;border-bottom:2px solid {_color(author)}" '
+        f'title="{escape(title)}">{escape(patch["text"])}</span>'
+    )
 
 
 def _response_html(rec: dict, candidates: Sequence[str]) -> str:
     error = f' <span class="error">scorer failed: {escape(rec["error"])}</span>' if rec.get("error") else ""
-    return (f'<div class="response"><div class="meta">seed {rec["seed"]} · {escape(str(rec["query_id"]))} · '
-            f'score {rec["score"]:.2f} · {rec["num_switches"]} switches · reference '
-            f'<code>{escape(str(rec["reference"]))}</code>{error}</div>'
-            f'<div class="text"><b>Q:</b> {escape(rec["query"])}</div>'
-            f'<div class="text">{"".join(_patch_html(p, candidates) for p in rec["patches"])}</div></div>')
+    return (
+        f'<div class="response"><div class="meta">seed {rec["seed"]} · {escape(str(rec["query_id"]))} · '
+        f"score {rec['score']:.2f} · {rec['num_switches']} switches · reference "
+        f"<code>{escape(str(rec['reference']))}</code>{error}</div>"
+        f'<div class="text"><b>Q:</b> {escape(rec["query"])}</div>'
+        f'<div class="text">{"".join(_patch_html(p, candidates) for p in rec["patches"])}</div></div>'
+    )
 
 
 def render_report(results: dict, records: Sequence[dict], title: str = "switchrl eval") -> str:
     """The HTML page (a string) for eval ``results`` (``results.json``) and response ``records``."""
     candidates = results["candidates"]
-    legend = "".join(f'<span style="background:{_color(i)}33;border-bottom:2px solid {_color(i)}">{escape(c)}</span>'
-                     for i, c in enumerate(candidates))
+    legend = "".join(
+        f'<span style="background:{_color(i)}33;border-bottom:2px solid {_color(i)}">{escape(c)}</span>'
+        for i, c in enumerate(candidates)
+    )
     sections = []
     groups: dict[tuple[str, str], list[dict]] = {}
     for rec in records:
         groups.setdefault((rec["task"], rec["system"]), []).append(rec)
     for (task, system), recs in groups.items():
         body = "".join(_response_html(r, candidates) for r in recs)
-        sections.append(f"<details><summary>{escape(task)} · {escape(system)} ({len(recs)} responses)</summary>"
-                        f"{body}</details>")
+        sections.append(
+            f"<details><summary>{escape(task)} · {escape(system)} ({len(recs)} responses)</summary>"
+            f"{body}</details>"
+        )
     chart = share_chart(results["metrics"], candidates) if results["metrics"] else ""
     notes = "".join(f"<li>{escape(n)}</li>" for n in results.get("notes", []))
-    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>"
-            f"<p class=\"meta\">split {escape(str(results.get('split', '')))} · seeds "
-            f"{escape(str(results.get('seeds', '')))}</p>"
-            f"<h2>Comparison</h2>{_table_html(results)}"
-            f"<p class=\"meta\">CI: {escape(results.get('ci_method', ''))}</p>"
-            + (f"<ul>{notes}</ul>" if notes else "")
-            + "<h2>Share of patches per checkpoint</h2>"
-            + (f'<img alt="share of patches per checkpoint" src="data:image/png;base64,{chart}">' if chart else "")
-            + f'<h2>Responses</h2><p class="legend">{legend}</p>{"".join(sections)}</body></html>\n')
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>"
+        f'<p class="meta">split {escape(str(results.get("split", "")))} · seeds '
+        f"{escape(str(results.get('seeds', '')))}</p>"
+        f"<h2>Comparison</h2>{_table_html(results)}"
+        f'<p class="meta">CI: {escape(results.get("ci_method", ""))}</p>'
+        + (f"<ul>{notes}</ul>" if notes else "")
+        + "<h2>Share of patches per checkpoint</h2>"
+        + (
+            f'<img alt="share of patches per checkpoint" src="data:image/png;base64,{chart}">'
+            if chart
+            else ""
+        )
+        + f'<h2>Responses</h2><p class="legend">{legend}</p>{"".join(sections)}</body></html>\n'
+    )
 
 
 def write_report(run_dir: str | Path) -> Path:

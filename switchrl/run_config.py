@@ -48,7 +48,9 @@ class SimulateSection(StrictModel):
 
 
 class SFTSection(StrictModel):
-    base: str | None = Field(None, description="switcher base model (testbed default: the aligned checkpoint)")
+    base: str | None = Field(
+        None, description="switcher base model (testbed default: the aligned checkpoint)"
+    )
     data_dir: str | None = Field(None, description="simulate output (default: simulate.out_dir)")
     out_dir: str = "runs/sft"
     epochs: float = Field(5, gt=0)
@@ -71,7 +73,8 @@ class EvalSection(StrictModel):
     seeds: list[int] = Field(default_factory=lambda: [0])
     systems: list[str] = Field(
         default_factory=lambda: ["singles", "random", "untuned", "sft"],
-        description="singles | random | round_robin | untuned | sft | rl | oracle | a saved switcher dir")
+        description="singles | random | round_robin | untuned | sft | rl | oracle | a saved switcher dir",
+    )
     sft_path: str | None = None
     rl_path: str | None = None
     out_dir: str = "runs/eval"
@@ -108,8 +111,11 @@ class RLSection(StrictModel):
     """The ``rl:`` section of a run config."""
 
     init: str | None = Field(None, description="warm start: a saved switcher directory (e.g. sft.out_dir)")
-    base: str | None = Field(None, description="untuned start: base model for a fresh LoRA switcher "
-                                               "(testbed default: the aligned checkpoint)")
+    base: str | None = Field(
+        None,
+        description="untuned start: base model for a fresh LoRA switcher "
+        "(testbed default: the aligned checkpoint)",
+    )
     out_dir: str = "runs/rl"
     split: str = "train"
     tasks: list[str] | None = Field(None, description="train on these task names only (default: all)")
@@ -117,14 +123,22 @@ class RLSection(StrictModel):
     steps: int = Field(50, gt=0, description="optimiser updates (GRPO/PPO)")
     queries_per_step: int = Field(4, gt=0)
     num_generations: int = Field(4, ge=2, description="episodes per query (the GRPO group size G)")
-    credit: Literal["episode", "fork"] = Field("episode", description="episode: one advantage per episode; "
-                                               "fork: groups branch from a shared state (per-decision credit)")
+    credit: Literal["episode", "fork"] = Field(
+        "episode",
+        description="episode: one advantage per episode; "
+        "fork: groups branch from a shared state (per-decision credit)",
+    )
     learning_rate: float = Field(1e-4, gt=0)
     beta: float = Field(0.02, ge=0, description="KL penalty to the starting switcher (GRPO)")
     clip_epsilon: float = Field(0.2, gt=0, description="PPO/GRPO ratio clipping")
     switch_cost: float = Field(0.0, ge=0, allow_inf_nan=False, description="subtracted per change of author")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus of the switch distribution while sampling "
-                                                      "episodes (1.0: exactly the policy being trained)")
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="nucleus of the switch distribution while sampling "
+        "episodes (1.0: exactly the policy being trained)",
+    )
     temperature: float = Field(1.0, gt=0)
     lora_r: int = Field(8, gt=0)
     lora_alpha: int = Field(16, gt=0)
@@ -142,7 +156,9 @@ class RunConfig(StrictModel):
     candidates: list[CandidateConfig] = Field(default_factory=list)
     generation: GenerationConfig | None = None
     tasks: list[TaskSourceConfig] = Field(default_factory=list)
-    reward: RewardConfig | None = Field(None, description="default: each task's own scorer (testbed) or exact_match")
+    reward: RewardConfig | None = Field(
+        None, description="default: each task's own scorer (testbed) or exact_match"
+    )
     switcher: SwitcherConfig = Field(default_factory=SwitcherConfig)
     simulate: SimulateSection = Field(default_factory=SimulateSection)
     sft: SFTSection = Field(default_factory=SFTSection)
@@ -188,7 +204,9 @@ class ResolvedRun:
         if self.config.tasks:
             return list(self.config.tasks)
         if self.family:
-            return [TaskSourceConfig(source="testbed", task=t) for t in ("recall", "arithmetic", "compositional")]
+            return [
+                TaskSourceConfig(source="testbed", task=t) for t in ("recall", "arithmetic", "compositional")
+            ]
         raise ConfigError("tasks: give at least one task source (e.g. {source: jsonl, path: tasks.jsonl})")
 
     def instances(self, split: str, limit: int | None = None) -> dict[str, list[TaskInstance]]:
@@ -201,12 +219,16 @@ class ResolvedRun:
                 if self.family is None:
                     raise ConfigError("tasks: source 'testbed' needs 'testbed: {seed: N}' in the config")
                 if src.task is None:
-                    raise ConfigError("tasks: a testbed source needs 'task' (recall | arithmetic | compositional)")
+                    raise ConfigError(
+                        "tasks: a testbed source needs 'task' (recall | arithmetic | compositional)"
+                    )
                 items = self.family.tasks(src.task, split)
             else:
                 if not src.path:
                     raise ConfigError("tasks: a jsonl source needs 'path'")
-                items = [i for i in load_jsonl(src.path, task=src.task) if i.meta.get("split", split) == split]
+                items = [
+                    i for i in load_jsonl(src.path, task=src.task) if i.meta.get("split", split) == split
+                ]
             cap = min(x for x in (src.limit, limit, len(items)) if x is not None)
             for inst in items[:cap]:
                 out.setdefault(inst.task, []).append(inst)

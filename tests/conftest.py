@@ -22,8 +22,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from switchrl.backends.transformers_backend import load_causal_lm, load_tokenizer  # noqa: E402
 
-WORDS = ("the a of in is and to it was on for as with by at from this that he she they we you one two three "
-         "four five six seven eight nine ten red blue green town river bridge park school road answer").split()
+WORDS = (
+    "the a of in is and to it was on for as with by at from this that he she they we you one two three "
+    "four five six seven eight nine ten red blue green town river bridge park school road answer"
+).split()
 
 
 def make_word_tokenizer(words=WORDS, extra=()) -> PreTrainedTokenizerFast:
@@ -32,8 +34,9 @@ def make_word_tokenizer(words=WORDS, extra=()) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     return fast
 
 
@@ -41,15 +44,30 @@ def save_tiny_model(path: Path, arch: str, tokenizer, seed: int, dtype=torch.flo
     torch.manual_seed(seed)
     v = len(tokenizer)
     if arch == "llama":
-        cfg = LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
+        cfg = LlamaConfig(
+            vocab_size=v,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         model = LlamaForCausalLM(cfg)
     else:
-        cfg = GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=4, n_positions=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+        cfg = GPT2Config(
+            vocab_size=v,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         model = GPT2LMHeadModel(cfg)
     model.to(dtype).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -65,8 +83,10 @@ def word_tokenizer():
 def tiny_family(tmp_path_factory, word_tokenizer) -> list[Path]:
     """Three tiny random checkpoints (Llama, GPT-2, Llama) sharing one word-level tokenizer."""
     root = tmp_path_factory.mktemp("tiny_family")
-    return [save_tiny_model(root / f"m{i}", arch, word_tokenizer, seed=i)
-            for i, arch in enumerate(["llama", "gpt2", "llama"])]
+    return [
+        save_tiny_model(root / f"m{i}", arch, word_tokenizer, seed=i)
+        for i, arch in enumerate(["llama", "gpt2", "llama"])
+    ]
 
 
 def make_pool(paths, patch_tokens: int = 2, seed: int = 0, temperature: float = 1.0):
@@ -74,8 +94,10 @@ def make_pool(paths, patch_tokens: int = 2, seed: int = 0, temperature: float = 
     from switchrl.backends import CandidatePool, SamplingParams
     from switchrl.backends.transformers_backend import TransformersBackend
 
-    backends = [TransformersBackend.from_pretrained(f"c{i}", str(p), sampling=SamplingParams(temperature=temperature))
-                for i, p in enumerate(paths)]
+    backends = [
+        TransformersBackend.from_pretrained(f"c{i}", str(p), sampling=SamplingParams(temperature=temperature))
+        for i, p in enumerate(paths)
+    ]
     return CandidatePool(backends, patch_tokens=patch_tokens, seed=seed)
 
 
@@ -91,8 +113,10 @@ class _CompletionsHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         srv.requests.append(body)
         if self.path != "/v1/completions" or body.get("model") != srv.served_model:
-            return self._send(400 if self.path == "/v1/completions" else 404,
-                              {"error": {"message": f"unknown model {body.get('model')!r}"}})
+            return self._send(
+                400 if self.path == "/v1/completions" else 404,
+                {"error": {"message": f"unknown model {body.get('model')!r}"}},
+            )
         prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
         choices = []
         for i, ids in enumerate(prompts):
@@ -102,13 +126,23 @@ class _CompletionsHandler(BaseHTTPRequestHandler):
                 kwargs = dict(do_sample=True, temperature=body["temperature"], top_p=body["top_p"], top_k=0)
             with srv.lock:
                 torch.manual_seed(body.get("seed", 0))
-                out = srv.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=body["max_tokens"],
-                                         eos_token_id=srv.eos, pad_token_id=0, **kwargs)
-            new = out[0, len(ids):].tolist()
+                out = srv.model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=body["max_tokens"],
+                    eos_token_id=srv.eos,
+                    pad_token_id=0,
+                    **kwargs,
+                )
+            new = out[0, len(ids) :].tolist()
             ended = srv.eos in new
-            new = new[:new.index(srv.eos) + 1] if ended else new  # vLLM returns the EOS id, not its text
-            choice = {"index": i, "text": srv.tokenizer.decode(new, skip_special_tokens=True),
-                      "finish_reason": "stop" if ended else "length", "stop_reason": None}
+            new = new[: new.index(srv.eos) + 1] if ended else new  # vLLM returns the EOS id, not its text
+            choice = {
+                "index": i,
+                "text": srv.tokenizer.decode(new, skip_special_tokens=True),
+                "finish_reason": "stop" if ended else "length",
+                "stop_reason": None,
+            }
             if srv.token_ids and body.get("return_token_ids"):
                 choice["token_ids"] = new
             choices.append(choice)

@@ -8,7 +8,18 @@ import pytest
 
 from switchrl.bench import build_setup, main
 
-TINY = ["--arch", "tiny", "--prompt-len", "6", "--max-new-tokens", "8", "--patch-tokens", "3", "--repeats", "1"]
+TINY = [
+    "--arch",
+    "tiny",
+    "--prompt-len",
+    "6",
+    "--max-new-tokens",
+    "8",
+    "--patch-tokens",
+    "3",
+    "--repeats",
+    "1",
+]
 
 
 def _lines(capsys) -> list[dict]:
@@ -19,7 +30,9 @@ def test_switch_vs_single_and_reencode(capsys):
     assert main(["switch_vs_single", "--batch-sizes", "1,3", *TINY]) == 0
     single = _lines(capsys)
     assert [r["batch"] for r in single] == [1, 3]
-    assert all(r["ratio"] > 0 and r["single_tok_s"] > 0 and r["switched_mem"]["peak_rss_mb"] > 0 for r in single)
+    assert all(
+        r["ratio"] > 0 and r["single_tok_s"] > 0 and r["switched_mem"]["peak_rss_mb"] > 0 for r in single
+    )
     # the fused engine writes exactly what one call per candidate writes
     assert all(r["same_tokens_unfused"] == 1.0 and r["unfused_ratio"] > 0 for r in single)
     assert all(r["read_tokens_per_response"]["single"] == 6 for r in single)

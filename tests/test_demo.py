@@ -33,8 +33,18 @@ def test_quick_demo_runs_the_whole_chain(tmp_path, monkeypatch):
     from switchrl.testbed import build_family
     from switchrl.testbed.stages import StageSettings
 
-    tiny = StageSettings(hidden_size=32, layers=1, heads=2, intermediate_size=64, pretrain_steps=2,
-                         pretrain_batch=4, sft_steps=2, sft_batch=4, dpo_steps=1, dpo_batch=2)
+    tiny = StageSettings(
+        hidden_size=32,
+        layers=1,
+        heads=2,
+        intermediate_size=64,
+        pretrain_steps=2,
+        pretrain_batch=4,
+        sft_steps=2,
+        sft_batch=4,
+        dpo_steps=1,
+        dpo_batch=2,
+    )
     monkeypatch.setenv("SWITCHRL_CACHE", str(tmp_path / "cache"))
     build_family(5, progress=False, settings=tiny)
     assert demo.run_demo(seed=5, out=tmp_path / "out", n=4, quick=True) == 0

@@ -15,8 +15,10 @@ from switchrl.errors import ConfigError
 from switchrl.tasks.base import TaskInstance
 from tests.conftest import make_pool
 
-TASKS = [TaskInstance(id=f"t{i}", query=q, reference=r)
-         for i, (q, r) in enumerate([("the town", "river"), ("one two", "three"), ("a red river", "bridge")])]
+TASKS = [
+    TaskInstance(id=f"t{i}", query=q, reference=r)
+    for i, (q, r) in enumerate([("the town", "river"), ("one two", "three"), ("a red river", "bridge")])
+]
 
 
 def words_overlap(query, response, reference, **meta):
@@ -29,8 +31,12 @@ def pool(tiny_family):
 
 
 def make_config(**kw) -> SwitchEnvConfig:
-    base = dict(generation=GenerationConfig(patch_tokens=2, max_new_tokens=6, seed=3), reward=words_overlap,
-                tasks=TASKS, info_timings=False)
+    base = dict(
+        generation=GenerationConfig(patch_tokens=2, max_new_tokens=6, seed=3),
+        reward=words_overlap,
+        tasks=TASKS,
+        info_timings=False,
+    )
     return SwitchEnvConfig(**{**base, **kw})
 
 
@@ -73,7 +79,7 @@ def test_episode_flow_and_info(pool):
     assert term or trunc
     assert info["text"] == info["response"] == env.trace.text
     assert info["num_tokens"] == env.trace.num_tokens <= 6
-    assert list(obs["authors"][:len(authors)]) == authors
+    assert list(obs["authors"][: len(authors)]) == authors
     assert rewards[:-1] == [0.0] * (len(rewards) - 1)
     assert rewards[-1] == info["score"] == words_overlap("", env.trace.text, env.instance.reference)
     with pytest.raises(RuntimeError, match="episode is over"):
@@ -95,7 +101,7 @@ def test_switch_cost_and_shaping(pool):
     env = SwitchEnv(cfg, pool=pool)
     steps = run_episode(env, 0, [0, 1, 1])
     expected = [0.5, 0.25, 0.5]
-    assert [s[1] for s in steps[1:]] == expected[:len(steps) - 1]
+    assert [s[1] for s in steps[1:]] == expected[: len(steps) - 1]
     assert steps[2][4]["switched"] is True
 
 
@@ -148,10 +154,12 @@ def test_text_outside_charset_and_tail():
 
 
 def test_make_from_yaml(tmp_path, tiny_family):
-    cfg = {"candidates": [{"name": f"m{i}", "path": str(p)} for i, p in enumerate(tiny_family[:2])],
-           "generation": {"patch_tokens": 2, "max_new_tokens": 4},
-           "reward": "tests.test_env:words_overlap",
-           "tasks": [{"id": "a", "query": "the town", "reference": "river"}]}
+    cfg = {
+        "candidates": [{"name": f"m{i}", "path": str(p)} for i, p in enumerate(tiny_family[:2])],
+        "generation": {"patch_tokens": 2, "max_new_tokens": 4},
+        "reward": "tests.test_env:words_overlap",
+        "tasks": [{"id": "a", "query": "the town", "reference": "river"}],
+    }
     path = tmp_path / "env.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = gym.make(ENV_ID, config=str(path))

@@ -32,24 +32,36 @@ QUERIES = {
 
 
 def write_scorer(root: Path) -> str:
-    (root / f"{SCORER_MODULE}.py").write_text(textwrap.dedent("""
+    (root / f"{SCORER_MODULE}.py").write_text(
+        textwrap.dedent("""
         def score(query, response, reference, **meta):
             if reference == "boom":
                 raise ValueError("boom")
             return float(reference in response.split())
-    """))
+    """)
+    )
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     return f"{SCORER_MODULE}:score"
 
 
-def make_config(tiny_family: list[Path], root: Path, systems: list[str] = SYSTEMS, seeds: list[int] = (0, 1),
-                **eval_kwargs) -> RunConfig:
+def make_config(
+    tiny_family: list[Path],
+    root: Path,
+    systems: list[str] = SYSTEMS,
+    seeds: list[int] = (0, 1),
+    **eval_kwargs,
+) -> RunConfig:
     """Three tiny candidates, two hand-made tasks with a custom scorer, an "SFT" switcher saved to disk."""
     root.mkdir(parents=True, exist_ok=True)
     tasks = root / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps({"id": f"q{i}", "query": q, "reference": r, "task": t}) + "\n"
-                             for t, rows in QUERIES.items() for i, (q, r) in enumerate(rows)))
+    tasks.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "query": q, "reference": r, "task": t}) + "\n"
+            for t, rows in QUERIES.items()
+            for i, (q, r) in enumerate(rows)
+        )
+    )
     sft_dir = root / "sft"
     if not sft_dir.exists():
         LMSwitcher.from_base(str(tiny_family[2]), NAMES, patch_tokens=2).save_pretrained(sft_dir)
@@ -59,8 +71,14 @@ def make_config(tiny_family: list[Path], root: Path, systems: list[str] = SYSTEM
         tasks=[TaskSourceConfig(source="jsonl", path=str(tasks))],
         reward=write_scorer(root),
         sft={"base": str(tiny_family[2])},
-        eval=EvalSection(systems=list(systems), seeds=list(seeds), sft_path=str(sft_dir), out_dir=str(root / "eval"),
-                         batch_size=4, **eval_kwargs),
+        eval=EvalSection(
+            systems=list(systems),
+            seeds=list(seeds),
+            sft_path=str(sft_dir),
+            out_dir=str(root / "eval"),
+            batch_size=4,
+            **eval_kwargs,
+        ),
     )
 
 
@@ -122,7 +140,9 @@ def test_table_has_every_system_and_task(run):
     for r in records:
         assert r["text"] == "".join(p["text"] for p in r["patches"])
         if r["system"] in ("untuned", "sft", "random"):
-            assert all(len(p["probs"]) == 3 and sum(p["probs"]) == pytest.approx(1.0, abs=1e-5) for p in r["patches"])
+            assert all(
+                len(p["probs"]) == 3 and sum(p["probs"]) == pytest.approx(1.0, abs=1e-5) for p in r["patches"]
+            )
         if r["system"] == "round_robin":
             assert [p["author"] for p in r["patches"]] == [i % 3 for i in range(len(r["patches"]))]
 
@@ -140,7 +160,9 @@ def test_scorer_failures_are_recorded(run):
 def test_deterministic_across_runs_and_resume_is_a_no_op(run, tiny_family, tmp_path):
     again = evaluate(make_config(tiny_family, run.out_dir.parent), out_dir=tmp_path / "again", progress=False)
     assert without_timing(again.records) == without_timing(run.records)
-    resumed = evaluate(make_config(tiny_family, run.out_dir.parent), out_dir=tmp_path / "again", progress=False)
+    resumed = evaluate(
+        make_config(tiny_family, run.out_dir.parent), out_dir=tmp_path / "again", progress=False
+    )
     assert resumed.records == again.records  # nothing re-generated: even the timings are the stored ones
 
 
@@ -172,17 +194,30 @@ def test_ray_gives_the_same_table_as_local(tiny_family, tmp_path):
     local = evaluate(cfg, out_dir=tmp_path / "local", progress=False)
     started = not ray.is_initialized()
     if started:  # actors import the scorer module from tmp_path
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(tmp_path)}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(tmp_path)}},
+        )
     try:
-        remote = evaluate(cfg, executor={"executor": "ray", "replicas": 2, "gpus_per_candidate": 0},
-                          out_dir=tmp_path / "ray", progress=False)
+        remote = evaluate(
+            cfg,
+            executor={"executor": "ray", "replicas": 2, "gpus_per_candidate": 0},
+            out_dir=tmp_path / "ray",
+            progress=False,
+        )
     finally:
         if started:
             ray.shutdown()
     assert_same_responses(remote.records, local.records)
-    strip = [{t: {s: {k: v for k, v in m.items() if k != "tokens_per_s"} for s, m in by.items()}
-              for t, by in r.metrics.items()} for r in (local, remote)]
+    strip = [
+        {
+            t: {s: {k: v for k, v in m.items() if k != "tokens_per_s"} for s, m in by.items()}
+            for t, by in r.metrics.items()
+        }
+        for r in (local, remote)
+    ]
     assert strip[0] == strip[1]
 
 
@@ -190,14 +225,21 @@ def test_testbed_systems_use_family_label_tokens_and_the_oracle(tiny_family, tmp
     cfg = make_config(tiny_family, tmp_path, systems=["untuned", "oracle"])
     resolved = ResolvedRun(cfg)
     candidates = resolved.candidates
-    resolved.family = SimpleNamespace(label_tokens=["red", "blue", "green", "town"], aligned=tiny_family[2],
-                                      candidate_configs=lambda: candidates)  # a stand-in testbed family
+    resolved.family = SimpleNamespace(
+        label_tokens=["red", "blue", "green", "town"],
+        aligned=tiny_family[2],
+        candidate_configs=lambda: candidates,
+    )  # a stand-in testbed family
     pool = CandidatePool.from_configs(candidates, patch_tokens=2)
     systems = build_systems(resolved, pool, cfg.eval.systems)
     assert list(systems) == ["untuned", "oracle"]
     assert systems["untuned"](5, {}).sequence.label_tokens == ["red", "blue", "green"]
     inst = TaskInstance("q0", "the town", "red", task="colors", meta={"solution": "the red town"})
     oracle = systems["oracle"](0, {"oracle/0/colors/q0": inst})
-    assert oracle.reference_ids == {"oracle/0/colors/q0": pool.backends[0].tokenizer("the red town", add_special_tokens=False)["input_ids"]}
+    assert oracle.reference_ids == {
+        "oracle/0/colors/q0": pool.backends[0].tokenizer("the red town", add_special_tokens=False)[
+            "input_ids"
+        ]
+    }
     with pytest.raises(ConfigError, match="meta\\['solution'\\]"):
         systems["oracle"](0, {"k": TaskInstance("q1", "the town", "red")})

@@ -22,12 +22,22 @@ from switchrl.backends.fused import NotFusable, RowAssignment, fuse_models
 from switchrl.backends.transformers_backend import TransformersBackend
 from tests.conftest import make_word_tokenizer
 
-SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=128)
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+)
 ARCHS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2)),
-    "llama-tied": lambda: LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True)),
-    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=8)),  # q/k norms on 4-D
+    "llama-tied": lambda: LlamaForCausalLM(
+        LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True)
+    ),
+    "qwen3": lambda: Qwen3ForCausalLM(
+        Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=8)
+    ),  # q/k norms on 4-D
     "gpt-neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(**SMALL)),  # LayerNorm with bias, biased linears
 }
 
@@ -50,8 +60,13 @@ def test_fused_forward_matches_each_model(arch):
         fused = fuse_models(models)
         # uneven groups, a gap (candidate 1 absent), even groups, one candidate; with several tokens per
         # row (uneven groups: one matmul per candidate) and with one (one bmm over padded groups)
-        for candidates in ([0, 1, 2, 1, 0, 0], [0, 0, 1, 2, 2, 2], [2, 0, 2, 0, 0, 2], [0, 1, 2, 2, 1, 0],
-                           [1, 1, 1, 1, 1, 1]):
+        for candidates in (
+            [0, 1, 2, 1, 0, 0],
+            [0, 0, 1, 2, 2, 2],
+            [2, 0, 2, 0, 0, 2],
+            [0, 1, 2, 2, 1, 0],
+            [1, 1, 1, 1, 1, 1],
+        ):
             rows = RowAssignment.of(candidates, "cpu")
             logits = fused(rows=rows, input_ids=ids).logits
             one = fused(rows=rows, input_ids=ids[:, :1]).logits
@@ -81,9 +96,17 @@ def test_not_fusable_is_explained_and_leaves_models_alone():
 
 
 def _pool(models, tokenizer, fuse: bool) -> CandidatePool:
-    backends = [TransformersBackend(f"c{i}", m, tokenizer, sampling=SamplingParams(temperature=1.0),
-                                    stop_strings=("red",) if i == 1 else (), eos_after="blue" if i == 2 else None)
-                for i, m in enumerate(models)]
+    backends = [
+        TransformersBackend(
+            f"c{i}",
+            m,
+            tokenizer,
+            sampling=SamplingParams(temperature=1.0),
+            stop_strings=("red",) if i == 1 else (),
+            eos_after="blue" if i == 2 else None,
+        )
+        for i, m in enumerate(models)
+    ]
     return CandidatePool(backends, patch_tokens=3, seed=7, fuse=fuse)
 
 
@@ -94,17 +117,30 @@ def test_fused_pool_writes_what_separate_calls_write():
         models = []
         for seed in range(3):
             torch.manual_seed(seed)
-            models.append(LlamaForCausalLM(LlamaConfig(**{**SMALL, "vocab_size": len(tokenizer)}, num_key_value_heads=2,
-                                                       eos_token_id=tokenizer.eos_token_id)).double().eval())
+            models.append(
+                LlamaForCausalLM(
+                    LlamaConfig(
+                        **{**SMALL, "vocab_size": len(tokenizer)},
+                        num_key_value_heads=2,
+                        eos_token_id=tokenizer.eos_token_id,
+                    )
+                )
+                .double()
+                .eval()
+            )
         pool = _pool(models, tokenizer, fuse)
         assert (pool.backends[0].fused is not None) == fuse
         calls = []
         if fuse:
             engine = pool.backends[0].fused.lm
             generate = engine.generate
-            engine.generate = lambda *a, _calls=calls, _generate=generate, **k: _calls.append(1) or _generate(*a, **k)
-        traces = [Trace(f"q{i}", q, max_new_tokens=14)
-                  for i, q in enumerate(["the red town", "one two", "a blue river in the park", "it was", "we"])]
+            engine.generate = lambda *a, _calls=calls, _generate=generate, **k: (
+                _calls.append(1) or _generate(*a, **k)
+            )
+        traces = [
+            Trace(f"q{i}", q, max_new_tokens=14)
+            for i, q in enumerate(["the red town", "one two", "a blue river in the park", "it was", "we"])
+        ]
         rng = random.Random(0)
         while live := [t for t in traces if not t.done]:
             pool.step(live, [rng.randrange(3) for _ in live])
@@ -130,7 +166,9 @@ def test_prefill_reads_once_and_changes_nothing(tiny_family):
     written = []
     for prefill in (False, True):
         pool = make_pool(tiny_family, patch_tokens=3, seed=1)
-        traces = [Trace(f"q{i}", q, max_new_tokens=12) for i, q in enumerate(["the red town", "one two three"])]
+        traces = [
+            Trace(f"q{i}", q, max_new_tokens=12) for i, q in enumerate(["the red town", "one two three"])
+        ]
         pool.step(traces, [0, 1])
         if prefill:
             pool.prefill(traces)

@@ -13,24 +13,39 @@ from switchrl.run_config import RLSection, RunConfig
 from switchrl.trainers.grpo import restricted_head, train_grpo
 from switchrl.trainers.rl import build_switcher, nucleus_logprob, prepare, sample_episodes, train
 
-QUERIES = [("one two three", "four"), ("red blue green", "town"), ("the river bridge", "park"),
-           ("five six seven", "eight")]
+QUERIES = [
+    ("one two three", "four"),
+    ("red blue green", "town"),
+    ("the river bridge", "park"),
+    ("five six seven", "eight"),
+]
 
 
 def make_config(tiny_family: list[Path], tmp_path: Path) -> RunConfig:
     tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps({"id": f"t{i}", "query": q, "reference": r}) + "\n"
-                             for i, (q, r) in enumerate(QUERIES)))
+    tasks.write_text(
+        "".join(
+            json.dumps({"id": f"t{i}", "query": q, "reference": r}) + "\n" for i, (q, r) in enumerate(QUERIES)
+        )
+    )
     return RunConfig(
         candidates=[CandidateConfig(name=f"m{i}", path=str(p)) for i, p in enumerate(tiny_family)],
         generation=GenerationConfig(patch_tokens=3, max_new_tokens=9, seed=0),
         tasks=[TaskSourceConfig(source="jsonl", path=str(tasks), task="toy", split="train")],
-        reward="token_f1")
+        reward="token_f1",
+    )
 
 
 def rl_section(tiny_family: list[Path], tmp_path: Path, **kw) -> RLSection:
-    defaults = dict(base=str(tiny_family[0]), out_dir=str(tmp_path / "rl"), steps=2, queries_per_step=2,
-                    num_generations=2, save_steps=1, learning_rate=5e-2)
+    defaults = dict(
+        base=str(tiny_family[0]),
+        out_dir=str(tmp_path / "rl"),
+        steps=2,
+        queries_per_step=2,
+        num_generations=2,
+        save_steps=1,
+        learning_rate=5e-2,
+    )
     return RLSection(**{**defaults, **kw})
 
 
@@ -43,8 +58,9 @@ def test_episodes_mask_patches_and_carry_behaviour_logprobs(tiny_family, tmp_pat
     setup = prepare(make_config(tiny_family, tmp_path), rl_section(tiny_family, tmp_path, credit=credit))
     switcher = build_switcher(setup)
     label_ids = set(switcher.sequence.label_ids)
-    episodes = sample_episodes(switcher, setup.pool, ["one two three", "red blue green"], 3, "t", 9,
-                               credit=credit, seed=0)
+    episodes = sample_episodes(
+        switcher, setup.pool, ["one two three", "red blue green"], 3, "t", 9, credit=credit, seed=0
+    )
     assert len(episodes) == 6 and [e.query for e in episodes[::3]] == ["one two three", "red blue green"]
     for e in episodes:
         ids, mask, lps = e.completion_ids, e.completion_mask, e.completion_logprobs
@@ -54,12 +70,13 @@ def test_episodes_mask_patches_and_carry_behaviour_logprobs(tiny_family, tmp_pat
         for tok, m, lp in zip(ids, mask, lps):
             assert (m == 1) == (tok in label_ids)  # patches (environment tokens) are masked
             assert (lp < 0) if m else lp == 0.0
-        own = e.trace.patches[e.branch:]
+        own = e.trace.patches[e.branch :]
         assert [lp for lp, m in zip(lps, mask) if m] == pytest.approx(
-            [nucleus_logprob(p.probs, p.author, 1.0) for p in own])
+            [nucleus_logprob(p.probs, p.author, 1.0) for p in own]
+        )
     if credit == "fork":  # a group shares its prefix up to the branch point
         for g in range(2):
-            group = episodes[3 * g:3 * g + 3]
+            group = episodes[3 * g : 3 * g + 3]
             assert len({tuple(e.prompt_ids) for e in group}) == 1
             assert len({e.branch for e in group}) == 1
 
@@ -69,7 +86,9 @@ def test_restricted_head_makes_trls_fused_logprobs_the_label_softmax(tiny_family
 
     setup = prepare(make_config(tiny_family, tmp_path), rl_section(tiny_family, tmp_path))
     switcher = build_switcher(setup)
-    add_fused_lm_head(switcher.model.get_base_model(), outputs=("log_probs", "entropy"))  # as GRPOTrainer does
+    add_fused_lm_head(
+        switcher.model.get_base_model(), outputs=("log_probs", "entropy")
+    )  # as GRPOTrainer does
     enc = switcher.sequence.encode("one two three", [], next_action=1)
     ids = torch.tensor([enc.input_ids])
     labels = torch.full_like(ids, -100)
@@ -77,7 +96,9 @@ def test_restricted_head_makes_trls_fused_logprobs_the_label_softmax(tiny_family
     with torch.no_grad():
         with restricted_head(switcher.model, switcher.sequence.label_ids):
             restricted = switcher.model(input_ids=ids, labels=labels, fused_lm_head=True)
-        expected = switcher.label_logprobs(ids, torch.ones_like(ids), torch.tensor([[len(enc.input_ids) - 1]]))[0, 0]
+        expected = switcher.label_logprobs(
+            ids, torch.ones_like(ids), torch.tensor([[len(enc.input_ids) - 1]])
+        )[0, 0]
     head = switcher.model.get_output_embeddings()
     assert getattr(head, "_parameters", {}).get("bias") is None  # the bias is gone after the block
     lp, ent = restricted.log_probs[0, -1], restricted.entropy[0, -1]
@@ -122,8 +143,12 @@ def test_custom_reward_module_function_is_used(tiny_family, tmp_path, monkeypatc
 
     monkeypatch.setattr(custom, "length_penalised_f1", spy)
     rl = rl_section(tiny_family, tmp_path, steps=1)
-    result = train(make_config(tiny_family, tmp_path), "grpo", rl=rl,
-                   reward=["examples.custom_reward:length_penalised_f1"])
+    result = train(
+        make_config(tiny_family, tmp_path),
+        "grpo",
+        rl=rl,
+        reward=["examples.custom_reward:length_penalised_f1"],
+    )
     assert len(calls) == rl.queries_per_step * rl.num_generations
     assert result.history and "rewards/score/mean" in result.history[0]
 

@@ -23,17 +23,28 @@ def reencode_reference(models, tokenizers, queries, schedule, patch_tokens, max_
             model, tok = models[a], tokenizers[a]
             ids = torch.tensor([views[a]])
             limit = min(patch_tokens, max_new_tokens - n_tokens)
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit,
-                                 do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            new = gen[0, ids.shape[1]:].tolist()
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=limit,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+            new = gen[0, ids.shape[1] :].tolist()
             ended = tok.eos_token_id in new
             if ended:
-                new = new[:new.index(tok.eos_token_id)]
-            response = views[a][len(tok(q)["input_ids"]):]
+                new = new[: new.index(tok.eos_token_id)]
+            response = views[a][len(tok(q)["input_ids"]) :]
             patch_text = tok.decode(response + new, skip_special_tokens=True)[
-                len(tok.decode(response, skip_special_tokens=True)):]
+                len(tok.decode(response, skip_special_tokens=True)) :
+            ]
             for j, other in enumerate(tokenizers):
-                views[j] = views[j] + (new if j == a or other is tok else other(patch_text, add_special_tokens=False)["input_ids"])
+                views[j] = views[j] + (
+                    new
+                    if j == a or other is tok
+                    else other(patch_text, add_special_tokens=False)["input_ids"]
+                )
             text += patch_text
             n_tokens += len(new)
             authors.append(a)
@@ -45,8 +56,12 @@ def reencode_reference(models, tokenizers, queries, schedule, patch_tokens, max_
 
 
 def run_switched(paths, queries, schedule, patch_tokens, max_new_tokens, dtype="float64"):
-    backends = [TransformersBackend.from_pretrained(f"c{i}", str(p), dtype=dtype, sampling=SamplingParams(temperature=0))
-                for i, p in enumerate(paths)]
+    backends = [
+        TransformersBackend.from_pretrained(
+            f"c{i}", str(p), dtype=dtype, sampling=SamplingParams(temperature=0)
+        )
+        for i, p in enumerate(paths)
+    ]
     pool = CandidatePool(backends, patch_tokens=patch_tokens)
     traces = [Trace(key=f"q{i}", query=q, max_new_tokens=max_new_tokens) for i, q in enumerate(queries)]
     for a in schedule:
@@ -71,7 +86,9 @@ def test_kv_reuse_matches_reencode_shared_tokenizer(tiny_family):
 
 def test_kv_reuse_matches_reencode_different_tokenizers(tmp_path, tiny_family):
     """Candidates with different vocabularies exchange text; each re-tokenizes only the new text."""
-    other_tok = make_word_tokenizer(words=list(reversed(__import__("tests.conftest").conftest.WORDS)), extra=["zeta"])
+    other_tok = make_word_tokenizer(
+        words=list(reversed(__import__("tests.conftest").conftest.WORDS)), extra=["zeta"]
+    )
     other = save_tiny_model(tmp_path / "other", "gpt2", other_tok, seed=7)
     paths = [tiny_family[0], other, tiny_family[2]]
     schedule = [1, 0, 1, 2, 1, 0]
@@ -91,11 +108,18 @@ def test_batch_of_very_different_chunk_lengths_equals_one_trace_at_a_time(tiny_f
     batched, alone = CachedLM(model), CachedLM(model)
     for lm in (batched, alone):
         lm.extend(["a"], [list(range(4, 34))])
-    keys, new = ["a", "b", "c"], [[5], list(range(10, 30)), [6, 7, 8]]  # chunk lengths 1, 20, 3: three buckets
+    keys, new = (
+        ["a", "b", "c"],
+        [[5], list(range(10, 30)), [6, 7, 8]],
+    )  # chunk lengths 1, 20, 3: three buckets
     got = batched.generate(keys, new, [6, 4, 5], SamplingParams(temperature=0))
-    want = [alone.generate([k], [ids], [n], SamplingParams(temperature=0))[0] for k, ids, n in zip(keys, new, [6, 4, 5])]
+    want = [
+        alone.generate([k], [ids], [n], SamplingParams(temperature=0))[0]
+        for k, ids, n in zip(keys, new, [6, 4, 5])
+    ]
     assert [(g.token_ids, g.stop_reason) for g in got] == [(w.token_ids, w.stop_reason) for w in want]
     assert [batched.cached_length(k) for k in keys] == [alone.cached_length(k) for k in keys]
     last = [[g.token_ids[-1]] for g in got]
-    torch.testing.assert_close(batched.extend(keys, last),
-                               torch.cat([alone.extend([k], [ids]) for k, ids in zip(keys, last)]))
+    torch.testing.assert_close(
+        batched.extend(keys, last), torch.cat([alone.extend([k], [ids]) for k, ids in zip(keys, last)])
+    )

@@ -16,10 +16,18 @@ from switchrl.policies.lm_switcher import METADATA_FILE
 from tests.conftest import WORDS, make_word_tokenizer, save_tiny_model
 
 NAMES = ["base", "sft", "aligned"]
-REFERENCE_WORDS = tuple(w for w in ("<model begins> ends> Which model should generate next segment? Please respond with "
-                                     "number 0 1 2 2. The <|user|> <|assistant|>").split() if w not in WORDS)
-CHAT = ("{{ bos_token }}{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+REFERENCE_WORDS = tuple(
+    w
+    for w in (
+        "<model begins> ends> Which model should generate next segment? Please respond with "
+        "number 0 1 2 2. The <|user|> <|assistant|>"
+    ).split()
+    if w not in WORDS
+)
+CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +40,10 @@ def switcher_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(tiny_family):
-    backends = [TransformersBackend.from_pretrained(n, str(p), sampling=SamplingParams(temperature=1.0))
-                for n, p in zip(NAMES, tiny_family)]
+    backends = [
+        TransformersBackend.from_pretrained(n, str(p), sampling=SamplingParams(temperature=1.0))
+        for n, p in zip(NAMES, tiny_family)
+    ]
     return CandidatePool(backends, patch_tokens=2, seed=1)
 
 
@@ -52,10 +62,14 @@ def test_sequence_encodes_labels_and_patches(switcher_path):
     other = Patch(author=0, token_ids=[999, 998], text=" red river", vocab="another-vocab")
     enc = seq.encode("the town", [mine, other], next_action=1)
     prompt = seq.prompt_ids("the town")
-    assert enc.input_ids[:enc.prompt_length] == prompt
-    assert enc.input_ids[enc.prompt_length:] == [seq.label_ids[2], *mine.token_ids, seq.label_ids[0],
-                                                 *sw.tokenizer(" red river", add_special_tokens=False)["input_ids"],
-                                                 seq.label_ids[1]]
+    assert enc.input_ids[: enc.prompt_length] == prompt
+    assert enc.input_ids[enc.prompt_length :] == [
+        seq.label_ids[2],
+        *mine.token_ids,
+        seq.label_ids[0],
+        *sw.tokenizer(" red river", add_special_tokens=False)["input_ids"],
+        seq.label_ids[1],
+    ]
     assert enc.actions == [2, 0, 1]
     assert [enc.input_ids[p] for p in enc.label_positions] == [seq.label_ids[a] for a in enc.actions]
     assert [i for i, m in enumerate(enc.action_mask) if m] == enc.label_positions
@@ -74,7 +88,10 @@ def test_added_label_rows_are_deterministic(switcher_path):
 
 def test_cached_decisions_equal_full_forward_and_training_logprobs(switcher_path, pool):
     sw = LMSwitcher.from_base(str(switcher_path), NAMES, seed=3)
-    traces = [Trace(key=f"k{i}", query=q, max_new_tokens=8) for i, q in enumerate(["the town", "one two three four"])]
+    traces = [
+        Trace(key=f"k{i}", query=q, max_new_tokens=8)
+        for i, q in enumerate(["the town", "one two three four"])
+    ]
     pool.step(traces[:1], [1])  # traces of different lengths share one batched decision
     for _ in range(3):
         live = [t for t in traces if not t.done]
@@ -88,8 +105,11 @@ def test_cached_decisions_equal_full_forward_and_training_logprobs(switcher_path
     # training path: restricted log-probs at every label position equal the decisions' distributions
     t = traces[1]
     enc = sw.sequence.encode(t.query, t.patches)
-    logp = sw.label_logprobs(torch.tensor([enc.input_ids]), torch.ones(1, len(enc.input_ids), dtype=torch.long),
-                             torch.tensor([enc.label_positions]))
+    logp = sw.label_logprobs(
+        torch.tensor([enc.input_ids]),
+        torch.ones(1, len(enc.input_ids), dtype=torch.long),
+        torch.tensor([enc.label_positions]),
+    )
     assert logp.shape == (1, len(t.patches), 3) and logp.requires_grad
     for j in range(len(t.patches)):
         prefix = Trace(key="x", query=t.query, max_new_tokens=8, patches=t.patches[:j])
@@ -106,8 +126,11 @@ def test_label_logprobs_with_left_padding_and_masked_positions(switcher_path):
     mask = torch.tensor([[1] * len(long.input_ids), [0] * pad + [1] * len(short.input_ids)])
     positions = torch.tensor([long.label_positions, [short.label_positions[0] + pad, -1]])
     logp = sw.label_logprobs(ids, mask, positions)
-    alone = sw.label_logprobs(torch.tensor([short.input_ids]), torch.ones(1, len(short.input_ids), dtype=torch.long),
-                              torch.tensor([short.label_positions]))
+    alone = sw.label_logprobs(
+        torch.tensor([short.input_ids]),
+        torch.ones(1, len(short.input_ids), dtype=torch.long),
+        torch.tensor([short.label_positions]),
+    )
     assert torch.allclose(logp[1, 0], alone[0, 0], atol=1e-5)
     assert torch.equal(logp[1, 1], torch.zeros(3))
     with pytest.raises(ValueError, match="label_positions"):
@@ -138,23 +161,42 @@ def test_switched_generation_with_lm_switcher(switcher_path, pool):
 
 
 def test_lora_round_trip(switcher_path, tmp_path):
-    sw = LMSwitcher.from_base(str(switcher_path), NAMES, lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-                              top_p=0.9, seed=11)
+    sw = LMSwitcher.from_base(
+        str(switcher_path),
+        NAMES,
+        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        top_p=0.9,
+        seed=11,
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in sw.model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    trace = Trace(key="t", query="the town", max_new_tokens=8,
-                  patches=[Patch(author=2, token_ids=sw.tokenizer("one two")["input_ids"], text=" one two",
-                                 vocab=sw.sequence.vocab)])
+    trace = Trace(
+        key="t",
+        query="the town",
+        max_new_tokens=8,
+        patches=[
+            Patch(
+                author=2,
+                token_ids=sw.tokenizer("one two")["input_ids"],
+                text=" one two",
+                vocab=sw.sequence.vocab,
+            )
+        ],
+    )
     before = sw.label_logits([trace])
     base = LMSwitcher.from_base(str(switcher_path), NAMES).label_logits([trace])
     assert not torch.allclose(before, base)  # the adapter matters
     sw.save_pretrained(tmp_path / "sw")
     meta = json.loads((tmp_path / "sw" / METADATA_FILE).read_text())
     assert meta["candidate_names"] == NAMES and meta["label_tokens"] == ["<c0>", "<c1>", "<c2>"]
-    assert meta["adapter"] is True and meta["base_model_path"] == str(switcher_path) and meta["patch_tokens"] == 50
+    assert (
+        meta["adapter"] is True
+        and meta["base_model_path"] == str(switcher_path)
+        and meta["patch_tokens"] == 50
+    )
     assert (tmp_path / "sw" / "adapter_config.json").is_file()
     back = LMSwitcher.from_pretrained(tmp_path / "sw")
     assert (back.top_p, back.seed, back.candidate_names) == (0.9, 11, NAMES)
@@ -174,9 +216,14 @@ def test_reference_prompt_token_for_token(switcher_path, pool):
     tok = make_word_tokenizer(extra=REFERENCE_WORDS)
     tok.chat_template = CHAT
     seq = SwitchSequence(tok, NAMES, prompt_format="reference")
-    patches = [Patch(author=2, token_ids=[5], text="one two", vocab="x"), Patch(author=0, token_ids=[6], text="three", vocab="x")]
-    text = ("the town <model 2 begins> one two <model 2 ends> <model 0 begins> three <model 0 ends> Which model should "
-            "generate the next segment? Please respond with a number from 0 to 2. The answer is model ")
+    patches = [
+        Patch(author=2, token_ids=[5], text="one two", vocab="x"),
+        Patch(author=0, token_ids=[6], text="three", vocab="x"),
+    ]
+    text = (
+        "the town <model 2 begins> one two <model 2 ends> <model 0 begins> three <model 0 ends> Which model should "
+        "generate the next segment? Please respond with a number from 0 to 2. The answer is model "
+    )
     assert seq.reference_prompt("the town", patches) == text
     expected = tok(f"<bos><|user|> {text} <|assistant|> ")["input_ids"]
     assert seq.context_ids("the town", patches) == expected

@@ -23,8 +23,10 @@ QUERIES = ["the town of red river", "one two three", "the answer is", "a blue br
 
 
 def _local(paths, sampling):
-    return [TransformersBackend.from_pretrained(f"c{i}", str(p), dtype="float64", sampling=sampling)
-            for i, p in enumerate(paths)]
+    return [
+        TransformersBackend.from_pretrained(f"c{i}", str(p), dtype="float64", sampling=sampling)
+        for i, p in enumerate(paths)
+    ]
 
 
 def _switch(backends, schedule, patch_tokens=5, max_new_tokens=30):
@@ -61,10 +63,12 @@ def test_sampling_sends_one_seeded_request_per_trace(serve, tiny_family):
     first = backend.write_patches(traces, 0, 6, seed=11)
     again = backend.write_patches(traces, 0, 6, seed=11)
     assert [p.token_ids for p in first] == [p.token_ids for p in again]
-    seeds = sorted(r["seed"] for r in srv.requests[:len(QUERIES)])
+    seeds = sorted(r["seed"] for r in srv.requests[: len(QUERIES)])
     assert seeds == sorted(derive_seed(11, t.key, 0, "c0") % 2**31 for t in traces)
     assert all(r["top_p"] == 0.9 and len(r["prompt"]) == 1 for r in srv.requests)
-    assert sorted(r["prompt"][0] for r in srv.requests[:len(QUERIES)]) == sorted(backend.view(t) for t in traces)
+    assert sorted(r["prompt"][0] for r in srv.requests[: len(QUERIES)]) == sorted(
+        backend.view(t) for t in traces
+    )
 
 
 def test_unreachable_server_is_one_clear_error(tiny_family):
@@ -86,8 +90,14 @@ def test_server_error_names_status_and_detail(serve, tiny_family):
 
 def test_build_backend_and_config_errors(serve, tiny_family):
     url, _ = serve(tiny_family[0])
-    cfg = CandidateConfig(name="c0", path=str(tiny_family[0]), backend="openai", base_url=url, served_model="tiny",
-                          temperature=0)
+    cfg = CandidateConfig(
+        name="c0",
+        path=str(tiny_family[0]),
+        backend="openai",
+        base_url=url,
+        served_model="tiny",
+        temperature=0,
+    )
     backend = build_backend(cfg)
     assert isinstance(backend, OpenAIBackend) and backend.sampling.greedy
     with pytest.raises(ConfigError, match="base_url"):
@@ -97,25 +107,56 @@ def test_build_backend_and_config_errors(serve, tiny_family):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("SWITCHRL_VLLM_PYTHON"),
-                    reason="set SWITCHRL_VLLM_PYTHON to a python with vLLM (e.g. /work/venv-vllm/bin/python)")
+@pytest.mark.skipif(
+    not os.environ.get("SWITCHRL_VLLM_PYTHON"),
+    reason="set SWITCHRL_VLLM_PYTHON to a python with vLLM (e.g. /work/venv-vllm/bin/python)",
+)
 def test_against_a_real_vllm_server(tmp_path, word_tokenizer):
     """The vLLM OpenAI server (started from SWITCHRL_VLLM_PYTHON) writes what the local candidate writes."""
     torch.manual_seed(0)  # vLLM's CPU attention needs head_dim >= 32
-    cfg = LlamaConfig(vocab_size=len(word_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      bos_token_id=word_tokenizer.bos_token_id, eos_token_id=word_tokenizer.eos_token_id,
-                      pad_token_id=word_tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(word_tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        bos_token_id=word_tokenizer.bos_token_id,
+        eos_token_id=word_tokenizer.eos_token_id,
+        pad_token_id=word_tokenizer.pad_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     word_tokenizer.save_pretrained(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [os.environ["SWITCHRL_VLLM_PYTHON"], "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path),
-           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "256", "--enable-prefix-caching", "--gpu-memory-utilization", "0.2"]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    cmd = [
+        os.environ["SWITCHRL_VLLM_PYTHON"],
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tmp_path),
+        "--served-model-name",
+        "tiny",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--enable-prefix-caching",
+        "--gpu-memory-utilization",
+        "0.2",
+    ]
+    server = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -135,7 +176,9 @@ def test_against_a_real_vllm_server(tmp_path, word_tokenizer):
             assert [(p.token_ids, p.text) for p in got] == [(p.token_ids, p.text) for p in want]
             for t, p in zip(traces, want):
                 t.patches.append(p)
-        sampler = OpenAIBackend.from_pretrained("c0", str(tmp_path), url, "tiny", sampling=SamplingParams(1.0, 0.9))
+        sampler = OpenAIBackend.from_pretrained(
+            "c0", str(tmp_path), url, "tiny", sampling=SamplingParams(1.0, 0.9)
+        )
         fresh = [Trace(key=f"q{i}", query=q, max_new_tokens=12) for i, q in enumerate(QUERIES)]
         first, again = (sampler.write_patches(fresh, 0, 6, seed=1) for _ in range(2))
         assert [p.token_ids for p in first] == [p.token_ids for p in again]

@@ -22,7 +22,9 @@ def test_episode_batch_holds_trained_labels_only(tiny_family, tmp_path):
         assert k == sum(e.trained) == len(e.trace.patches)
         label_tokens = batch.input_ids[i, batch.positions[i, :k]]
         expected = torch.tensor([switcher.sequence.label_ids[a] for a in e.trace.authors])
-        assert torch.equal(label_tokens, expected) and torch.equal(batch.actions[i, :k], torch.tensor(e.trace.authors))
+        assert torch.equal(label_tokens, expected) and torch.equal(
+            batch.actions[i, :k], torch.tensor(e.trace.authors)
+        )
         assert torch.all(batch.returns[i, :k] == [0.5, 1.0, 0.0][i])
     # the recorded behaviour log-probs are the switcher's own label log-probs (top_p = 1)
     logp = switcher.label_logprobs(batch.input_ids, batch.attention_mask, batch.positions)
@@ -40,7 +42,16 @@ def test_ppo_one_update_then_resume(tiny_family, tmp_path):
     after = lora_weights(switcher.model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
     (step,) = result.history
-    for key in ("reward", "score", "kl", "entropy", "clip_fraction", "value_loss", "switch/rate", "switch/share/m1"):
+    for key in (
+        "reward",
+        "score",
+        "kl",
+        "entropy",
+        "clip_fraction",
+        "value_loss",
+        "switch/rate",
+        "switch/share/m1",
+    ):
         assert key in step and step[key] == step[key]
     assert 0 <= step["entropy"] <= torch.log(torch.tensor(3.0)).item() + 1e-5
     assert json.loads((result.policy_dir / "switchrl_switcher.json").read_text())["adapter"]

@@ -34,8 +34,13 @@ def ray_cluster():
     if ray.is_initialized():  # left over by another module: this one needs its own resources
         ray.shutdown()
     path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})  # actors import this module's workers
+    ray.init(
+        num_cpus=2,
+        num_gpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )  # actors import this module's workers
     yield
     ray.shutdown()
 
@@ -54,7 +59,9 @@ class FaultyWorker:
             os._exit(1)
         if any(it.id == self.config.get("raise_on") for it in items):
             raise KeyError(f"bad item {self.config['raise_on']}")
-        return [{"id": it.id, "pid": 0, "value": derive_seed(self.config["seed"], it.id) % 997} for it in items]
+        return [
+            {"id": it.id, "pid": 0, "value": derive_seed(self.config["seed"], it.id) % 997} for it in items
+        ]
 
 
 def make_faulty(config: dict, context: WorkerContext) -> FaultyWorker:
@@ -69,8 +76,10 @@ class UtilityWorker:
         from switchrl.backends import CandidatePool, SamplingParams
         from switchrl.backends.transformers_backend import TransformersBackend
 
-        backends = [TransformersBackend.from_pretrained(f"c{i}", p, sampling=SamplingParams(temperature=1.0))
-                    for i, p in enumerate(config["paths"])]
+        backends = [
+            TransformersBackend.from_pretrained(f"c{i}", p, sampling=SamplingParams(temperature=1.0))
+            for i, p in enumerate(config["paths"])
+        ]
         self.pool = CandidatePool(backends, patch_tokens=2, seed=config["seed"])
 
     def process(self, items):
@@ -85,8 +94,10 @@ class UtilityWorker:
 
         est = estimate_utilities(self.pool, states, ["river"] * len(items), scorer, k=2)
         self.pool.release([s.key for s in states])
-        return [{"id": it.id, "state": s.text, "utilities": e.utilities, "responses": e.responses}
-                for it, s, e in zip(items, states, est)]
+        return [
+            {"id": it.id, "state": s.text, "utilities": e.utilities, "responses": e.responses}
+            for it, s, e in zip(items, states, est)
+        ]
 
 
 def make_utility_worker(config: dict, context: WorkerContext) -> UtilityWorker:
@@ -106,9 +117,13 @@ def test_actor_death_is_retried_and_records_are_exactly_once(tmp_path):
     expected = run(ITEMS, spec, tmp_path / "local", chunk_size=3, progress=False).records()
     # restarted by Ray (max_restarts=1) and the chunk retried on it; then an actor that stays dead
     for name, overrides in {"restart": {}, "dead": {"max_restarts": 0, "max_task_retries": 0}}.items():
-        faulty = WorkerSpec(make_faulty, {"seed": 1, "die_on": "q7", "marker": str(tmp_path / f"{name}.marker")})
+        faulty = WorkerSpec(
+            make_faulty, {"seed": 1, "die_on": "q7", "marker": str(tmp_path / f"{name}.marker")}
+        )
         with RayExecutor(ExecutorConfig(**{**CPU, **overrides})) as executor:
-            store = run(ITEMS, faulty, tmp_path / name / "out", executor=executor, chunk_size=3, progress=False)
+            store = run(
+                ITEMS, faulty, tmp_path / name / "out", executor=executor, chunk_size=3, progress=False
+            )
             # with restarts Ray retries the chunk on the restarted actor; without, the driver moves it
             assert len(executor.actors) == (2 if name == "restart" else 1)
         assert (tmp_path / f"{name}.marker").exists()  # the fault happened
@@ -146,17 +161,28 @@ def busy_cpu():
     ray.util.remove_placement_group(busy)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"placement": "spread", "gpus_per_candidate": 8}, "needs .*'GPU': 24.* largest Ray node has GPU=1"),
-    ({"num_cpus_per_replica": 8, "gpus_per_candidate": 0}, "largest Ray node has GPU=1.0, CPU=2"),
-    ({"replicas": 3, "gpus_per_candidate": 0}, "holds at most 2 replicas"),
-    ({"replicas": 2, "gpus_per_candidate": 0, "placement_timeout_s": 1}, "could not be placed within 1 s"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"placement": "spread", "gpus_per_candidate": 8}, "needs .*'GPU': 24.* largest Ray node has GPU=1"),
+        ({"num_cpus_per_replica": 8, "gpus_per_candidate": 0}, "largest Ray node has GPU=1.0, CPU=2"),
+        ({"replicas": 3, "gpus_per_candidate": 0}, "holds at most 2 replicas"),
+        (
+            {"replicas": 2, "gpus_per_candidate": 0, "placement_timeout_s": 1},
+            "could not be placed within 1 s",
+        ),
+    ],
+)
 def test_impossible_placement_is_a_quick_clear_error(tmp_path, busy_cpu, overrides, message):
     start = time.perf_counter()
     with pytest.raises(ExecutorError, match=message):
-        run(ITEMS, WorkerSpec(make_faulty, {"seed": 0}, num_models=3), tmp_path,
-            executor={**CPU, **overrides}, progress=False)
+        run(
+            ITEMS,
+            WorkerSpec(make_faulty, {"seed": 0}, num_models=3),
+            tmp_path,
+            executor={**CPU, **overrides},
+            progress=False,
+        )
     assert time.perf_counter() - start < 10
     assert not ShardStore(tmp_path, readonly=True).shards  # nothing written
 

@@ -18,8 +18,9 @@ from tests.test_eval import make_config
 @pytest.fixture(scope="module")
 def run_dir(tiny_family, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    return evaluate(make_config(tiny_family, root, systems=["singles", "random", "sft"], seeds=[0]),
-                    progress=False).out_dir
+    return evaluate(
+        make_config(tiny_family, root, systems=["singles", "random", "sft"], seeds=[0]), progress=False
+    ).out_dir
 
 
 def test_report_has_table_chart_and_every_response(run_dir, capsys):
@@ -46,14 +47,44 @@ def test_report_has_table_chart_and_every_response(run_dir, capsys):
 
 
 def test_model_text_is_escaped():
-    results = {"candidates": ["a<b", "c"], "systems": ["a<b"], "tasks": ["t"], "seeds": [0], "split": "test",
-               "ci_method": "normal", "notes": [],
-               "metrics": {"t": {"a<b": {"accuracy": 0.5, "ci95": None, "n": 1, "failures": 0, "switches": 1.0,
-                                         "share": {"a<b": 0.5, "c": 0.5}, "tokens_per_s": 10.0}}}}
-    record = {"task": "t", "system": "a<b", "seed": 0, "query_id": "q<1>", "query": "<script>alert(1)</script>",
-              "reference": "&", "text": "<i>x</i> & y", "score": 1.0, "error": None, "num_switches": 1,
-              "patches": [{"author": 0, "name": "a<b", "text": "<i>x</i>", "probs": [0.25, 0.75]},
-                          {"author": 1, "name": "c", "text": " & y", "probs": None}]}
+    results = {
+        "candidates": ["a<b", "c"],
+        "systems": ["a<b"],
+        "tasks": ["t"],
+        "seeds": [0],
+        "split": "test",
+        "ci_method": "normal",
+        "notes": [],
+        "metrics": {
+            "t": {
+                "a<b": {
+                    "accuracy": 0.5,
+                    "ci95": None,
+                    "n": 1,
+                    "failures": 0,
+                    "switches": 1.0,
+                    "share": {"a<b": 0.5, "c": 0.5},
+                    "tokens_per_s": 10.0,
+                }
+            }
+        },
+    }
+    record = {
+        "task": "t",
+        "system": "a<b",
+        "seed": 0,
+        "query_id": "q<1>",
+        "query": "<script>alert(1)</script>",
+        "reference": "&",
+        "text": "<i>x</i> & y",
+        "score": 1.0,
+        "error": None,
+        "num_switches": 1,
+        "patches": [
+            {"author": 0, "name": "a<b", "text": "<i>x</i>", "probs": [0.25, 0.75]},
+            {"author": 1, "name": "c", "text": " & y", "probs": None},
+        ],
+    }
     page = render_report(results, [record])
     assert "<script>" not in page and "<i>x</i>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;i&gt;x&lt;/i&gt;" in page

@@ -52,13 +52,17 @@ def clean_registry(monkeypatch):
 
 # ----------------------------------------------------------------------------- built-in scorers
 
-@pytest.mark.parametrize("response, reference, expected", [
-    ("The Eiffel Tower!", "eiffel tower", 1.0),
-    ("  an   Apple. ", "apple", 1.0),
-    ("Paris, France", "Paris", 0.0),
-    ("", "", 1.0),
-    ("theatre", "atre", 0.0),  # articles are removed as words only
-])
+
+@pytest.mark.parametrize(
+    "response, reference, expected",
+    [
+        ("The Eiffel Tower!", "eiffel tower", 1.0),
+        ("  an   Apple. ", "apple", 1.0),
+        ("Paris, France", "Paris", 0.0),
+        ("", "", 1.0),
+        ("theatre", "atre", 0.0),  # articles are removed as words only
+    ],
+)
 def test_exact_match(response, reference, expected):
     assert exact_match("q", response, reference) == expected
 
@@ -75,21 +79,24 @@ def test_exact_match_ignores_case_whitespace_punctuation_and_articles(a):
     assert exact_match("q", variant, a) == 1.0
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Natalia sold 48 + 24 = 72 clips.\n#### 72", 72.0),
-    ("#### 1,234", 1234.0),
-    ("The answer is $1,234.50.", 1234.5),
-    ("So she has 5 apples and 3 pears. The answer is 8. Check: 8 = 5 + 3", 8.0),
-    ("Answer: -3", -3.0),
-    ("It costs -$7.", -7.0),
-    ("pages 3-4", 4.0),
-    ("x=2, y=.5", 0.5),
-    ("first \\boxed{42} then 7", 42.0),
-    ("we get 10 then 12.", 12.0),
-    ("There are 1,000,000 stars", 1_000_000.0),
-    ("no number here", None),
-    ("Answer: unknown\nwe counted 7 and 9", 9.0),  # a marker without a number: the last number
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Natalia sold 48 + 24 = 72 clips.\n#### 72", 72.0),
+        ("#### 1,234", 1234.0),
+        ("The answer is $1,234.50.", 1234.5),
+        ("So she has 5 apples and 3 pears. The answer is 8. Check: 8 = 5 + 3", 8.0),
+        ("Answer: -3", -3.0),
+        ("It costs -$7.", -7.0),
+        ("pages 3-4", 4.0),
+        ("x=2, y=.5", 0.5),
+        ("first \\boxed{42} then 7", 42.0),
+        ("we get 10 then 12.", 12.0),
+        ("There are 1,000,000 stars", 1_000_000.0),
+        ("no number here", None),
+        ("Answer: unknown\nwe counted 7 and 9", 9.0),  # a marker without a number: the last number
+    ],
+)
 def test_extract_number(text, expected):
     assert extract_number(text) == expected
 
@@ -106,21 +113,24 @@ def test_numeric_scorer():
         numeric("q", "72", "seventy")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("The answer is (B).", "B"),
-    ("answer: (c) because", "C"),
-    ("Answer: D", "D"),
-    ("The correct answer is option E, not F", "E"),
-    ("I think... The answer is **G**", "G"),
-    ("The answer is A. Wait, no: the answer is (C)", "C"),  # the last statement wins
-    ("B) because cats", "B"),
-    ("(d) since", "D"),
-    ("J", "J"),
-    ("A cat sat on the mat", None),  # a leading article is not a choice
-    ("The answer is Bob", None),
-    ("Answer: c", None),  # a bare lower-case letter is too ambiguous
-    ("K.", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is (B).", "B"),
+        ("answer: (c) because", "C"),
+        ("Answer: D", "D"),
+        ("The correct answer is option E, not F", "E"),
+        ("I think... The answer is **G**", "G"),
+        ("The answer is A. Wait, no: the answer is (C)", "C"),  # the last statement wins
+        ("B) because cats", "B"),
+        ("(d) since", "D"),
+        ("J", "J"),
+        ("A cat sat on the mat", None),  # a leading article is not a choice
+        ("The answer is Bob", None),
+        ("Answer: c", None),  # a bare lower-case letter is too ambiguous
+        ("K.", None),
+    ],
+)
 def test_extract_choice(text, expected):
     assert extract_choice(text) == expected
 
@@ -177,6 +187,7 @@ def test_builtins_ignore_meta():
 
 # ----------------------------------------------------------------------------- registry
 
+
 def test_resolve_builtin_names_and_callables():
     for name in ("exact_match", "numeric", "multiple_choice", "token_f1", "rouge_l"):
         assert name in list_scorers()
@@ -203,7 +214,8 @@ def test_resolve_module_function(repo_on_path):
 def test_resolve_class_is_instantiated(tmp_path, monkeypatch):
     (tmp_path / "cls_reward.py").write_text(
         "class Half:\n    def __call__(self, query, response, reference, **meta):\n        return 0.5\n"
-        "NOT_CALLABLE = 3\n")
+        "NOT_CALLABLE = 3\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert resolve_scorer("cls_reward:Half")("q", "r", "ref") == 0.5
     assert resolve_scorer(__import__("cls_reward").Half)("q", "r", "ref") == 0.5
@@ -213,22 +225,27 @@ def test_resolve_class_is_instantiated(tmp_path, monkeypatch):
 
 def test_resolve_local_module_from_working_directory(tmp_path, monkeypatch):
     """Console scripts lack the working directory on sys.path; a local reward module is still found."""
-    (tmp_path / "my_local_reward.py").write_text("def r(query, response, reference, **meta):\n    return 0.25\n")
+    (tmp_path / "my_local_reward.py").write_text(
+        "def r(query, response, reference, **meta):\n    return 0.25\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
     assert resolve_scorer("my_local_reward:r")("q", "r", "ref") == 0.25
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("no_such_scorer", r"unknown scorer; known names: .*exact_match.*'package.module:function'"),
-    ("no_such_pkg_xyz.mod:fn", r"cannot import module 'no_such_pkg_xyz.mod'"),
-    ("switchrl.rewards.builtin:nope", r"module 'switchrl.rewards.builtin' has no attribute 'nope'"),
-    ("switchrl.rewards.builtin:_ARTICLES", r"is not callable \(got Pattern\)"),
-    (":fn", r"expected 'package.module:function'"),
-    ("switchrl.rewards.builtin:", r"expected 'package.module:function'"),
-    ("", r"expected a scorer name"),
-    (42, r"expected a scorer name"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_scorer", r"unknown scorer; known names: .*exact_match.*'package.module:function'"),
+        ("no_such_pkg_xyz.mod:fn", r"cannot import module 'no_such_pkg_xyz.mod'"),
+        ("switchrl.rewards.builtin:nope", r"module 'switchrl.rewards.builtin' has no attribute 'nope'"),
+        ("switchrl.rewards.builtin:_ARTICLES", r"is not callable \(got Pattern\)"),
+        (":fn", r"expected 'package.module:function'"),
+        ("switchrl.rewards.builtin:", r"expected 'package.module:function'"),
+        ("", r"expected a scorer name"),
+        (42, r"expected a scorer name"),
+    ],
+)
 def test_bad_specs_give_clear_errors(spec, message):
     with pytest.raises(ConfigError, match=message):
         resolve_scorer(spec)
@@ -237,7 +254,9 @@ def test_bad_specs_give_clear_errors(spec, message):
 def test_module_failing_on_import_is_reported(tmp_path, monkeypatch):
     (tmp_path / "broken_reward.py").write_text("raise RuntimeError('boom at import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ConfigError, match="importing module 'broken_reward' failed: RuntimeError: boom at import"):
+    with pytest.raises(
+        ConfigError, match="importing module 'broken_reward' failed: RuntimeError: boom at import"
+    ):
         resolve_scorer("broken_reward:f")
 
 
@@ -260,7 +279,9 @@ def test_entry_point(monkeypatch, repo_on_path):
     )
     assert {"lp_f1", "broken"} <= set(list_scorers())
     assert resolve_scorer("lp_f1").__name__ == "length_penalised_f1"
-    with pytest.raises(ConfigError, match=r"entry point 'no_such_pkg_xyz:f' in group 'switchrl.rewards' failed"):
+    with pytest.raises(
+        ConfigError, match=r"entry point 'no_such_pkg_xyz:f' in group 'switchrl.rewards' failed"
+    ):
         resolve_scorer("broken")
 
 
@@ -285,16 +306,23 @@ def test_register_scorer(clean_registry):
 
 # ----------------------------------------------------------------------------- weighted rewards
 
+
 def test_weighted_combination_math(repo_on_path):
-    reward = resolve_reward([("exact_match", 0.5), {"scorer": "token_f1", "weight": 2.0},
-                             {"scorer": CUSTOM, "weight": -1.0, "kwargs": {"max_words": 1, "penalty": 0.1}}])
+    reward = resolve_reward(
+        [
+            ("exact_match", 0.5),
+            {"scorer": "token_f1", "weight": 2.0},
+            {"scorer": CUSTOM, "weight": -1.0, "kwargs": {"max_words": 1, "penalty": 0.1}},
+        ]
+    )
     assert isinstance(reward, WeightedScorer)
     response, reference = "the cat sat", "cat sat down"
     f1 = token_f1("q", response, reference)
     penalised = max(0.0, f1 - 0.1 * 2)
     assert reward("q", response, reference) == pytest.approx(0.5 * 0.0 + 2.0 * f1 - penalised)
     assert reward.components("q", response, reference) == pytest.approx(
-        {"exact_match": 0.0, "token_f1": f1, CUSTOM: penalised})
+        {"exact_match": 0.0, "token_f1": f1, CUSTOM: penalised}
+    )
     # task meta reaches every term and overrides config kwargs
     assert reward("q", response, reference, max_words=10) == pytest.approx(2.0 * f1 - f1)
 
@@ -313,17 +341,20 @@ def test_duplicate_terms_get_unique_names():
     assert reward("q", "a b", "a b") == pytest.approx(3.0)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ([], "the list of scorers is empty"),
-    ([{"scorer": "numeric", "wieght": 2}], r"reward\[0\]: unknown key\(s\) \['wieght'\]"),
-    ([{"weight": 2}], r"reward\[0\]: missing key 'scorer'"),
-    ([("numeric", "heavy")], r"reward\[0\].weight: expected a finite number"),
-    ([("numeric", math.inf)], r"reward\[0\].weight: expected a finite number"),
-    ([{"scorer": "numeric", "kwargs": [1]}], r"reward\[0\].kwargs: expected a mapping"),
-    ([3], r"reward\[0\]: expected a spec"),
-    (3.5, "expected a scorer spec or a list"),
-    (["numeric", "nope_scorer"], "'nope_scorer': unknown scorer"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ([], "the list of scorers is empty"),
+        ([{"scorer": "numeric", "wieght": 2}], r"reward\[0\]: unknown key\(s\) \['wieght'\]"),
+        ([{"weight": 2}], r"reward\[0\]: missing key 'scorer'"),
+        ([("numeric", "heavy")], r"reward\[0\].weight: expected a finite number"),
+        ([("numeric", math.inf)], r"reward\[0\].weight: expected a finite number"),
+        ([{"scorer": "numeric", "kwargs": [1]}], r"reward\[0\].kwargs: expected a mapping"),
+        ([3], r"reward\[0\]: expected a spec"),
+        (3.5, "expected a scorer spec or a list"),
+        (["numeric", "nope_scorer"], "'nope_scorer': unknown scorer"),
+    ],
+)
 def test_bad_reward_specs(spec, message):
     with pytest.raises(ConfigError, match=message):
         resolve_reward(spec)
@@ -339,18 +370,25 @@ def test_reward_config_forms(repo_on_path):
     assert full.build()("q", "a cat", "cat") == pytest.approx(0.3 + rouge_l("q", "a cat", "cat"))
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"scorers": [{"scorer": "numeric", "wieght": 1}]}, r"reward: scorers.0.wieght: unknown key"),
-    ({"scorers": ["nope_scorer"]}, r"reward: scorers.0.scorer: Value error, reward 'nope_scorer': unknown scorer"),
-    ({"scorers": []}, r"reward: scorers: List should have at least 1 item"),
-    ({"scorers": [{"scorer": "numeric", "weight": "nan"}]}, r"scorers.0.weight"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"scorers": [{"scorer": "numeric", "wieght": 1}]}, r"reward: scorers.0.wieght: unknown key"),
+        (
+            {"scorers": ["nope_scorer"]},
+            r"reward: scorers.0.scorer: Value error, reward 'nope_scorer': unknown scorer",
+        ),
+        ({"scorers": []}, r"reward: scorers: List should have at least 1 item"),
+        ({"scorers": [{"scorer": "numeric", "weight": "nan"}]}, r"scorers.0.weight"),
+    ],
+)
 def test_reward_config_errors_name_the_key(data, message):
     with pytest.raises(ConfigError, match=message):
         parse(RewardConfig, data, source="reward")
 
 
 # ----------------------------------------------------------------------------- failures are recorded
+
 
 def _fails_on_bad(query, response, reference, **meta):
     if response == "bad":

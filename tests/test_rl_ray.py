@@ -47,8 +47,9 @@ def candidate_configs(paths) -> list[CandidateConfig]:
 @pytest.fixture(scope="module")
 def ray_pool(tiny_family):
     """Two actors, each holding the three tiny candidates."""
-    with RayCandidatePool(candidate_configs(tiny_family), patch_tokens=3, seed=0,
-                          executor={**RAY, "replicas": 2}) as pool:
+    with RayCandidatePool(
+        candidate_configs(tiny_family), patch_tokens=3, seed=0, executor={**RAY, "replicas": 2}
+    ) as pool:
         yield pool
 
 
@@ -98,6 +99,7 @@ def test_pool_matches_local_and_routes_by_key(ray_pool, tiny_family):
 
 def test_simulated_rollout_utilities_match_local(ray_pool, tiny_family):
     """estimate_utilities drives prefill, fork, step and release on many keys at once."""
+
     def scorer(query, response, reference, **meta):
         return float(reference in response)
 
@@ -119,9 +121,17 @@ def test_grpo_rollouts_through_ray_equal_local(ray_pool, tiny_family, tmp_path, 
     switcher = build_switcher(local)
     rollouts = {}
     for name, pool in {"local": local.pool, "ray": ray_pool}.items():
-        episodes = sample_episodes(switcher, pool, QUERY_TEXTS[:2], 3, "grpo/train/s0/p0", 9, credit=credit, seed=7)
-        rewards, _ = local.rewards.score([local.instances[i // 3] for i in range(6)], [e.trace.text for e in episodes])
-        rollouts[name] = ([e.completion_ids for e in episodes], [e.completion_mask for e in episodes], rewards)
+        episodes = sample_episodes(
+            switcher, pool, QUERY_TEXTS[:2], 3, "grpo/train/s0/p0", 9, credit=credit, seed=7
+        )
+        rewards, _ = local.rewards.score(
+            [local.instances[i // 3] for i in range(6)], [e.trace.text for e in episodes]
+        )
+        rollouts[name] = (
+            [e.completion_ids for e in episodes],
+            [e.completion_mask for e in episodes],
+            rewards,
+        )
     assert rollouts["ray"] == rollouts["local"]
     assert len({tuple(ids) for ids in rollouts["ray"][0]}) > 1  # real, varied episodes
     assert not ray_pool._route  # every finished trace was released on its actor
@@ -146,7 +156,8 @@ def test_actor_deaths_lose_no_patch(ray_pool, tiny_family):
         ray_pool.step([Trace("k9", "one two", 6)], [0])
     ray_pool.close()  # frees the placement groups for the tests below
     assert not ray.util.placement_group_table() or all(
-        g["state"] == "REMOVED" for g in ray.util.placement_group_table().values())
+        g["state"] == "REMOVED" for g in ray.util.placement_group_table().values()
+    )
 
 
 def write_config(tiny_family, tmp_path: Path, **executor) -> Path:
@@ -174,8 +185,22 @@ def test_bad_ray_address_is_one_clear_error(tiny_family, tmp_path, capsys):
         port = s.getsockname()[1]
     path = write_config(tiny_family, tmp_path)
     start = time.perf_counter()
-    assert cli(["rl", "--config", str(path), "--algo", "grpo", "--executor", "ray",
-                "--ray-address", f"127.0.0.1:{port}"]) == 2
+    assert (
+        cli(
+            [
+                "rl",
+                "--config",
+                str(path),
+                "--algo",
+                "grpo",
+                "--executor",
+                "ray",
+                "--ray-address",
+                f"127.0.0.1:{port}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"switchrl rl: error: ray_address '127.0.0.1:{port}': cannot reach" in err
     assert time.perf_counter() - start < 10
@@ -184,22 +209,33 @@ def test_bad_ray_address_is_one_clear_error(tiny_family, tmp_path, capsys):
 
 
 def test_unloadable_candidate_is_one_clear_error(tmp_path):
-    with pytest.raises(ExecutorError, match="Ray actor switchrl-rollout-rank0-r0(-[0-9]+)? could not build the "
-                                            "candidate pool: .*checkpoint path does not exist"):
-        RayCandidatePool([CandidateConfig(name="m0", path=str(tmp_path / "missing"))], executor={**RAY, "replicas": 1})
+    with pytest.raises(
+        ExecutorError,
+        match="Ray actor switchrl-rollout-rank0-r0(-[0-9]+)? could not build the "
+        "candidate pool: .*checkpoint path does not exist",
+    ):
+        RayCandidatePool(
+            [CandidateConfig(name="m0", path=str(tmp_path / "missing"))], executor={**RAY, "replicas": 1}
+        )
 
 
 def test_grpo_with_candidates_on_completions_servers(serve, tiny_family, tmp_path):  # noqa: F811
     """``backend: openai`` candidates (vLLM / OpenAI-compatible servers) need nothing else for RL."""
     config = make_config(tiny_family, tmp_path)
-    config.candidates = [CandidateConfig(name=f"m{i}", path=str(p), backend="openai", base_url=serve(p)[0],
-                                         served_model="tiny") for i, p in enumerate(tiny_family[:2])]
+    config.candidates = [
+        CandidateConfig(
+            name=f"m{i}", path=str(p), backend="openai", base_url=serve(p)[0], served_model="tiny"
+        )
+        for i, p in enumerate(tiny_family[:2])
+    ]
     result = train(config, "grpo", rl=rl_section(tiny_family, tmp_path, steps=1))
     assert (result.policy_dir / "switchrl_switcher.json").is_file() and len(result.history) == 1
     assert 0 <= result.history[0]["switch/share/m1"] <= 1
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="needs accelerate's launcher (pip install accelerate)")
+@pytest.mark.skipif(
+    shutil.which("accelerate") is None, reason="needs accelerate's launcher (pip install accelerate)"
+)
 def test_grpo_under_accelerate_launch_with_two_processes_and_ray_actors(ray_cluster, tiny_family, tmp_path):
     """Two trainer processes (DDP over gloo on CPU), each with its own rollout actor on the same Ray cluster.
 
@@ -207,9 +243,30 @@ def test_grpo_under_accelerate_launch_with_two_processes_and_ray_actors(ray_clus
     CPU (``--cpu`` would start a single process unless MPI is set up)."""
     path = write_config(tiny_family, tmp_path, replicas="auto")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    cmd = [shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "switchrl.cli", "rl", "--config", str(path),
-           "--algo", "grpo", "--executor", "ray", "--ray-address", ray_cluster]
+    cmd = [
+        shutil.which("accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "switchrl.cli",
+        "rl",
+        "--config",
+        str(path),
+        "--algo",
+        "grpo",
+        "--executor",
+        "ray",
+        "--ray-address",
+        ray_cluster,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "rl" / "switcher" / "switchrl_switcher.json").is_file()

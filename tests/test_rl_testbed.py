@@ -19,8 +19,14 @@ def make_testbed_config(tmp_path) -> RunConfig:
 
 def test_grpo_two_steps_on_the_testbed(tmp_path):
     config = make_testbed_config(tmp_path)
-    rl = RLSection(out_dir=str(tmp_path / "grpo"), steps=2, queries_per_step=2, num_generations=2,
-                   learning_rate=2e-3, save_steps=1)
+    rl = RLSection(
+        out_dir=str(tmp_path / "grpo"),
+        steps=2,
+        queries_per_step=2,
+        num_generations=2,
+        learning_rate=2e-3,
+        save_steps=1,
+    )
     result = train(config, "grpo", rl=rl)
     assert len([h for h in result.history if "reward" in h]) == 2
     switcher = LMSwitcher.from_pretrained(result.policy_dir)
@@ -29,8 +35,10 @@ def test_grpo_two_steps_on_the_testbed(tmp_path):
 
 def test_sb3_one_update_on_the_testbed(tmp_path):
     config = make_testbed_config(tmp_path)
-    rl = RLSection(out_dir=str(tmp_path / "sb3"),
-                   sb3=SB3Options(total_timesteps=16, n_envs=2, n_steps=8, batch_size=8, n_epochs=1))
+    rl = RLSection(
+        out_dir=str(tmp_path / "sb3"),
+        sb3=SB3Options(total_timesteps=16, n_envs=2, n_steps=8, batch_size=8, n_epochs=1),
+    )
     result = train(config, "sb3-ppo", rl=rl)
     assert any("train/loss" in h or "train/value_loss" in h for h in result.history)
     assert SB3Switcher.from_pretrained(result.policy_dir).n_candidates == 3

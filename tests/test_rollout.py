@@ -51,8 +51,12 @@ def test_utilities_are_means_of_k_scored_finishes(pool):
 
 def test_identical_next_patches_share_their_finishes(tiny_family):
     """Two copies of one checkpoint write the same patches: they share k finishes (half the scoring)."""
-    backends = [TransformersBackend.from_pretrained(f"c{i}", str(tiny_family[0]), sampling=SamplingParams(temperature=0))
-                for i in range(2)]
+    backends = [
+        TransformersBackend.from_pretrained(
+            f"c{i}", str(tiny_family[0]), sampling=SamplingParams(temperature=0)
+        )
+        for i in range(2)
+    ]
     pool = CandidatePool(backends, patch_tokens=2, seed=0)
     calls = []
 

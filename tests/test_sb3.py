@@ -18,9 +18,14 @@ from switchrl.trainers.rl import prepare, train
 
 def sb3_section(tiny_family, tmp_path) -> RLSection:
     # one update: 2 envs x 8 steps, two minibatches of 8, one epoch
-    return rl_section(tiny_family, tmp_path, switch_cost=0.05,
-                      sb3=SB3Options(total_timesteps=16, n_envs=2, n_steps=8, batch_size=8, n_epochs=1,
-                                     n_features=32, net_arch=[16]))
+    return rl_section(
+        tiny_family,
+        tmp_path,
+        switch_cost=0.05,
+        sb3=SB3Options(
+            total_timesteps=16, n_envs=2, n_steps=8, batch_size=8, n_epochs=1, n_features=32, net_arch=[16]
+        ),
+    )
 
 
 def test_sb3_ppo_one_update_and_switcher_adapter(tiny_family, tmp_path):
@@ -63,8 +68,10 @@ def test_sb3_vec_env_steps_like_dummy_vec_env(tiny_family, tmp_path):
 
     config, rl = make_config(tiny_family, tmp_path), sb3_section(tiny_family, tmp_path)
     first, second = prepare(config, rl), prepare(config, rl)  # one pool each: the two runs use the same keys
-    batched = SB3SwitchVecEnv(SwitchVectorEnv(env_config(first), num_envs=3, pool=first.pool, autoreset_mode="SameStep"),
-                              n_features=32)
+    batched = SB3SwitchVecEnv(
+        SwitchVectorEnv(env_config(first), num_envs=3, pool=first.pool, autoreset_mode="SameStep"),
+        n_features=32,
+    )
     dummy = DummyVecEnv([lambda: FeatureObservation(SwitchEnv(env_config(second), pool=second.pool), 32)] * 3)
     for env in (batched, dummy):
         env.seed(5)
@@ -72,7 +79,10 @@ def test_sb3_vec_env_steps_like_dummy_vec_env(tiny_family, tmp_path):
     rng, ended = np.random.default_rng(0), 0
     for _ in range(12):
         actions = rng.integers(0, 3, size=3)
-        (obs_a, rew_a, done_a, info_a), (obs_b, rew_b, done_b, info_b) = batched.step(actions), dummy.step(actions)
+        (obs_a, rew_a, done_a, info_a), (obs_b, rew_b, done_b, info_b) = (
+            batched.step(actions),
+            dummy.step(actions),
+        )
         np.testing.assert_allclose(obs_a, obs_b)
         np.testing.assert_allclose(rew_a, rew_b)
         assert done_a.tolist() == done_b.tolist()

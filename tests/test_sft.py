@@ -17,14 +17,23 @@ from switchrl.trainers.simulate import SimulateWorker, make_items
 
 @pytest.fixture()
 def records(tiny_family):
-    pool = CandidatePool([TransformersBackend.from_pretrained(f"c{i}", str(p)) for i, p in enumerate(tiny_family)],
-                         patch_tokens=2, seed=0)
-    instances = [TaskInstance(id=f"q{i}", query=q, reference="x", task="toy")
-                 for i, q in enumerate(["the town", "a red bridge", "one two three", "the park is"])]
+    pool = CandidatePool(
+        [TransformersBackend.from_pretrained(f"c{i}", str(p)) for i, p in enumerate(tiny_family)],
+        patch_tokens=2,
+        seed=0,
+    )
+    instances = [
+        TaskInstance(id=f"q{i}", query=q, reference="x", task="toy")
+        for i, q in enumerate(["the town", "a red bridge", "one two three", "the park is"])
+    ]
+
     # a scorer that makes candidate c1's next patch the best one at every state
     def scorer(query, response, reference, **meta):
         return 0.0
-    recs = SimulateWorker(pool, {"*": scorer}, k=2, max_new_tokens=6, seed=0).process(make_items(instances, 2))
+
+    recs = SimulateWorker(pool, {"*": scorer}, k=2, max_new_tokens=6, seed=0).process(
+        make_items(instances, 2)
+    )
     for r in recs:  # a clear signal to learn: c1 is always best
         r["utilities"], r["label"], r["label_name"], r["all_equal"] = [0.0, 1.0, 0.0], 1, "c1", False
     return recs
@@ -41,13 +50,23 @@ def test_examples_end_in_the_label_token(records, tiny_family):
 
 def test_sft_learns_the_label_and_round_trips(records, tiny_family, tmp_path):
     cands = [CandidateConfig(name=f"c{i}", path=str(p)) for i, p in enumerate(tiny_family)]
-    config = RunConfig(candidates=cands, generation=GenerationConfig(patch_tokens=2, max_new_tokens=6),
-                       sft={"base": str(tiny_family[0]), "out_dir": str(tmp_path / "sft"), "max_steps": 30,
-                            "batch_size": 8, "learning_rate": 5e-3})
+    config = RunConfig(
+        candidates=cands,
+        generation=GenerationConfig(patch_tokens=2, max_new_tokens=6),
+        sft={
+            "base": str(tiny_family[0]),
+            "out_dir": str(tmp_path / "sft"),
+            "max_steps": 30,
+            "batch_size": 8,
+            "learning_rate": 5e-3,
+        },
+    )
     before = LMSwitcher.from_base(str(tiny_family[0]), ["c0", "c1", "c2"], greedy=True)
     out = train_sft(config, records)
     after = LMSwitcher.from_pretrained(out, greedy=True)
-    probe = [Trace(key=f"p{i}", query=q, max_new_tokens=6) for i, q in enumerate(["the town", "one two three"])]
+    probe = [
+        Trace(key=f"p{i}", query=q, max_new_tokens=6) for i, q in enumerate(["the town", "one two three"])
+    ]
     p_before = torch.softmax(before.label_logits(probe), -1)[:, 1]
     p_after = torch.softmax(after.label_logits([t.fork(t.key + "'") for t in probe]), -1)[:, 1]
     assert (p_after > 0.9).all() and (p_after > p_before).all()

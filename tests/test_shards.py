@@ -76,8 +76,9 @@ def test_resume_after_crash_gives_the_uninterrupted_records(tmp_path):
     (tmp_path / "run" / "shards" / ".shard-000003.jsonl.tmp").write_text('{"id": "q9/s1"')
 
     log: list[str] = []
-    resumed = run(ITEMS, WorkerSpec(make_fake, {"seed": 7, "log": log}), tmp_path / "run", chunk_size=4,
-                  progress=False)
+    resumed = run(
+        ITEMS, WorkerSpec(make_fake, {"seed": 7, "log": log}), tmp_path / "run", chunk_size=4, progress=False
+    )
     assert log == [it.id for it in ITEMS[8:]]  # only the missing items were processed
     assert resumed.records() == reference
     assert len(resumed.completed_ids) == len(ITEMS)
@@ -145,5 +146,7 @@ def test_factory_path_and_worker_built_once(tmp_path):
     worker = executor.worker(spec)
     assert executor.worker(spec) is worker
     a = run(ITEMS[:6], spec, tmp_path / "a", executor=executor, chunk_size=2, progress=False).records()
-    b = run(ITEMS[:6], WorkerSpec(make_fake, {"seed": 2}), tmp_path / "b", chunk_size=6, progress=False).records()
+    b = run(
+        ITEMS[:6], WorkerSpec(make_fake, {"seed": 2}), tmp_path / "b", chunk_size=6, progress=False
+    ).records()
     assert a == b and worker.processed == [it.id for it in ITEMS[:6]]

@@ -28,8 +28,10 @@ def test_records_have_k_finishes_and_argmax_labels(pool):
         finishes.append(response)
         return float("river" in response)
 
-    instances = [TaskInstance(id=f"q{i}", query=q, reference="river", task="toy")
-                 for i, q in enumerate(["the town", "a red bridge"])]
+    instances = [
+        TaskInstance(id=f"q{i}", query=q, reference="river", task="toy")
+        for i, q in enumerate(["the town", "a red bridge"])
+    ]
     items = make_items(instances, states_per_query=2)
     worker = SimulateWorker(pool, {"*": scorer}, k=5, max_new_tokens=8, seed=1, states_per_batch=3)
     records = worker.process(items)
@@ -41,5 +43,7 @@ def test_records_have_k_finishes_and_argmax_labels(pool):
         assert r["all_equal"] == (len(set(r["utilities"])) == 1)
         assert all(u * 5 == pytest.approx(round(u * 5)) for u in r["utilities"])  # mean of 5 binary scores
     # the same items give the same records (randomness from seed and ids only), in any batching
-    again = SimulateWorker(pool, {"*": scorer}, k=5, max_new_tokens=8, seed=1, states_per_batch=1).process(items)
+    again = SimulateWorker(pool, {"*": scorer}, k=5, max_new_tokens=8, seed=1, states_per_batch=1).process(
+        items
+    )
     assert again == records

@@ -27,15 +27,24 @@ def flaky_scorer(query, response, reference, **meta):
 @pytest.fixture()
 def config_file(tmp_path, tiny_family):
     tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps({"id": f"q{i}", "query": q, "reference": "river town park"}) + "\n"
-                             for i, q in enumerate(["the town", "a red bridge", "one two", "the park is"])))
+    tasks.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "query": q, "reference": "river town park"}) + "\n"
+            for i, q in enumerate(["the town", "a red bridge", "one two", "the park is"])
+        )
+    )
     cfg = {
         "candidates": [{"name": f"c{i}", "path": str(p)} for i, p in enumerate(tiny_family)],
         "generation": {"patch_tokens": 2, "max_new_tokens": 6, "seed": 3},
         "tasks": [{"source": "jsonl", "path": str(tasks), "split": "train"}],
         "reward": {"scorers": [{"scorer": "tests.test_simulate_run:flaky_scorer"}]},
-        "simulate": {"k": 3, "states_per_query": 2, "states_per_batch": 2, "chunk_size": 2,
-                     "out_dir": str(tmp_path / "sim")},
+        "simulate": {
+            "k": 3,
+            "states_per_query": 2,
+            "states_per_batch": 2,
+            "chunk_size": 2,
+            "out_dir": str(tmp_path / "sim"),
+        },
     }
     path = tmp_path / "run.yaml"
     import yaml
@@ -54,7 +63,9 @@ def test_resume_after_crash_gives_the_same_records(config_file, tmp_path):
     assert len(reference) == 8 and len({r["id"] for r in reference}) == 8
 
     crashed = _with_out(load_run_config(config_file), tmp_path / "crashed")
-    os.environ[CRASH_ENV] = str(2 * 3 * 3 + 5)  # inside the second shard (a shard: 2 states x 3 candidates x k=3)
+    os.environ[CRASH_ENV] = str(
+        2 * 3 * 3 + 5
+    )  # inside the second shard (a shard: 2 states x 3 candidates x k=3)
     try:
         with pytest.raises(KeyboardInterrupt):
             simulate(crashed, progress=False)
@@ -79,8 +90,9 @@ def test_ray_simulate_writes_the_records_of_local(config_file, tmp_path):
     ray = pytest.importorskip("ray")
     local = simulate(_with_out(load_run_config(config_file), tmp_path / "local"), progress=False).records()
     config = _with_out(load_run_config(config_file), tmp_path / "ray")
-    config.executor = config.executor.model_copy(update={"executor": "ray", "replicas": 2,
-                                                         "num_cpus_per_replica": 1})
+    config.executor = config.executor.model_copy(
+        update={"executor": "ray", "replicas": 2, "num_cpus_per_replica": 1}
+    )
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         remote = simulate(config, progress=False).records()

@@ -114,7 +114,9 @@ def test_exact_scorer_reads_the_first_final_answer(world):
     score = ExactAnswerScorer()
     assert score(inst.query, inst.meta["solution"], inst.reference) == 1.0
     wrong = str(int(inst.reference) + 1)
-    assert score(inst.query, f"The answer is {wrong} . The answer is {inst.reference} .", inst.reference) == 0.0
+    assert (
+        score(inst.query, f"The answer is {wrong} . The answer is {inst.reference} .", inst.reference) == 0.0
+    )
     assert score(inst.query, "no answer here", inst.reference) == 0.0
 
 
@@ -142,8 +144,18 @@ def test_build_family_validates_and_load_names_missing_family(tmp_path):
 
 def test_tiny_build_writes_loadable_checkpoints_and_is_reused(tmp_path):
     """The whole pipeline with a handful of steps: the mechanics, not the phenomenon."""
-    tiny = StageSettings(hidden_size=16, layers=1, heads=2, intermediate_size=32, pretrain_steps=2,
-                         pretrain_batch=2, sft_steps=1, sft_batch=4, dpo_steps=1, dpo_batch=4)
+    tiny = StageSettings(
+        hidden_size=16,
+        layers=1,
+        heads=2,
+        intermediate_size=32,
+        pretrain_steps=2,
+        pretrain_batch=2,
+        sft_steps=1,
+        sft_batch=4,
+        dpo_steps=1,
+        dpo_batch=4,
+    )
     family = build_family(3, out=tmp_path / "fam", progress=False, settings=tiny)
     for path in (family.pretrained, family.finetuned, family.aligned):
         assert isinstance(AutoModelForCausalLM.from_pretrained(path), object)

@@ -13,8 +13,10 @@ from switchrl.errors import ConfigError
 from switchrl.tasks.base import TaskInstance
 from tests.conftest import make_pool
 
-TASKS = [TaskInstance(id=f"t{i}", query=q, reference=r)
-         for i, (q, r) in enumerate([("the town", "river"), ("one two", "three"), ("a red river", "bridge")])]
+TASKS = [
+    TaskInstance(id=f"t{i}", query=q, reference=r)
+    for i, (q, r) in enumerate([("the town", "river"), ("one two", "three"), ("a red river", "bridge")])
+]
 
 
 def overlap(query, response, reference, **meta):
@@ -28,8 +30,13 @@ def pool(tiny_family):
 
 @pytest.fixture(scope="module")
 def config():
-    return SwitchEnvConfig(generation=GenerationConfig(patch_tokens=2, max_new_tokens=6, seed=3), reward=overlap,
-                           tasks=TASKS, switch_cost=0.1, info_timings=False)
+    return SwitchEnvConfig(
+        generation=GenerationConfig(patch_tokens=2, max_new_tokens=6, seed=3),
+        reward=overlap,
+        tasks=TASKS,
+        switch_cost=0.1,
+        info_timings=False,
+    )
 
 
 class CountingPool(CandidatePool):
@@ -112,7 +119,9 @@ def test_sb3_ppo_trains_on_features(pool, config):
     before = [p.detach().clone() for p in model.policy.parameters()]
     model.learn(16)
     assert model.num_timesteps >= 16
-    assert any(not np.allclose(a.numpy(), b.detach().numpy()) for a, b in zip(before, model.policy.parameters()))
+    assert any(
+        not np.allclose(a.numpy(), b.detach().numpy()) for a, b in zip(before, model.policy.parameters())
+    )
     action, _ = model.predict(env.reset(seed=0)[0], deterministic=True)
     assert env.action_space.contains(int(action))
 

@@ -38,20 +38,33 @@ class FakeLLM:
         for prompt, params in zip(prompts, sampling_params, strict=True):
             assert params["temperature"] == 0, "the fake engine is greedy only"
             x = torch.tensor([prompt["prompt_token_ids"]])
-            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=params["max_tokens"],
-                                      do_sample=False, eos_token_id=eos, pad_token_id=0)
-            ids = out[0, x.shape[1]:].tolist()
+            out = self.model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=params["max_tokens"],
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=0,
+            )
+            ids = out[0, x.shape[1] :].tolist()
             finish, stop_reason = "length", None
             for n in range(1, len(ids) + 1):
                 if ids[n - 1] == eos:
                     ids, finish = ids[:n], "stop"
                     break
-                hit = [s for s in params["stop"] or () if s in self.tokenizer.decode(ids[:n], skip_special_tokens=True)]
+                hit = [
+                    s
+                    for s in params["stop"] or ()
+                    if s in self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+                ]
                 if hit:
                     ids, finish, stop_reason = ids[:n], "stop", hit[0]
                     break
-            outputs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids, finish_reason=finish,
-                                                                    stop_reason=stop_reason)]))
+            outputs.append(
+                SimpleNamespace(
+                    outputs=[SimpleNamespace(token_ids=ids, finish_reason=finish, stop_reason=stop_reason)]
+                )
+            )
         return outputs
 
 
@@ -102,19 +115,34 @@ def test_engine_must_generate_and_missing_vllm_is_clear(tiny_family, monkeypatch
 def test_real_vllm_engine_matches_transformers(tmp_path, word_tokenizer):
     # vLLM's CPU attention kernels need head_dim >= 32 (the shared tiny family has head_dim 8)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(word_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      bos_token_id=word_tokenizer.bos_token_id, eos_token_id=word_tokenizer.eos_token_id,
-                      pad_token_id=word_tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(word_tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        bos_token_id=word_tokenizer.bos_token_id,
+        eos_token_id=word_tokenizer.eos_token_id,
+        pad_token_id=word_tokenizer.pad_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     word_tokenizer.save_pretrained(tmp_path)
-    engine = VLLMBackend.from_pretrained("c0", str(tmp_path), dtype="float32", sampling=GREEDY,
-                                         engine_kwargs=dict(max_model_len=256, gpu_memory_utilization=0.2))
+    engine = VLLMBackend.from_pretrained(
+        "c0",
+        str(tmp_path),
+        dtype="float32",
+        sampling=GREEDY,
+        engine_kwargs=dict(max_model_len=256, gpu_memory_utilization=0.2),
+    )
     local = TransformersBackend.from_pretrained("c0", str(tmp_path), dtype="float32", sampling=GREEDY)
     traces = [Trace(key=f"q{i}", query=q, max_new_tokens=12) for i, q in enumerate(QUERIES)]
     for _ in range(2):  # the second patch re-sends the first as prompt: a prefix-cache hit
         got = engine.write_patches(traces, 0, 6, seed=0)
         want = local.write_patches(traces, 0, 6, seed=0)
-        assert [(p.token_ids, p.text, p.stop_reason) for p in got] == [(p.token_ids, p.text, p.stop_reason) for p in want]
+        assert [(p.token_ids, p.text, p.stop_reason) for p in got] == [
+            (p.token_ids, p.text, p.stop_reason) for p in want
+        ]
         for t, p in zip(traces, want):
             t.patches.append(p)

@@ -4,4 +4,12 @@ from switchrl.backends.base import CandidateBackend, Patch, SamplingParams, Trac
 from switchrl.backends.cached_lm import CachedLM
 from switchrl.backends.pool import CandidatePool, build_backend
 
-__all__ = ["CachedLM", "CandidateBackend", "CandidatePool", "Patch", "SamplingParams", "Trace", "build_backend"]
+__all__ = [
+    "CachedLM",
+    "CandidateBackend",
+    "CandidatePool",
+    "Patch",
+    "SamplingParams",
+    "Trace",
+    "build_backend",
+]

@@ -97,8 +97,13 @@ class Trace:
 
     def fork(self, key: str) -> Trace:
         """A copy under a new key that shares this trace's patches so far (patches are not mutated)."""
-        return Trace(key=key, query=self.query, max_new_tokens=self.max_new_tokens,
-                     patches=list(self.patches), meta=dict(self.meta))
+        return Trace(
+            key=key,
+            query=self.query,
+            max_new_tokens=self.max_new_tokens,
+            patches=list(self.patches),
+            meta=dict(self.meta),
+        )
 
 
 @runtime_checkable
@@ -111,8 +116,9 @@ class CandidateBackend(Protocol):
 
     name: str
 
-    def write_patches(self, traces: Sequence[Trace], author: int, patch_tokens: int,
-                      seed: int) -> list[Patch]: ...
+    def write_patches(
+        self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int
+    ) -> list[Patch]: ...
 
     def prefill(self, traces: Sequence[Trace]) -> None:
         """Read ``traces`` as they stand now, so that forks of them share that work (may do nothing)."""

@@ -39,7 +39,9 @@ class Generation:
     stop_reason: str | None  # "eos" (a stop id, not in ``token_ids``), "stop" (should_stop) or None
 
 
-def sample_next(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor | None
+) -> torch.Tensor:
     """One token per row from ``logits`` [B, V], using one uniform draw per row (inverse CDF; unused when greedy).
 
     Drawing the uniforms from per-trace generators keeps every trace's tokens independent of the
@@ -208,8 +210,9 @@ class _GrowingLayer(DynamicLayer):
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
@@ -217,11 +220,11 @@ class _GrowingLayer(DynamicLayer):
             room = max(end, self.capacity, 2 * (self._k.shape[-2] if self._k is not None else 0))
             k, v = (x.new_empty((*x.shape[:-2], room, x.shape[-1])) for x in (key_states, value_states))
             if self._k is not None:
-                k[..., :self.length, :] = self._k[..., :self.length, :]
-                v[..., :self.length, :] = self._v[..., :self.length, :]
+                k[..., : self.length, :] = self._k[..., : self.length, :]
+                v[..., : self.length, :] = self._v[..., : self.length, :]
             self._k, self._v = k, v
-        self._k[..., self.length:end, :] = key_states
-        self._v[..., self.length:end, :] = value_states
+        self._k[..., self.length : end, :] = key_states
+        self._v[..., self.length : end, :] = value_states
         self.length = end
         self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
         return self.keys, self.values
@@ -247,8 +250,14 @@ def _length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     return buckets
 
 
-def _prefill(lm: CachedLM, rows: Any, entries: Sequence[_Entry | None], past: Sequence[int],
-             new_ids: Sequence[Sequence[int]], room: int) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+def _prefill(
+    lm: CachedLM,
+    rows: Any,
+    entries: Sequence[_Entry | None],
+    past: Sequence[int],
+    new_ids: Sequence[Sequence[int]],
+    room: int,
+) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
     """Read ``new_ids`` on top of the stored caches, left-padded; returns (mask, cache, last logits).
 
     ``rows`` is what ``lm._rows`` says of these rows (the candidate of each row, for a fused model).
@@ -261,10 +270,10 @@ def _prefill(lm: CachedLM, rows: Any, entries: Sequence[_Entry | None], past: Se
     input_ids = torch.full((B, N), lm.pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(B, N, dtype=torch.long)
     for b, (pl, ids) in enumerate(zip(past, new_ids)):
-        mask[b, P - pl:P] = 1
-        mask[b, P + N - len(ids):] = 1
-        input_ids[b, N - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
-        position_ids[b, N - len(ids):] = torch.arange(pl, pl + len(ids))
+        mask[b, P - pl : P] = 1
+        mask[b, P + N - len(ids) :] = 1
+        input_ids[b, N - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        position_ids[b, N - len(ids) :] = torch.arange(pl, pl + len(ids))
     layers = []
     if P > 0:
         template = next(e for e in entries if e is not None and e.length).layers
@@ -273,14 +282,20 @@ def _prefill(lm: CachedLM, rows: Any, entries: Sequence[_Entry | None], past: Se
             v = v0.new_zeros((B, v0.shape[1], P, v0.shape[3]))
             for b, e in enumerate(entries):
                 if e is not None and e.length:
-                    k[b, :, P - e.length:] = e.layers[li][0][0]
-                    v[b, :, P - e.length:] = e.layers[li][1][0]
+                    k[b, :, P - e.length :] = e.layers[li][0][0]
+                    v[b, :, P - e.length :] = e.layers[li][1][0]
             layers.append((k, v))
     cache = _GrowingCache(P + N + room, layers)
     mask = mask.to(device)
-    out = lm._forward(rows, input_ids=input_ids.to(device), attention_mask=mask,
-                      position_ids=position_ids.to(device), past_key_values=cache, use_cache=True,
-                      **lm._last_logits_only)
+    out = lm._forward(
+        rows,
+        input_ids=input_ids.to(device),
+        attention_mask=mask,
+        position_ids=position_ids.to(device),
+        past_key_values=cache,
+        use_cache=True,
+        **lm._last_logits_only,
+    )
     return mask, out.past_key_values, out.logits[:, -1, :]
 
 
@@ -292,7 +307,9 @@ class _BatchState:
         self.keys = list(keys)
 
     @classmethod
-    def start(cls, lm: CachedLM, keys: Sequence[str], new_ids: Sequence[Sequence[int]], room: int = 0) -> _BatchState:
+    def start(
+        cls, lm: CachedLM, keys: Sequence[str], new_ids: Sequence[Sequence[int]], room: int = 0
+    ) -> _BatchState:
         """Prefill ``new_ids`` on top of the stored caches, keeping ``room`` cache positions for decoding."""
         if len(keys) != len(new_ids):
             raise ValueError(f"got {len(keys)} keys but {len(new_ids)} token lists")
@@ -319,8 +336,14 @@ class _BatchState:
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         j = torch.arange(L, device=device)[None, :]
         for rows in buckets:
-            mask, cache, logits = _prefill(lm, lm._rows([keys[r] for r in rows]), [entries[r] for r in rows],
-                                           [past[r] for r in rows], [new_ids[r] for r in rows], 0)
+            mask, cache, logits = _prefill(
+                lm,
+                lm._rows([keys[r] for r in rows]),
+                [entries[r] for r in rows],
+                [past[r] for r in rows],
+                [new_ids[r] for r in rows],
+                0,
+            )
             pk, nk = max(past[r] for r in rows), max(n_new[r] for r in rows)
             pb = torch.tensor([past[r] for r in rows], device=device)[:, None]
             nb = torch.tensor([n_new[r] for r in rows], device=device)[:, None]
@@ -329,8 +352,10 @@ class _BatchState:
             at = torch.tensor(rows, device=device)
             self.mask[at] = valid.to(self.mask.dtype)
             if not layers:
-                layers = [(k.new_zeros((B, k.shape[1], L, k.shape[3])), v.new_zeros((B, v.shape[1], L, v.shape[3])))
-                          for k, v in ((x.keys, x.values) for x in cache.layers)]
+                layers = [
+                    (k.new_zeros((B, k.shape[1], L, k.shape[3])), v.new_zeros((B, v.shape[1], L, v.shape[3])))
+                    for k, v in ((x.keys, x.values) for x in cache.layers)
+                ]
                 self.logits = logits.new_zeros((B, logits.shape[-1]))
             self.logits[at] = logits
             for (k_all, v_all), layer in zip(layers, cache.layers):
@@ -344,8 +369,14 @@ class _BatchState:
         """Feed one token per row (``tokens`` [B]); rows not ``active`` [B] are masked out of the cache."""
         col = active.to(self.mask.dtype).unsqueeze(1)
         self.mask = torch.cat([self.mask, col], dim=1)
-        out = self.lm._forward(self.rows, input_ids=tokens.unsqueeze(1), attention_mask=self.mask,
-                               position_ids=self.next_pos.unsqueeze(1), past_key_values=self.cache, use_cache=True)
+        out = self.lm._forward(
+            self.rows,
+            input_ids=tokens.unsqueeze(1),
+            attention_mask=self.mask,
+            position_ids=self.next_pos.unsqueeze(1),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
         self.next_pos = self.next_pos + col.squeeze(1)
         self.cache = out.past_key_values
         return out.logits[:, -1, :]
@@ -356,6 +387,6 @@ class _BatchState:
         for b, key in enumerate(self.keys):
             idx = self.mask[b].nonzero().squeeze(1)
             self.lm._entries[key] = _Entry(
-                [(k[b:b + 1].index_select(2, idx), v[b:b + 1].index_select(2, idx)) for k, v in layers],
+                [(k[b : b + 1].index_select(2, idx), v[b : b + 1].index_select(2, idx)) for k, v in layers],
                 int(idx.numel()),
             )

@@ -61,7 +61,9 @@ class RowAssignment:
     present: tuple[int, ...]  # the candidates with rows, ascending
     gather: torch.Tensor  # [len(present) * width] row of each slot
     scatter: torch.Tensor  # [B] slot of each row
-    runs: tuple[tuple[int, int, int], ...]  # (first group, first candidate, end candidate) of consecutive candidates
+    runs: tuple[
+        tuple[int, int, int], ...
+    ]  # (first group, first candidate, end candidate) of consecutive candidates
     members: tuple[torch.Tensor, ...]  # the rows of each present candidate
     memo: dict = field(default_factory=dict, compare=False)  # per-row tensors built once for this batch
     single: int | None = field(init=False)  # the candidate of every row when there is only one
@@ -86,8 +88,14 @@ class RowAssignment:
             else:
                 runs.append((g, c, c + 1))
         as_tensor = partial(torch.tensor, dtype=torch.long, device=device)
-        return cls(as_tensor(cands), present, as_tensor(gather), as_tensor(scatter), tuple(runs),
-                   tuple(as_tensor(members[c]) for c in present))
+        return cls(
+            as_tensor(cands),
+            present,
+            as_tensor(gather),
+            as_tensor(scatter),
+            tuple(runs),
+            tuple(as_tensor(members[c]) for c in present),
+        )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "single", self.present[0] if len(self.present) == 1 else None)
@@ -125,8 +133,10 @@ class FusedLinear(nn.Module):
         grouped = x.index_select(0, rows.gather).reshape(len(rows.present), -1, x.shape[-1])
         parts = []
         for g, c0, c1 in rows.runs:
-            xs, w = grouped[g:g + c1 - c0], self.weight[c0:c1].transpose(1, 2)
-            parts.append(torch.bmm(xs, w) if self.bias is None else torch.baddbmm(self.bias[c0:c1, None], xs, w))
+            xs, w = grouped[g : g + c1 - c0], self.weight[c0:c1].transpose(1, 2)
+            parts.append(
+                torch.bmm(xs, w) if self.bias is None else torch.baddbmm(self.bias[c0:c1, None], xs, w)
+            )
         y = parts[0] if len(parts) == 1 else torch.cat(parts)
         return y.reshape(len(rows.gather), *x.shape[1:-1], y.shape[-1]).index_select(0, rows.scatter)
 
@@ -142,13 +152,18 @@ class FusedEmbedding(nn.Module):
         if rows.single is not None:
             return F.embedding(ids, self._weights[rows.single])
         # one lookup in the candidates' tables laid end to end: row b reads table index[b]
-        offset = _per_row_tensor(rows, ("embedding-offset", ids.dim()),
-                                 lambda: (rows.index * self.weight.shape[1]).view(-1, *([1] * (ids.dim() - 1))))
+        offset = _per_row_tensor(
+            rows,
+            ("embedding-offset", ids.dim()),
+            lambda: (rows.index * self.weight.shape[1]).view(-1, *([1] * (ids.dim() - 1))),
+        )
         return F.embedding(ids + offset, self.weight.view(-1, self.weight.shape[-1]))
 
 
 class FusedLayerNorm(nn.Module):
-    def __init__(self, module: nn.LayerNorm, weight: torch.Tensor | None, bias: torch.Tensor | None, rows: _Rows):
+    def __init__(
+        self, module: nn.LayerNorm, weight: torch.Tensor | None, bias: torch.Tensor | None, rows: _Rows
+    ):
         super().__init__()
         self.shape, self.eps = module.normalized_shape, module.eps
         self.weight, self.bias, self.rows = weight, bias, rows
@@ -157,8 +172,13 @@ class FusedLayerNorm(nn.Module):
         rows = self.rows.get()
         if rows.single is not None:
             c = rows.single
-            return F.layer_norm(x, self.shape, None if self.weight is None else self.weight[c],
-                                None if self.bias is None else self.bias[c], self.eps)
+            return F.layer_norm(
+                x,
+                self.shape,
+                None if self.weight is None else self.weight[c],
+                None if self.bias is None else self.bias[c],
+                self.eps,
+            )
         y = F.layer_norm(x, self.shape, None, None, self.eps)
         if self.weight is not None:
             y = y * _per_row(self.weight, rows, x)
@@ -194,8 +214,11 @@ def _per_row_tensor(rows: RowAssignment, key: Any, build: Callable[[], torch.Ten
 
 def _per_row(stacked: torch.Tensor, rows: RowAssignment, x: torch.Tensor) -> torch.Tensor:
     """``stacked`` [C, D] gathered per row and shaped to broadcast against ``x`` [B, ..., D]."""
-    return _per_row_tensor(rows, (id(stacked), x.dim()), lambda: stacked[rows.index].view(
-        x.shape[0], *([1] * (x.dim() - 2)), stacked.shape[-1]))
+    return _per_row_tensor(
+        rows,
+        (id(stacked), x.dim()),
+        lambda: stacked[rows.index].view(x.shape[0], *([1] * (x.dim() - 2)), stacked.shape[-1]),
+    )
 
 
 def _config_dict(model: nn.Module) -> dict:
@@ -206,7 +229,10 @@ def _config_dict(model: nn.Module) -> dict:
 
 def architecture_signature(model: nn.Module) -> str:
     """Equal for models that may be fused: same class, config (but its name) and parameter layout."""
-    params = [(n, tuple(p.shape), str(p.dtype), str(p.device)) for n, p in model.named_parameters(remove_duplicate=False)]
+    params = [
+        (n, tuple(p.shape), str(p.dtype), str(p.device))
+        for n, p in model.named_parameters(remove_duplicate=False)
+    ]
     return json.dumps([type(model).__qualname__, _config_dict(model), params], sort_keys=True, default=str)
 
 
@@ -217,8 +243,10 @@ def _check_same_architecture(models: Sequence[nn.Module]) -> None:
         if type(model) is not type(first):
             raise NotFusable(f"model {i} is a {type(model).__name__}, model 0 a {type(first).__name__}")
         if architecture_signature(model) != signature:
-            raise NotFusable(f"model {i} differs from model 0 in its config or in its parameters' names, "
-                             "shapes, dtypes or devices")
+            raise NotFusable(
+                f"model {i} differs from model 0 in its config or in its parameters' names, "
+                "shapes, dtypes or devices"
+            )
         for (name, b0), (_, b) in zip(first.named_buffers(), model.named_buffers()):
             if b0.shape != b.shape or not torch.equal(b0, b):
                 raise NotFusable(f"buffer {name!r} differs between model 0 and model {i}")
@@ -226,8 +254,10 @@ def _check_same_architecture(models: Sequence[nn.Module]) -> None:
 
 def _check_broadcast_leaf(name: str, modules: Sequence[nn.Module], rows: _Rows) -> None:
     """Raise NotFusable unless per-row parameters make ``modules[0]`` compute, row by row, what each module does."""
-    stacked = {p: torch.stack([dict(m.named_parameters(recurse=False))[p].detach() for m in modules])
-               for p in dict(modules[0].named_parameters(recurse=False))}
+    stacked = {
+        p: torch.stack([dict(m.named_parameters(recurse=False))[p].detach() for m in modules])
+        for p in dict(modules[0].named_parameters(recurse=False))
+    }
     leaf = BroadcastLeaf(copy.deepcopy(modules[0]), stacked, rows)
     ref = next(iter(stacked.values()))
     width = ref.shape[-1]
@@ -235,16 +265,19 @@ def _check_broadcast_leaf(name: str, modules: Sequence[nn.Module], rows: _Rows) 
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(ref.device, ref.dtype)
         with torch.no_grad():
             try:
-                expected = torch.cat([m(x[c:c + 1]) for c, m in enumerate(modules)])
+                expected = torch.cat([m(x[c : c + 1]) for c, m in enumerate(modules)])
                 rows.current = RowAssignment.of(range(len(modules)), ref.device)
                 got = leaf(x)
             except Exception as err:  # noqa: BLE001 - any failure means "not this kind of leaf"
-                raise NotFusable(f"{name} ({type(modules[0]).__name__}) cannot run with per-row parameters: "
-                                 f"{err}") from err
+                raise NotFusable(
+                    f"{name} ({type(modules[0]).__name__}) cannot run with per-row parameters: {err}"
+                ) from err
             finally:
                 rows.current = None
         if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):
-            raise NotFusable(f"{name} ({type(modules[0]).__name__}) does not act elementwise on its parameters")
+            raise NotFusable(
+                f"{name} ({type(modules[0]).__name__}) does not act elementwise on its parameters"
+            )
 
 
 class FusedModel(nn.Module):
@@ -306,8 +339,9 @@ def fuse_models(models: Sequence[nn.Module]) -> FusedModel:
             key = tuple(id(own[pname]) for own in per_model)
             if key not in stacks:
                 with torch.no_grad():
-                    stacks[key] = nn.Parameter(torch.stack([own[pname].detach() for own in per_model]),
-                                               requires_grad=False)
+                    stacks[key] = nn.Parameter(
+                        torch.stack([own[pname].detach() for own in per_model]), requires_grad=False
+                    )
             stack_of[name, pname] = stacks[key]
             for c, own in enumerate(per_model):
                 p = own[pname]
@@ -318,8 +352,9 @@ def fuse_models(models: Sequence[nn.Module]) -> FusedModel:
     template = copy.deepcopy(first, {id(p): p for p in first.parameters()})  # the structure, not the weights
     for name, build in plan.items():
         module = template.get_submodule(name)
-        fused = build({pname: stack_of[name, pname] for pname in dict(module.named_parameters(recurse=False))},
-                      module)
+        fused = build(
+            {pname: stack_of[name, pname] for pname in dict(module.named_parameters(recurse=False))}, module
+        )
         parent, _, child = name.rpartition(".")
         setattr(template.get_submodule(parent) if parent else template, child, fused)
     return FusedModel(template, len(models), rows)
@@ -367,8 +402,15 @@ class CandidateView:
     def extend(self, keys: Sequence[str], new_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         return self.fused.extend([(self.index, k) for k in keys], new_ids)
 
-    def generate(self, keys: Sequence[str], new_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
-                 sampling: SamplingParams, generators: Sequence[torch.Generator] | None = None,
-                 **kwargs: Any) -> list[Generation]:
-        return self.fused.generate([(self.index, k) for k in keys], new_ids, max_new_tokens, sampling, generators,
-                                   **kwargs)
+    def generate(
+        self,
+        keys: Sequence[str],
+        new_ids: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        sampling: SamplingParams,
+        generators: Sequence[torch.Generator] | None = None,
+        **kwargs: Any,
+    ) -> list[Generation]:
+        return self.fused.generate(
+            [(self.index, k) for k in keys], new_ids, max_new_tokens, sampling, generators, **kwargs
+        )

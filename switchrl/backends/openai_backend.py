@@ -58,12 +58,20 @@ class OpenAIBackend(TokenizedCandidate):
         api_key: str | None = None,
         vllm_extensions: bool = True,
     ):
-        super().__init__(name, tokenizer, sampling, chat_template, prompt_template, stop_strings, generation_config)
+        super().__init__(
+            name, tokenizer, sampling, chat_template, prompt_template, stop_strings, generation_config
+        )
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"candidate {name!r}: base_url must start with http:// or https://, got {base_url!r}")
+            raise ValueError(
+                f"candidate {name!r}: base_url must start with http:// or https://, got {base_url!r}"
+            )
         if not served_model:
             raise ValueError(f"candidate {name!r}: served_model must name the model the server serves")
-        for field, value in (("timeout", timeout), ("max_batch", max_batch), ("max_concurrency", max_concurrency)):
+        for field, value in (
+            ("timeout", timeout),
+            ("max_batch", max_batch),
+            ("max_concurrency", max_concurrency),
+        ):
             if value <= 0:
                 raise ValueError(f"candidate {name!r}: {field} must be > 0, got {value}")
         if max_retries < 0:
@@ -78,28 +86,41 @@ class OpenAIBackend(TokenizedCandidate):
         self.vllm_extensions = vllm_extensions
 
     @classmethod
-    def from_pretrained(cls, name: str, path: str, base_url: str, served_model: str | None = None,
-                        **kwargs) -> OpenAIBackend:
+    def from_pretrained(
+        cls, name: str, path: str, base_url: str, served_model: str | None = None, **kwargs
+    ) -> OpenAIBackend:
         """Tokenizer (and EOS ids) from the local checkpoint ``path``; tokens from the server at ``base_url``."""
         tokenizer = load_tokenizer(path)
         try:
             generation_config = GenerationConfig.from_pretrained(path)
         except OSError:
             generation_config = None
-        return cls(name, base_url, served_model or path, tokenizer, generation_config=generation_config, **kwargs)
+        return cls(
+            name, base_url, served_model or path, tokenizer, generation_config=generation_config, **kwargs
+        )
 
     # ------------------------------------------------------------------ requests
     def _body(self, prompts: list[list[int]], max_tokens: int, seed: int | None) -> dict:
         s = self.sampling
-        body: dict = {"model": self.served_model, "prompt": prompts, "max_tokens": max_tokens,
-                      "temperature": s.temperature, "top_p": s.top_p}
+        body: dict = {
+            "model": self.served_model,
+            "prompt": prompts,
+            "max_tokens": max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+        }
         if seed is not None:
             body["seed"] = seed
         if self.stop_strings:
             body["stop"] = list(self.stop_strings)
         if self.vllm_extensions:
-            body.update(return_token_ids=True, return_tokens_as_token_ids=True, logprobs=0,
-                        include_stop_str_in_output=True, skip_special_tokens=True)
+            body.update(
+                return_token_ids=True,
+                return_tokens_as_token_ids=True,
+                logprobs=0,
+                include_stop_str_in_output=True,
+                skip_special_tokens=True,
+            )
             if s.top_k:
                 body["top_k"] = s.top_k
         return body
@@ -121,11 +142,15 @@ class OpenAIBackend(TokenizedCandidate):
                 if err.code in _RETRY_STATUS and attempt < self.max_retries:
                     time.sleep(0.5 * 2**attempt)
                     continue
-                raise ServerError(f"candidate {self.name!r}: {url} answered HTTP {err.code}: {detail}") from None
+                raise ServerError(
+                    f"candidate {self.name!r}: {url} answered HTTP {err.code}: {detail}"
+                ) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 reason = getattr(err, "reason", err)
-                raise ServerError(f"candidate {self.name!r}: cannot reach the completions server at "
-                                  f"{self.base_url} ({reason}); is it running and is base_url right?") from None
+                raise ServerError(
+                    f"candidate {self.name!r}: cannot reach the completions server at "
+                    f"{self.base_url} ({reason}); is it running and is base_url right?"
+                ) from None
             except json.JSONDecodeError as err:
                 raise ServerError(f"candidate {self.name!r}: {url} did not answer JSON: {err}") from None
         raise AssertionError("unreachable")
@@ -135,8 +160,10 @@ class OpenAIBackend(TokenizedCandidate):
         answer = self._post(self._body(prompts, max_tokens, seed))
         choices = answer.get("choices") if isinstance(answer, dict) else None
         if not isinstance(choices, list) or len(choices) != len(prompts):
-            raise ServerError(f"candidate {self.name!r}: {self.base_url} answered {len(choices or [])} choices "
-                              f"for {len(prompts)} prompts: {str(answer)[:300]}")
+            raise ServerError(
+                f"candidate {self.name!r}: {self.base_url} answered {len(choices or [])} choices "
+                f"for {len(prompts)} prompts: {str(answer)[:300]}"
+            )
         return sorted(choices, key=lambda c: c.get("index", 0))
 
     def _choice_tokens(self, choice: dict) -> tuple[list[int], StopReason | None]:
@@ -145,13 +172,15 @@ class OpenAIBackend(TokenizedCandidate):
         if ids is None:
             tokens = (choice.get("logprobs") or {}).get("tokens")
             if tokens and all(isinstance(t, str) and t.startswith(_TOKEN_ID_PREFIX) for t in tokens):
-                ids = [int(t[len(_TOKEN_ID_PREFIX):]) for t in tokens]
+                ids = [int(t[len(_TOKEN_ID_PREFIX) :]) for t in tokens]
             else:
                 ids = self.tokenizer(choice.get("text", ""), add_special_tokens=False)["input_ids"]
         return self._finished(ids, choice.get("finish_reason"), choice.get("stop_reason"))
 
     # ------------------------------------------------------------------ the backend protocol
-    def write_patches(self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int) -> list[Patch]:
+    def write_patches(
+        self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int
+    ) -> list[Patch]:
         limits = self._patch_limits(traces, patch_tokens)
         if not traces:
             return []
@@ -160,8 +189,7 @@ class OpenAIBackend(TokenizedCandidate):
         if self.sampling.greedy:
             calls = [(rows, limits[rows[0]], None) for rows in self._greedy_batches(limits)]
         else:
-            calls = [([i], limits[i], self._patch_seed(seed, t))
-                     for i, t in enumerate(traces)]
+            calls = [([i], limits[i], self._patch_seed(seed, t)) for i, t in enumerate(traces)]
         with ThreadPoolExecutor(min(self.max_concurrency, len(calls))) as pool:
             answers = list(pool.map(lambda c: self._complete([views[i] for i in c[0]], c[1], c[2]), calls))
         choices: list[dict] = [{}] * len(traces)
@@ -180,5 +208,8 @@ class OpenAIBackend(TokenizedCandidate):
         groups: dict[int, list[int]] = {}
         for i, n in enumerate(limits):
             groups.setdefault(n, []).append(i)
-        return [rows[j:j + self.max_batch] for rows in groups.values() for j in range(0, len(rows), self.max_batch)]
-
+        return [
+            rows[j : j + self.max_batch]
+            for rows in groups.values()
+            for j in range(0, len(rows), self.max_batch)
+        ]

@@ -17,17 +17,32 @@ def build_backend(cfg: CandidateConfig) -> CandidateBackend:
         from switchrl.backends.transformers_backend import TransformersBackend
 
         return TransformersBackend.from_pretrained(
-            cfg.name, cfg.path, dtype=cfg.dtype, device=cfg.device, sampling=sampling,
-            chat_template=cfg.chat_template, prompt_template=cfg.prompt_template,
-            stop_strings=cfg.stop_strings, eos_after=cfg.eos_after)
+            cfg.name,
+            cfg.path,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            sampling=sampling,
+            chat_template=cfg.chat_template,
+            prompt_template=cfg.prompt_template,
+            stop_strings=cfg.stop_strings,
+            eos_after=cfg.eos_after,
+        )
     if cfg.eos_after:
-        raise ConfigError(f"candidate {cfg.name!r}: eos_after is only supported by the transformers backend, "
-                          f"not {cfg.backend!r}")
-    common = dict(sampling=sampling, chat_template=cfg.chat_template, prompt_template=cfg.prompt_template,
-                  stop_strings=cfg.stop_strings)
+        raise ConfigError(
+            f"candidate {cfg.name!r}: eos_after is only supported by the transformers backend, "
+            f"not {cfg.backend!r}"
+        )
+    common = dict(
+        sampling=sampling,
+        chat_template=cfg.chat_template,
+        prompt_template=cfg.prompt_template,
+        stop_strings=cfg.stop_strings,
+    )
     if cfg.backend == "openai":
         if not cfg.base_url:
-            raise ConfigError(f"candidate {cfg.name!r}: backend 'openai' needs base_url, e.g. http://host:8000/v1")
+            raise ConfigError(
+                f"candidate {cfg.name!r}: backend 'openai' needs base_url, e.g. http://host:8000/v1"
+            )
         from switchrl.backends.openai_backend import OpenAIBackend
 
         return OpenAIBackend.from_pretrained(cfg.name, cfg.path, cfg.base_url, cfg.served_model, **common)
@@ -57,7 +72,9 @@ def check_step(traces: Sequence[Trace], actions: Sequence[int], names: Sequence[
         raise ValueError(f"got {len(traces)} traces but {len(actions)} actions")
     for trace, action in zip(traces, actions):
         if not 0 <= int(action) < len(names):
-            raise ValueError(f"action {action!r} is outside the candidates 0..{len(names) - 1} ({list(names)})")
+            raise ValueError(
+                f"action {action!r} is outside the candidates 0..{len(names) - 1} ({list(names)})"
+            )
         if trace.done:
             raise ValueError(f"trace {trace.key!r} is already finished ({trace.stop_reason})")
     return [int(a) for a in actions]
@@ -88,8 +105,9 @@ class CandidatePool(CandidateNames):
     candidates run one batched call each.
     """
 
-    def __init__(self, backends: Sequence[CandidateBackend], patch_tokens: int = 50, seed: int = 0,
-                 fuse: bool = True):
+    def __init__(
+        self, backends: Sequence[CandidateBackend], patch_tokens: int = 50, seed: int = 0, fuse: bool = True
+    ):
         check_pool(backends, patch_tokens)
         self.backends = list(backends)
         self.patch_tokens = patch_tokens
@@ -100,8 +118,9 @@ class CandidatePool(CandidateNames):
             fuse_backends(self.backends)
 
     @classmethod
-    def from_configs(cls, configs: Sequence[CandidateConfig], patch_tokens: int = 50, seed: int = 0,
-                     fuse: bool = True) -> CandidatePool:
+    def from_configs(
+        cls, configs: Sequence[CandidateConfig], patch_tokens: int = 50, seed: int = 0, fuse: bool = True
+    ) -> CandidatePool:
         return cls([build_backend(c) for c in configs], patch_tokens=patch_tokens, seed=seed, fuse=fuse)
 
     @property

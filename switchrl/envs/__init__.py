@@ -16,11 +16,22 @@ ENV_ID = "switchrl/Switch-v0"
 def register_envs() -> None:
     """Register ``switchrl/Switch-v0`` with Gymnasium (idempotent; also the ``gymnasium.envs`` entry point)."""
     if ENV_ID not in gymnasium.registry:
-        gymnasium.register(id=ENV_ID, entry_point="switchrl.envs.switch_env:SwitchEnv",
-                           vector_entry_point="switchrl.envs.vector_env:SwitchVectorEnv")
+        gymnasium.register(
+            id=ENV_ID,
+            entry_point="switchrl.envs.switch_env:SwitchEnv",
+            vector_entry_point="switchrl.envs.vector_env:SwitchVectorEnv",
+        )
 
 
 register_envs()
 
-__all__ = ["DEFAULT_CHARSET", "ENV_ID", "FeatureObservation", "ObservationLayout", "SwitchEnv", "SwitchEnvConfig",
-           "SwitchVectorEnv", "register_envs"]
+__all__ = [
+    "DEFAULT_CHARSET",
+    "ENV_ID",
+    "FeatureObservation",
+    "ObservationLayout",
+    "SwitchEnv",
+    "SwitchEnvConfig",
+    "SwitchVectorEnv",
+    "register_envs",
+]

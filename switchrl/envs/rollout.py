@@ -19,8 +19,12 @@ from switchrl.policies.baselines import RandomSwitcher
 from switchrl.rewards.base import Scorer, ScoreResult, safe_score_batch
 
 
-def advance(pool: CandidatePool, policy: SwitchPolicy, traces: Sequence[Trace],
-            on_step: Callable[[list[Trace]], None] | None = None) -> None:
+def advance(
+    pool: CandidatePool,
+    policy: SwitchPolicy,
+    traces: Sequence[Trace],
+    on_step: Callable[[list[Trace]], None] | None = None,
+) -> None:
     """Run ``policy`` over ``traces`` until every one is done (EOS, stop string or token budget)."""
     live = [t for t in traces if not t.done]
     while live:
@@ -57,7 +61,7 @@ def run_switch_generation(
     traces = [Trace(key=k, query=q, max_new_tokens=max_new_tokens) for k, q in zip(keys, queries)]
     bar = tqdm(total=len(traces), desc="generate", unit="resp", disable=not progress)
     for start in range(0, len(traces), batch_size):
-        chunk = traces[start:start + batch_size]
+        chunk = traces[start : start + batch_size]
         advance(pool, policy, chunk)
         bar.update(len(chunk))
     bar.close()
@@ -147,15 +151,18 @@ def estimate_utilities(
     for ci in distinct:
         si = ci // n
         block = finishes[ci]
-        scored[ci] = safe_score_batch(scorer, [states[si].query] * k, [f.text for f in block],
-                                      [references[si]] * k, [metas[si]] * k)
+        scored[ci] = safe_score_batch(
+            scorer, [states[si].query] * k, [f.text for f in block], [references[si]] * k, [metas[si]] * k
+        )
     results: list[StateUtilities] = []
     for si in range(len(states)):
         rows = [source[ci] for ci in range(si * n, (si + 1) * n)]
-        results.append(StateUtilities(
-            next_patches=[children[si * n + i].patches[-1] for i in range(n)],
-            scores=[[r.value for r in scored[ci]] for ci in rows],
-            failures=[[r.error for r in scored[ci] if r.failed] for ci in rows],
-            responses=[[f.text for f in finishes[ci]] for ci in rows],
-        ))
+        results.append(
+            StateUtilities(
+                next_patches=[children[si * n + i].patches[-1] for i in range(n)],
+                scores=[[r.value for r in scored[ci]] for ci in rows],
+                failures=[[r.error for r in scored[ci] if r.failed] for ci in rows],
+                responses=[[f.text for f in finishes[ci]] for ci in rows],
+            )
+        )
     return results

@@ -37,19 +37,23 @@ def unbatch_infos(infos: dict, n: int) -> list[dict]:
 class SB3SwitchVecEnv(VecEnv):
     """``venv`` (built with ``autoreset_mode="SameStep"``) as an SB3 ``VecEnv`` with feature observations."""
 
-    def __init__(self, venv: SwitchVectorEnv, n_features: int = 256, history: int = 4,
-                 ngrams: Sequence[int] = (1, 2)):
+    def __init__(
+        self, venv: SwitchVectorEnv, n_features: int = 256, history: int = 4, ngrams: Sequence[int] = (1, 2)
+    ):
         if venv.metadata["autoreset_mode"] != AutoresetMode.SAME_STEP:
-            raise ValueError("SB3SwitchVecEnv needs a SwitchVectorEnv with autoreset_mode='SameStep' "
-                             "(SB3 resets an env in the step that ends its episode)")
+            raise ValueError(
+                "SB3SwitchVecEnv needs a SwitchVectorEnv with autoreset_mode='SameStep' "
+                "(SB3 resets an env in the step that ends its episode)"
+            )
         self.venv = venv
         self.features = FeatureObservation(venv.envs[0], n_features, history, ngrams)
         super().__init__(venv.num_envs, self.features.observation_space, venv.single_action_space)
         self._actions: np.ndarray | None = None
 
     def _observations(self, batched: dict) -> np.ndarray:
-        return np.stack([self.features.observation({k: v[i] for k, v in batched.items()})
-                         for i in range(self.num_envs)])
+        return np.stack(
+            [self.features.observation({k: v[i] for k, v in batched.items()}) for i in range(self.num_envs)]
+        )
 
     def reset(self) -> np.ndarray:
         obs, infos = self.venv.reset(seed=list(self._seeds))
@@ -65,8 +69,11 @@ class SB3SwitchVecEnv(VecEnv):
         out = []
         for i, info in enumerate(unbatch_infos(infos, self.num_envs)):
             if terminated[i] or truncated[i]:
-                info = {**info["final_info"], "terminal_observation": self.features.observation(info["final_obs"]),
-                        "TimeLimit.truncated": bool(truncated[i] and not terminated[i])}
+                info = {
+                    **info["final_info"],
+                    "terminal_observation": self.features.observation(info["final_obs"]),
+                    "TimeLimit.truncated": bool(truncated[i] and not terminated[i]),
+                }
             out.append(info)
         return self._observations(obs), rewards.astype(np.float32), terminated | truncated, out
 

@@ -34,9 +34,21 @@ def _chars(*ranges: tuple[int, int]) -> str:
 
 #: Printable ASCII and whitespace, Latin-1, Latin Extended-A, Greek, general punctuation, currency
 #: signs, arrows, mathematical operators, and the replacement character used for anything else.
-DEFAULT_CHARSET = "".join(dict.fromkeys(
-    "\t\n\r" + _chars((0x20, 0x7E), (0xA0, 0x17F), (0x370, 0x3FF), (0x2000, 0x206F), (0x20A0, 0x20BF),
-                      (0x2190, 0x21FF), (0x2200, 0x22FF)) + REPLACEMENT_CHAR))
+DEFAULT_CHARSET = "".join(
+    dict.fromkeys(
+        "\t\n\r"
+        + _chars(
+            (0x20, 0x7E),
+            (0xA0, 0x17F),
+            (0x370, 0x3FF),
+            (0x2000, 0x206F),
+            (0x20A0, 0x20BF),
+            (0x2190, 0x21FF),
+            (0x2200, 0x22FF),
+        )
+        + REPLACEMENT_CHAR
+    )
+)
 
 ShapingFn = Callable[[Trace, Patch], float]
 
@@ -45,22 +57,32 @@ class SwitchEnvConfig(StrictModel):
     """Everything a :class:`SwitchEnv` needs; loadable from YAML (callables only from Python)."""
 
     candidates: list[CandidateConfig] = Field(
-        default_factory=list, description="the checkpoints; may be empty when a prebuilt pool is passed")
+        default_factory=list, description="the checkpoints; may be empty when a prebuilt pool is passed"
+    )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    reward: Any = Field(description="scorer: a callable, a registered name, 'module:function', or a weighted list")
+    reward: Any = Field(
+        description="scorer: a callable, a registered name, 'module:function', or a weighted list"
+    )
     switch_cost: float = Field(0.0, ge=0, allow_inf_nan=False, description="subtracted per change of author")
     shaping: Callable[[Trace, Patch], float] | None = Field(
-        None, description="per-step bonus shaping(trace, new_patch) added to the reward")
+        None, description="per-step bonus shaping(trace, new_patch) added to the reward"
+    )
     tasks: list[TaskInstance] = Field(
-        default_factory=list, description="task source; reset(options={'instance': ...}) overrides it")
+        default_factory=list, description="task source; reset(options={'instance': ...}) overrides it"
+    )
     max_query_length: int = Field(4096, gt=0, description="characters of the query in the observation")
     max_text_length: int | None = Field(
-        None, gt=0, description="characters of the trace in the observation (default: 16 per budget token)")
-    charset: str | None = Field(None, min_length=1, description="observation alphabet (default: DEFAULT_CHARSET)")
+        None, gt=0, description="characters of the trace in the observation (default: 16 per budget token)"
+    )
+    charset: str | None = Field(
+        None, min_length=1, description="observation alphabet (default: DEFAULT_CHARSET)"
+    )
     replacement_char: str = Field(REPLACEMENT_CHAR, min_length=1, max_length=1)
     info_timings: bool = Field(
-        False, description="put wall-clock timings in info (off by default: they differ between otherwise "
-                           "identical runs, which gymnasium's determinism check rejects)")
+        False,
+        description="put wall-clock timings in info (off by default: they differ between otherwise "
+        "identical runs, which gymnasium's determinism check rejects)",
+    )
 
     @model_validator(mode="after")
     def _replacement_in_charset(self) -> SwitchEnvConfig:
@@ -81,7 +103,9 @@ def coerce_config(config: SwitchEnvConfig | Mapping[str, Any] | str | Path) -> S
         return load_yaml(config, SwitchEnvConfig)
     if isinstance(config, Mapping):
         return parse(SwitchEnvConfig, dict(config), "SwitchEnvConfig")
-    raise ConfigError(f"config: expected a SwitchEnvConfig, a mapping or a YAML path, got {type(config).__name__}")
+    raise ConfigError(
+        f"config: expected a SwitchEnvConfig, a mapping or a YAML path, got {type(config).__name__}"
+    )
 
 
 def resolve_reward_spec(spec: Any) -> Scorer:
@@ -91,7 +115,9 @@ def resolve_reward_spec(spec: Any) -> Scorer:
     except ImportError:
         if callable(spec) and not isinstance(spec, str):
             return spec
-        raise ConfigError(f"reward: {spec!r} needs switchrl.rewards.registry; pass a callable instead") from None
+        raise ConfigError(
+            f"reward: {spec!r} needs switchrl.rewards.registry; pass a callable instead"
+        ) from None
     return resolve_reward(spec)
 
 
@@ -102,8 +128,10 @@ def as_instance(value: TaskInstance | Mapping[str, Any], default_id: str) -> Tas
     if isinstance(value, Mapping):
         unknown = set(value) - {"id", "query", "reference", "task", "meta"}
         if unknown or "query" not in value:
-            raise ValueError(f"options['instance']: expected keys query, reference (optional: id, task, meta); "
-                             f"got {sorted(value)}")
+            raise ValueError(
+                f"options['instance']: expected keys query, reference (optional: id, task, meta); "
+                f"got {sorted(value)}"
+            )
         data = {"id": default_id, "reference": "", **value}
         return TaskInstance(**data)
     raise TypeError(f"options['instance']: expected a TaskInstance or a mapping, got {type(value).__name__}")
@@ -118,24 +146,39 @@ class ObservationLayout:
     token budget spent).
     """
 
-    def __init__(self, n_candidates: int, max_patches: int, max_query_length: int, max_text_length: int,
-                 charset: str, replacement_char: str):
+    def __init__(
+        self,
+        n_candidates: int,
+        max_patches: int,
+        max_query_length: int,
+        max_text_length: int,
+        charset: str,
+        replacement_char: str,
+    ):
         self.max_patches = max_patches
         self.charset = frozenset(charset)
         self.replacement_char = replacement_char
-        self.space = spaces.Dict({
-            "query": spaces.Text(max_length=max_query_length, min_length=1, charset=charset),
-            "trace": spaces.Text(max_length=max_text_length, min_length=0, charset=charset),
-            "authors": spaces.Box(-1, n_candidates - 1, (max_patches,), np.int64),
-            "num_patches": spaces.Discrete(max_patches + 1),
-            "budget_used": spaces.Box(0.0, 1.0, (1,), np.float32),
-        })
+        self.space = spaces.Dict(
+            {
+                "query": spaces.Text(max_length=max_query_length, min_length=1, charset=charset),
+                "trace": spaces.Text(max_length=max_text_length, min_length=0, charset=charset),
+                "authors": spaces.Box(-1, n_candidates - 1, (max_patches,), np.int64),
+                "num_patches": spaces.Discrete(max_patches + 1),
+                "budget_used": spaces.Box(0.0, 1.0, (1,), np.float32),
+            }
+        )
 
     @classmethod
     def from_config(cls, config: SwitchEnvConfig, n_candidates: int) -> ObservationLayout:
         gen = config.generation
-        return cls(n_candidates, math.ceil(gen.max_new_tokens / gen.patch_tokens), config.max_query_length,
-                   config.text_length, config.charset or DEFAULT_CHARSET, config.replacement_char)
+        return cls(
+            n_candidates,
+            math.ceil(gen.max_new_tokens / gen.patch_tokens),
+            config.max_query_length,
+            config.text_length,
+            config.charset or DEFAULT_CHARSET,
+            config.replacement_char,
+        )
 
     def clean(self, text: str, max_length: int) -> str:
         """``text`` in the charset, cut to its last ``max_length`` characters."""
@@ -144,8 +187,8 @@ class ObservationLayout:
 
     def observe(self, trace: Trace) -> dict[str, Any]:
         authors = np.full(self.max_patches, -1, dtype=np.int64)
-        tail = trace.authors[-self.max_patches:]
-        authors[:len(tail)] = tail
+        tail = trace.authors[-self.max_patches :]
+        authors[: len(tail)] = tail
         return {
             "query": self.clean(trace.query, self.space["query"].max_length) or self.replacement_char,
             "trace": self.clean(trace.text, self.space["trace"].max_length),
@@ -171,20 +214,26 @@ class SwitchEnv(gym.Env[dict, np.int64]):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, config: SwitchEnvConfig | Mapping[str, Any] | str | Path, pool: CandidatePool | None = None):
+    def __init__(
+        self, config: SwitchEnvConfig | Mapping[str, Any] | str | Path, pool: CandidatePool | None = None
+    ):
         self.config = coerce_config(config)
         gen = self.config.generation
         if pool is None:
             if not self.config.candidates:
                 raise ConfigError("candidates: give at least one candidate, or pass a prebuilt pool=")
-            pool = CandidatePool.from_configs(self.config.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
+            pool = CandidatePool.from_configs(
+                self.config.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed
+            )
         else:
             names = [c.name for c in self.config.candidates]
             if names and names != pool.names:
                 raise ConfigError(f"candidates: names {names} do not match the given pool's {pool.names}")
             if pool.patch_tokens != gen.patch_tokens:
-                raise ConfigError(f"generation.patch_tokens={gen.patch_tokens} differs from the pool's "
-                                  f"patch_tokens={pool.patch_tokens}")
+                raise ConfigError(
+                    f"generation.patch_tokens={gen.patch_tokens} differs from the pool's "
+                    f"patch_tokens={pool.patch_tokens}"
+                )
         self.pool = pool
         self.scorer = resolve_reward_spec(self.config.reward)
         self.layout = ObservationLayout.from_config(self.config, len(pool))
@@ -211,8 +260,12 @@ class SwitchEnv(gym.Env[dict, np.int64]):
             raise ValueError("no task source: set config.tasks or pass reset(options={'instance': ...})")
         key = f"{instance.id}/{int(self.np_random.integers(2**63)):016x}"
         self.instance = instance
-        self.trace = Trace(key=key, query=instance.query, max_new_tokens=self.config.generation.max_new_tokens,
-                           meta={"instance_id": instance.id, "task": instance.task})
+        self.trace = Trace(
+            key=key,
+            query=instance.query,
+            max_new_tokens=self.config.generation.max_new_tokens,
+            meta={"instance_id": instance.id, "task": instance.task},
+        )
         self._over = False
         self._episode += 1
         return self.layout.observe(self.trace), self._base_info()
@@ -240,11 +293,15 @@ class SwitchEnv(gym.Env[dict, np.int64]):
         except (TypeError, ValueError):
             valid = False
         if not valid:
-            raise ValueError(f"action {action!r} is outside the action space Discrete({self.action_space.n}): "
-                             f"expected an int in 0..{self.action_space.n - 1} ({self.pool.names})")
+            raise ValueError(
+                f"action {action!r} is outside the action space Discrete({self.action_space.n}): "
+                f"expected an int in 0..{self.action_space.n - 1} ({self.pool.names})"
+            )
         return a
 
-    def complete_step(self, action: int, patch: Patch, seconds: float) -> tuple[dict, float, bool, bool, dict]:
+    def complete_step(
+        self, action: int, patch: Patch, seconds: float
+    ) -> tuple[dict, float, bool, bool, dict]:
         """Observation, reward, flags and info after ``patch`` (by ``action``) was appended to the trace."""
         trace, instance = self.trace, self.instance
         prev = trace.patches[-2].author if len(trace.patches) > 1 else None
@@ -255,8 +312,14 @@ class SwitchEnv(gym.Env[dict, np.int64]):
         terminated = trace.stop_reason in ("eos", "stop")
         truncated = not terminated and (trace.done or len(trace.patches) >= self.layout.max_patches)
         info = self._base_info()
-        info.update(patch_text=patch.text, author=action, author_name=self.pool.names[action],
-                    patch_tokens=len(patch.token_ids), switched=switched, stop_reason=trace.stop_reason)
+        info.update(
+            patch_text=patch.text,
+            author=action,
+            author_name=self.pool.names[action],
+            patch_tokens=len(patch.token_ids),
+            switched=switched,
+            stop_reason=trace.stop_reason,
+        )
         if self.config.info_timings:
             info.update(seconds=seconds, patch_seconds=patch.seconds)
         if terminated or truncated:
@@ -272,8 +335,15 @@ class SwitchEnv(gym.Env[dict, np.int64]):
     # ------------------------------------------------------------------ helpers
     def _base_info(self) -> dict[str, Any]:
         t = self.trace
-        return {"instance_id": self.instance.id, "trace_key": t.key, "query": t.query, "text": t.text,
-                "num_tokens": t.num_tokens, "num_patches": len(t.patches), "num_switches": t.num_switches}
+        return {
+            "instance_id": self.instance.id,
+            "trace_key": t.key,
+            "query": t.query,
+            "text": t.text,
+            "num_tokens": t.num_tokens,
+            "num_patches": len(t.patches),
+            "num_switches": t.num_switches,
+        }
 
     def _release(self) -> None:
         """Free the pool's per-trace state of the current episode (its KV caches)."""

@@ -42,14 +42,20 @@ class SwitchVectorEnv(VectorEnv):
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
 
-    def __init__(self, config: SwitchEnvConfig | Mapping[str, Any] | str | Path, num_envs: int = 1,
-                 pool: CandidatePool | None = None,
-                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP):
+    def __init__(
+        self,
+        config: SwitchEnvConfig | Mapping[str, Any] | str | Path,
+        num_envs: int = 1,
+        pool: CandidatePool | None = None,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+    ):
         if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
             raise ConfigError(f"num_envs must be an int >= 1, got {num_envs!r}")
         mode = AutoresetMode(autoreset_mode)
         if mode not in _MODES:
-            raise ConfigError(f"autoreset_mode must be one of {sorted(m.value for m in _MODES)}, got {mode.value!r}")
+            raise ConfigError(
+                f"autoreset_mode must be one of {sorted(m.value for m in _MODES)}, got {mode.value!r}"
+            )
         config = coerce_config(config)
         first = SwitchEnv(config, pool=pool)
         self.envs = [first] + [SwitchEnv(config, pool=first.pool) for _ in range(num_envs - 1)]
@@ -63,8 +69,9 @@ class SwitchVectorEnv(VectorEnv):
         self.action_space = spaces.MultiDiscrete(np.full(num_envs, first.action_space.n, dtype=np.int64))
         self._needs_reset = np.zeros(num_envs, dtype=bool)
 
-    def reset(self, *, seed: int | Sequence[int | None] | None = None,
-              options: dict[str, Any] | None = None) -> tuple[dict, dict]:
+    def reset(
+        self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict, dict]:
         if seed is None or isinstance(seed, int):
             seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
         else:
@@ -101,13 +108,17 @@ class SwitchVectorEnv(VectorEnv):
         patches = self.pool.step([self.envs[i].trace for i, _ in stepping], [a for _, a in stepping])
         seconds = (time.perf_counter() - start) / max(1, len(stepping))
         for (i, a), patch in zip(stepping, patches):
-            obs[i], rewards[i], terminated[i], truncated[i], info = self.envs[i].complete_step(a, patch, seconds)
+            obs[i], rewards[i], terminated[i], truncated[i], info = self.envs[i].complete_step(
+                a, patch, seconds
+            )
             if mode == AutoresetMode.SAME_STEP and (terminated[i] or truncated[i]):
                 final_obs, final_info = obs[i], info
                 obs[i], info = self.envs[i].reset()
                 info = {**info, "final_obs": final_obs, "final_info": final_info}
             infos = self._add_info(infos, info, i)
-        self._needs_reset = (terminated | truncated) if mode == AutoresetMode.NEXT_STEP else np.zeros_like(terminated)
+        self._needs_reset = (
+            (terminated | truncated) if mode == AutoresetMode.NEXT_STEP else np.zeros_like(terminated)
+        )
         return self._batch(obs), rewards, terminated, truncated, infos
 
     def close_extras(self, **kwargs: Any) -> None:
@@ -123,7 +134,9 @@ class SwitchVectorEnv(VectorEnv):
         if instances is None:
             return [options or None] * self.num_envs
         if len(instances) != self.num_envs:
-            raise ValueError(f"options['instances']: expected {self.num_envs} instances, got {len(instances)}")
+            raise ValueError(
+                f"options['instances']: expected {self.num_envs} instances, got {len(instances)}"
+            )
         return [{**options, "instance": inst} for inst in instances]
 
     def _batch(self, observations: list[dict]) -> dict:

@@ -23,7 +23,7 @@ def hashed_ngrams(text: str, n_features: int, ngrams: Sequence[int] = (1, 2)) ->
     out = np.zeros(n_features, dtype=np.float32)
     for n in ngrams:
         for i in range(len(words) - n + 1):
-            h = zlib.crc32(f"{n}\x1f{' '.join(words[i:i + n])}".encode())
+            h = zlib.crc32(f"{n}\x1f{' '.join(words[i : i + n])}".encode())
             out[h % n_features] += 1.0 if (h // n_features) % 2 == 0 else -1.0
     norm = float(np.linalg.norm(out))
     return out / norm if norm > 0 else out
@@ -41,7 +41,9 @@ class FeatureObservation(gym.ObservationWrapper):
         super().__init__(env)
         space = env.observation_space
         if not isinstance(space, spaces.Dict) or any(k not in space.spaces for k in _REQUIRED_KEYS):
-            raise TypeError(f"FeatureObservation needs a switch env's Dict observation with keys {_REQUIRED_KEYS}")
+            raise TypeError(
+                f"FeatureObservation needs a switch env's Dict observation with keys {_REQUIRED_KEYS}"
+            )
         if not isinstance(env.action_space, spaces.Discrete):
             raise TypeError(f"FeatureObservation needs a Discrete action space, got {env.action_space}")
         if n_features < 1:
@@ -60,7 +62,7 @@ class FeatureObservation(gym.ObservationWrapper):
         trace = hashed_ngrams(observation["trace"], self.n_features, self.ngrams)
         authors = np.zeros((self.history, self.n_candidates), dtype=np.float32)
         n = int(observation["num_patches"])
-        recent = observation["authors"][:n][::-1][:self.history]
+        recent = observation["authors"][:n][::-1][: self.history]
         authors[np.arange(len(recent)), recent] = 1.0
         budget = np.asarray(observation["budget_used"], dtype=np.float32).reshape(1)
         return np.concatenate([query, trace, authors.reshape(-1), budget])

@@ -57,7 +57,9 @@ class WorkerSpec:
 
     def __post_init__(self) -> None:
         if not (callable(self.factory) or (isinstance(self.factory, str) and ":" in self.factory)):
-            raise ValueError(f"WorkerSpec.factory must be a callable or 'module:function', got {self.factory!r}")
+            raise ValueError(
+                f"WorkerSpec.factory must be a callable or 'module:function', got {self.factory!r}"
+            )
         if not isinstance(self.config, dict):
             raise ValueError(f"WorkerSpec.config must be a dict, got {type(self.config).__name__}")
         if not isinstance(self.num_models, int) or self.num_models < 1:
@@ -77,8 +79,10 @@ class WorkerSpec:
         """Build the worker (call once per process)."""
         worker = self.resolve()(self.config, context or WorkerContext())
         if not isinstance(worker, Worker):
-            raise TypeError(f"WorkerSpec.factory {self.factory!r} returned {type(worker).__name__}, "
-                            "which has no process(items) method")
+            raise TypeError(
+                f"WorkerSpec.factory {self.factory!r} returned {type(worker).__name__}, "
+                "which has no process(items) method"
+            )
         return worker
 
 
@@ -110,11 +114,9 @@ class ClosesOnExit:
 class Executor(Protocol):
     """Runs chunks of items on workers; yields results as they complete (any order)."""
 
-    def map_chunks(self, spec: WorkerSpec, chunks: Sequence[Sequence[Any]]) -> Iterator[ChunkResult]:
-        ...
+    def map_chunks(self, spec: WorkerSpec, chunks: Sequence[Sequence[Any]]) -> Iterator[ChunkResult]: ...
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 class ExecutorConfig(StrictModel):
@@ -128,8 +130,11 @@ class ExecutorConfig(StrictModel):
 
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = Field(
-        None, description="None: start a local Ray on demand; 'auto': the running cluster; 'ray://host:port'")
-    replicas: int | Literal["auto"] = Field("auto", description="actors, or 'auto': as many as the cluster holds")
+        None, description="None: start a local Ray on demand; 'auto': the running cluster; 'ray://host:port'"
+    )
+    replicas: int | Literal["auto"] = Field(
+        "auto", description="actors, or 'auto': as many as the cluster holds"
+    )
     placement: Literal["pack", "spread"] = "pack"
     gpus_per_candidate: float = Field(1.0, ge=0)
     num_cpus_per_replica: float = Field(1.0, gt=0)
@@ -175,4 +180,4 @@ def parse_host_port(address: str) -> tuple[str, int] | None:
 def chunked(items: Sequence[Any], size: int) -> Iterable[list[Any]]:
     """Consecutive chunks of ``size`` items (the last may be shorter)."""
     for start in range(0, len(items), size):
-        yield list(items[start:start + size])
+        yield list(items[start : start + size])

@@ -73,7 +73,9 @@ def run(
         done = store.completed_ids
         pending = [it for it, i in zip(items, ids) if i not in done]
         chunks = list(chunked(pending, chunk_size))
-        bar = tqdm(total=len(ids), initial=len(ids) - len(pending), desc=desc, unit="item", disable=not progress)
+        bar = tqdm(
+            total=len(ids), initial=len(ids) - len(pending), desc=desc, unit="item", disable=not progress
+        )
         counts: Counter[str] = Counter()
         totals: Counter[str] = Counter()
         start = time.perf_counter()
@@ -85,7 +87,9 @@ def run(
             for name, fn in (rates or {}).items():
                 totals[name] += fn(result.records)
             elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix({**{f"{k}/s": f"{v / elapsed:.2f}" for k, v in totals.items()}, **counts}, refresh=False)
+            bar.set_postfix(
+                {**{f"{k}/s": f"{v / elapsed:.2f}" for k, v in totals.items()}, **counts}, refresh=False
+            )
             bar.update(len(chunk_ids))
         bar.close()
     finally:

@@ -77,8 +77,10 @@ class RayActors(ClosesOnExit):
             try:
                 socket.create_connection((host, port), timeout=self.config.connect_timeout_s).close()
             except OSError as err:
-                raise ExecutorError(f"ray_address {address!r}: cannot reach {host}:{port} ({err}); "
-                                    "is the Ray head running? (ray start --head)") from None
+                raise ExecutorError(
+                    f"ray_address {address!r}: cannot reach {host}:{port} ({err}); "
+                    "is the Ray head running? (ray start --head)"
+                ) from None
         if ray.is_initialized():
             return
         try:
@@ -105,8 +107,10 @@ class RayActors(ClosesOnExit):
             bundle["GPU"] = min(1.0, n * gpus)
             return bundle, ("cuda:0",) * n
         if gpus != int(gpus):
-            raise ExecutorError(f"placement 'spread' gives each model whole GPUs; gpus_per_candidate={gpus} "
-                                "must be a whole number (use placement 'pack' to share a GPU)")
+            raise ExecutorError(
+                f"placement 'spread' gives each model whole GPUs; gpus_per_candidate={gpus} "
+                "must be a whole number (use placement 'pack' to share a GPU)"
+            )
         bundle["GPU"] = n * gpus
         return bundle, tuple(f"cuda:{i * int(gpus)}" for i in range(n))
 
@@ -120,32 +124,45 @@ class RayActors(ClosesOnExit):
             raise ExecutorError(
                 f"placement {self.config.placement!r} needs {bundle} per replica on one node, but the largest "
                 f"Ray node has GPU={largest.get('GPU', 0)}, CPU={largest.get('CPU', 0)}; lower "
-                "gpus_per_candidate / num_cpus_per_replica, use placement 'pack', or add bigger nodes")
+                "gpus_per_candidate / num_cpus_per_replica, use placement 'pack', or add bigger nodes"
+            )
         if self.config.replicas != "auto":
             total = self.ray.cluster_resources()
             if self.config.replicas > (most := self._fits(total, bundle)):
-                raise ExecutorError(f"replicas={self.config.replicas}: the Ray cluster ({total}) holds at most "
-                                    f"{most} replicas of {bundle}; lower replicas or use 'auto'")
+                raise ExecutorError(
+                    f"replicas={self.config.replicas}: the Ray cluster ({total}) holds at most "
+                    f"{most} replicas of {bundle}; lower replicas or use 'auto'"
+                )
             return int(self.config.replicas)
         if share > 1:
             total = self.ray.cluster_resources()
             if (fits := self._fits(total, bundle) // share) < 1:
-                raise ExecutorError(f"replicas 'auto': the Ray cluster ({total}) holds fewer than one replica "
-                                    f"({bundle}) for each of {share} processes; add resources or lower the "
-                                    "number of processes")
+                raise ExecutorError(
+                    f"replicas 'auto': the Ray cluster ({total}) holds fewer than one replica "
+                    f"({bundle}) for each of {share} processes; add resources or lower the "
+                    "number of processes"
+                )
             return fits
         free = self.ray.available_resources()
         if (fits := self._fits(free, bundle)) < 1:
-            raise ExecutorError(f"replicas 'auto': no room for one replica ({bundle}) in the free "
-                                f"resources of the Ray cluster ({free})")
+            raise ExecutorError(
+                f"replicas 'auto': no room for one replica ({bundle}) in the free "
+                f"resources of the Ray cluster ({free})"
+            )
         return fits
 
     @staticmethod
     def _fits(resources: dict[str, float], bundle: dict[str, float]) -> int:
         return min(math.floor(resources.get(k, 0) / v + 1e-9) for k, v in bundle.items())
 
-    def start_actors(self, cls: type, num_models: int, args: Callable[[int, tuple[str, ...]], tuple],
-                     name: Callable[[int], str] | None = None, share: int = 1) -> list[Any]:
+    def start_actors(
+        self,
+        cls: type,
+        num_models: int,
+        args: Callable[[int, tuple[str, ...]], tuple],
+        name: Callable[[int], str] | None = None,
+        share: int = 1,
+    ) -> list[Any]:
         """Start one actor of ``cls`` per replica, each in its own placement group (placed within
         ``placement_timeout_s`` or an :class:`ExecutorError`); ``args(replica, devices)`` gives its
         constructor arguments, ``name(replica)`` its Ray actor name. Replaces any running actors."""
@@ -157,18 +174,23 @@ class RayActors(ClosesOnExit):
         bundle, devices = self.replica_placement(num_models)
         n = self.num_replicas(bundle, share)
         self._groups = [ray.util.placement_group([bundle], strategy="PACK") for _ in range(n)]
-        ready, _ = ray.wait([g.ready() for g in self._groups], num_returns=n, timeout=self.config.placement_timeout_s)
+        ready, _ = ray.wait(
+            [g.ready() for g in self._groups], num_returns=n, timeout=self.config.placement_timeout_s
+        )
         if len(ready) < n:
             free = ray.available_resources()
             self._stop_actors()
             raise ExecutorError(
                 f"replicas={n} x {bundle} could not be placed within {self.config.placement_timeout_s:g} s "
-                f"(placement_timeout_s); only {len(ready)} fit the free resources {free}")
+                f"(placement_timeout_s); only {len(ready)} fit the free resources {free}"
+            )
         remote = ray.remote(cls)
         self._actors = [
             remote.options(
-                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                max_restarts=self.config.max_restarts, max_task_retries=self.config.max_task_retries,
+                num_cpus=bundle["CPU"],
+                num_gpus=bundle.get("GPU", 0),
+                max_restarts=self.config.max_restarts,
+                max_task_retries=self.config.max_task_retries,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
                 **({"name": name(i)} if name is not None else {}),
             ).remote(*args(i, devices))
@@ -250,11 +272,17 @@ class RayExecutor(RayActors):
             except actor_errors as err:
                 if getattr(err, "actor_init_failed", False):
                     self._stop_actors()
-                    raise ExecutorError(f"building the worker failed on Ray actor r{a} "
-                                        f"(WorkerSpec.factory {spec.factory!r}): {err}") from None
+                    raise ExecutorError(
+                        f"building the worker failed on Ray actor r{a} "
+                        f"(WorkerSpec.factory {spec.factory!r}): {err}"
+                    ) from None
                 last_death = err
-                if kind == "chunk":  # run it again; probe the actor: back to work if restarted, dropped if dead
-                    logger.warning("Ray actor r%d died during chunk %d; running the chunk again: %s", a, c, err)
+                if (
+                    kind == "chunk"
+                ):  # run it again; probe the actor: back to work if restarted, dropped if dead
+                    logger.warning(
+                        "Ray actor r%d died during chunk %d; running the chunk again: %s", a, c, err
+                    )
                     pending.appendleft(c)
                     running[self._actors[a].ping.remote()] = ("ping", -1, a)
                 else:
@@ -272,6 +300,8 @@ class RayExecutor(RayActors):
         if failure is not None:
             raise failure
         if pending:
-            raise ExecutorError(f"every Ray actor died; {len(pending)} chunks were not run. Committed shards "
-                                "are kept: run again to resume (raise max_restarts to tolerate more failures). "
-                                f"Last error: {last_death}")
+            raise ExecutorError(
+                f"every Ray actor died; {len(pending)} chunks were not run. Committed shards "
+                "are kept: run again to resume (raise max_restarts to tolerate more failures). "
+                f"Last error: {last_death}"
+            )

@@ -70,16 +70,27 @@ class RayCandidatePool(CandidateNames, ClosesOnExit):
     its own pool against the same cluster, and ``replicas: auto`` then gives each rank its share.
     """
 
-    def __init__(self, candidates: Sequence[CandidateConfig], patch_tokens: int = 50, seed: int = 0,
-                 executor: ExecutorConfig | Mapping | None = None, rank: int | None = None,
-                 world_size: int | None = None):
+    def __init__(
+        self,
+        candidates: Sequence[CandidateConfig],
+        patch_tokens: int = 50,
+        seed: int = 0,
+        executor: ExecutorConfig | Mapping | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         names = check_pool(candidates, patch_tokens)
-        config = executor if isinstance(executor, ExecutorConfig) else parse(
-            ExecutorConfig, {"executor": "ray", **(executor or {})}, "executor")
+        config = (
+            executor
+            if isinstance(executor, ExecutorConfig)
+            else parse(ExecutorConfig, {"executor": "ray", **(executor or {})}, "executor")
+        )
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         if self.rank < 0 or world_size < 1 or self.rank >= world_size:
-            raise ConfigError(f"rank must be in 0..world_size-1, got rank={self.rank}, world_size={world_size}")
+            raise ConfigError(
+                f"rank must be in 0..world_size-1, got rank={self.rank}, world_size={world_size}"
+            )
         self.patch_tokens, self.seed, self._names = patch_tokens, seed, names
         self._cluster = RayActors(config)
         self.ray = self._cluster.ray
@@ -91,8 +102,12 @@ class RayCandidatePool(CandidateNames, ClosesOnExit):
             return f"switchrl-rollout-rank{self.rank}-r{i}{suffix}"
 
         actors = self._cluster.start_actors(
-            _PoolReplica, len(candidates), lambda i, devices: (dumped, patch_tokens, seed, devices),
-            name=name, share=world_size)
+            _PoolReplica,
+            len(candidates),
+            lambda i, devices: (dumped, patch_tokens, seed, devices),
+            name=name,
+            share=world_size,
+        )
         self.actor_names = [name(i) for i in range(len(actors))]
         self._actors: list[Any] = list(actors)
         for a, actor in enumerate(self._actors):  # wait until every actor has loaded its models
@@ -101,11 +116,14 @@ class RayCandidatePool(CandidateNames, ClosesOnExit):
             except self._lost as err:
                 self.close()
                 cause = str(err).strip().splitlines()[-1]  # the last line of the actor's traceback
-                raise ExecutorError(f"Ray actor {self.actor_names[a]} could not build the candidate pool: "
-                                    f"{cause}") from err
+                raise ExecutorError(
+                    f"Ray actor {self.actor_names[a]} could not build the candidate pool: {cause}"
+                ) from err
             if loaded != names:
                 self.close()
-                raise ExecutorError(f"Ray actor {self.actor_names[a]} holds candidates {loaded}, expected {names}")
+                raise ExecutorError(
+                    f"Ray actor {self.actor_names[a]} holds candidates {loaded}, expected {names}"
+                )
         self._route: dict[str, int] = {}  # trace key -> actor index
         self._load = [0] * len(self._actors)  # routed keys per actor
 
@@ -151,7 +169,9 @@ class RayCandidatePool(CandidateNames, ClosesOnExit):
     def _actor_of(self, key: str) -> int:
         """The actor of ``key``; a new key goes to the live actor with the fewest traces."""
         if (a := self._route.get(key)) is None:
-            a = min((i for i, actor in enumerate(self._actors) if actor is not None), key=self._load.__getitem__)
+            a = min(
+                (i for i, actor in enumerate(self._actors) if actor is not None), key=self._load.__getitem__
+            )
             self._route[key] = a
             self._load[a] += 1
         return a
@@ -163,9 +183,12 @@ class RayCandidatePool(CandidateNames, ClosesOnExit):
             rows[self._actor_of(trace.key)].append(i)
         out: list[Any] = [None] * len(traces)
         for _ in range(len(self._actors) + 1):  # each retry round loses at least one actor, or succeeds
-            calls = {a: getattr(self._actors[a], method).remote(
-                [traces[i] for i in r], *([[actions[i] for i in r]] if actions is not None else []))
-                for a, r in rows.items()}
+            calls = {
+                a: getattr(self._actors[a], method).remote(
+                    [traces[i] for i in r], *([[actions[i] for i in r]] if actions is not None else [])
+                )
+                for a, r in rows.items()
+            }
             failed, error = self._collect(calls, rows, out)
             if error is not None:
                 raise error
@@ -174,8 +197,9 @@ class RayCandidatePool(CandidateNames, ClosesOnExit):
             rows = self._recover(failed, rows, traces)
         raise ExecutorError(f"Ray rollout actors keep failing; last errors: {failed}")
 
-    def _collect(self, calls: dict[int, Any], rows: dict[int, list[int]],
-                 out: list[Any]) -> tuple[dict[int, BaseException], BaseException | None]:
+    def _collect(
+        self, calls: dict[int, Any], rows: dict[int, list[int]], out: list[Any]
+    ) -> tuple[dict[int, BaseException], BaseException | None]:
         """Fill ``out`` from every call that succeeded; return the lost actors' errors and the first
         error raised by a pool itself (a bug or bad input: not retried)."""
         failed: dict[int, BaseException] = {}
@@ -185,8 +209,10 @@ class RayCandidatePool(CandidateNames, ClosesOnExit):
                 values = self.ray.get(ref)
             except self._lost as err:
                 if getattr(err, "actor_init_failed", False):
-                    return failed, ExecutorError(f"Ray actor {self.actor_names[a]} could not rebuild the "
-                                                 f"candidate pool after a restart: {err}")
+                    return failed, ExecutorError(
+                        f"Ray actor {self.actor_names[a]} could not rebuild the "
+                        f"candidate pool after a restart: {err}"
+                    )
                 failed[a] = err
                 continue
             except Exception as err:
@@ -196,8 +222,9 @@ class RayCandidatePool(CandidateNames, ClosesOnExit):
                 out[i] = value
         return failed, error
 
-    def _recover(self, failed: dict[int, BaseException], rows: dict[int, list[int]],
-                 traces: Sequence[Trace]) -> dict[int, list[int]]:
+    def _recover(
+        self, failed: dict[int, BaseException], rows: dict[int, list[int]], traces: Sequence[Trace]
+    ) -> dict[int, list[int]]:
         """The rows to send again: to the same actor if Ray restarted it, else to the live actors
         (all of a dead actor's traces move). The traces are re-read from scratch either way."""
         again: dict[int, list[int]] = defaultdict(list)
@@ -205,18 +232,26 @@ class RayCandidatePool(CandidateNames, ClosesOnExit):
             keys = [traces[i].key for i in rows[a]]
             try:
                 self.ray.get(self._actors[a].release.remote(keys))  # alive again: drop any half-written state
-                logger.warning("Ray actor %s failed a step and is back; writing its %d traces again: %s",
-                               self.actor_names[a], len(keys), err)
+                logger.warning(
+                    "Ray actor %s failed a step and is back; writing its %d traces again: %s",
+                    self.actor_names[a],
+                    len(keys),
+                    err,
+                )
                 again[a].extend(rows[a])
                 continue
             except self._lost:
                 pass
             self._actors[a] = None
-            logger.warning("Ray actor %s is dead; moving its traces to the other actors: %s", self.actor_names[a], err)
+            logger.warning(
+                "Ray actor %s is dead; moving its traces to the other actors: %s", self.actor_names[a], err
+            )
             if not any(actor is not None for actor in self._actors):
-                raise ExecutorError(f"every Ray rollout actor is dead ({', '.join(self.actor_names)}); last error "
-                                    f"from {self.actor_names[a]}: {err}. Raise executor.max_restarts to tolerate "
-                                    "more failures") from None
+                raise ExecutorError(
+                    f"every Ray rollout actor is dead ({', '.join(self.actor_names)}); last error "
+                    f"from {self.actor_names[a]}: {err}. Raise executor.max_restarts to tolerate "
+                    "more failures"
+                ) from None
             moved = [k for k, b in self._route.items() if b == a]
             for key in moved:
                 del self._route[key]

@@ -74,8 +74,13 @@ class ShardStore(ClosesOnExit):
     :meth:`close`, and removes orphan files of a crashed writer; ``readonly=True`` only reads.
     """
 
-    def __init__(self, out_dir: str | Path, fingerprint: dict | None = None,
-                 order: Sequence[str] | None = None, readonly: bool = False):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        fingerprint: dict | None = None,
+        order: Sequence[str] | None = None,
+        readonly: bool = False,
+    ):
         self.out_dir = Path(out_dir)
         self.order = list(order) if order is not None else None
         self.readonly = readonly
@@ -122,14 +127,21 @@ class ShardStore(ClosesOnExit):
         fingerprint = json.loads(json.dumps(fingerprint))  # the form it has once stored
         if self.fingerprint is None:
             if self.shards:
-                raise CheckpointError(f"{self.manifest_path} has shards but no fingerprint; use a new out_dir")
+                raise CheckpointError(
+                    f"{self.manifest_path} has shards but no fingerprint; use a new out_dir"
+                )
             self.fingerprint = fingerprint
             return
         if fingerprint != self.fingerprint:
-            keys = sorted(k for k in fingerprint.keys() | self.fingerprint.keys()
-                          if fingerprint.get(k) != self.fingerprint.get(k))
-            raise CheckpointError(f"{self.out_dir} was written with a different configuration "
-                                  f"(differs in: {', '.join(keys)}); use a new out_dir to start over")
+            keys = sorted(
+                k
+                for k in fingerprint.keys() | self.fingerprint.keys()
+                if fingerprint.get(k) != self.fingerprint.get(k)
+            )
+            raise CheckpointError(
+                f"{self.out_dir} was written with a different configuration "
+                f"(differs in: {', '.join(keys)}); use a new out_dir to start over"
+            )
 
     def _remove_orphans(self) -> None:
         listed = {s.name for s in self.shards}
@@ -204,12 +216,15 @@ class ShardStore(ClosesOnExit):
             raise ValueError(f"items already committed in {self.out_dir}: {sorted(again)[:5]}")
         for rec in records:
             if not isinstance(rec, dict) or rec.get(RECORD_ID_KEY) not in wanted:
-                raise ValueError(f"every record must be a dict whose {RECORD_ID_KEY!r} is one of the chunk's "
-                                 f"item ids; got {str(rec)[:200]}")
+                raise ValueError(
+                    f"every record must be a dict whose {RECORD_ID_KEY!r} is one of the chunk's "
+                    f"item ids; got {str(rec)[:200]}"
+                )
         data = encode_records(records)
         index = max((int(s.name[6:12]) for s in self.shards), default=-1) + 1
-        shard = ShardInfo(f"shard-{index:06d}.jsonl", item_ids, len(records),
-                          hashlib.sha256(data).hexdigest(), worker)
+        shard = ShardInfo(
+            f"shard-{index:06d}.jsonl", item_ids, len(records), hashlib.sha256(data).hexdigest(), worker
+        )
         atomic_write(self.out_dir / SHARD_DIR / shard.name, data)
         self._write_manifest([*self.shards, shard])
         self.shards.append(shard)
@@ -217,7 +232,11 @@ class ShardStore(ClosesOnExit):
         return shard
 
     def _write_manifest(self, shards: list[ShardInfo]) -> None:
-        manifest = {"version": VERSION, "fingerprint": self.fingerprint, "shards": [asdict(s) for s in shards]}
+        manifest = {
+            "version": VERSION,
+            "fingerprint": self.fingerprint,
+            "shards": [asdict(s) for s in shards],
+        }
         atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
 
     def close(self) -> None:

@@ -5,5 +5,15 @@ from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher, RoundRobi
 from switchrl.policies.lm_switcher import LMSwitcher, add_label_tokens
 from switchrl.policies.sequence import EncodedSequence, SwitchSequence, default_label_tokens
 
-__all__ = ["Decision", "EncodedSequence", "FixedSwitcher", "LMSwitcher", "RandomSwitcher", "RoundRobinSwitcher",
-           "SwitchPolicy", "SwitchSequence", "add_label_tokens", "default_label_tokens"]
+__all__ = [
+    "Decision",
+    "EncodedSequence",
+    "FixedSwitcher",
+    "LMSwitcher",
+    "RandomSwitcher",
+    "RoundRobinSwitcher",
+    "SwitchPolicy",
+    "SwitchSequence",
+    "add_label_tokens",
+    "default_label_tokens",
+]

@@ -54,7 +54,9 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def add_label_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, label_tokens: Sequence[str]) -> list[str]:
+def add_label_tokens(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, label_tokens: Sequence[str]
+) -> list[str]:
     """Make ``label_tokens`` special tokens of ``tokenizer`` and give ``model`` embedding rows for them.
 
     New rows are initialised deterministically from the token string (mean of the existing rows plus
@@ -114,11 +116,24 @@ class LMSwitcher:
         base_model_path: where the base model comes from (recorded so an adapter can be reloaded).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, candidate_names: Sequence[str],
-                 *, label_tokens: Sequence[str] | None = None, prompt_format: PromptFormat = "switchrl",
-                 instruction: str | None = None, chat_template: bool = False, top_p: float = 0.7,
-                 temperature: float = 1.0, greedy: bool = False, seed: int = 0, patch_tokens: int = 50,
-                 aligned_first_last: bool = False, base_model_path: str | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        candidate_names: Sequence[str],
+        *,
+        label_tokens: Sequence[str] | None = None,
+        prompt_format: PromptFormat = "switchrl",
+        instruction: str | None = None,
+        chat_template: bool = False,
+        top_p: float = 0.7,
+        temperature: float = 1.0,
+        greedy: bool = False,
+        seed: int = 0,
+        patch_tokens: int = 50,
+        aligned_first_last: bool = False,
+        base_model_path: str | None = None,
+    ):
         if not 0 < top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
         if not temperature > 0:
@@ -126,13 +141,20 @@ class LMSwitcher:
         if patch_tokens <= 0:
             raise ConfigError(f"patch_tokens must be > 0, got {patch_tokens}")
         if prompt_format == "switchrl":
-            label_tokens = list(label_tokens) if label_tokens is not None else default_label_tokens(len(candidate_names))
+            label_tokens = (
+                list(label_tokens) if label_tokens is not None else default_label_tokens(len(candidate_names))
+            )
             add_label_tokens(model, tokenizer, label_tokens)
-        self.sequence = SwitchSequence(tokenizer, candidate_names, label_tokens, prompt_format, instruction,
-                                       chat_template)
+        self.sequence = SwitchSequence(
+            tokenizer, candidate_names, label_tokens, prompt_format, instruction, chat_template
+        )
         self.model, self.tokenizer = model, tokenizer
         self.top_p, self.temperature, self.greedy, self.seed = top_p, temperature, greedy, seed
-        self.patch_tokens, self.aligned_first_last, self.base_model_path = patch_tokens, aligned_first_last, base_model_path
+        self.patch_tokens, self.aligned_first_last, self.base_model_path = (
+            patch_tokens,
+            aligned_first_last,
+            base_model_path,
+        )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.lm = CachedLM(model, pad_token_id=pad if pad is not None else 0)
         self._label_index = torch.tensor(self.sequence.label_ids)
@@ -141,8 +163,17 @@ class LMSwitcher:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_base(cls, path: str, candidate_names: Sequence[str], *, adapter: str | None = None,
-                  lora: Any = None, dtype: str = "auto", device: str = "cpu", **kwargs: Any) -> LMSwitcher:
+    def from_base(
+        cls,
+        path: str,
+        candidate_names: Sequence[str],
+        *,
+        adapter: str | None = None,
+        lora: Any = None,
+        dtype: str = "auto",
+        device: str = "cpu",
+        **kwargs: Any,
+    ) -> LMSwitcher:
         """A switcher on the causal LM at ``path``; with ``adapter`` (a peft adapter directory) loaded on
         top, or with a fresh trainable LoRA adapter from ``lora`` (a ``peft.LoraConfig`` or its kwargs)."""
         if adapter is not None and lora is not None:
@@ -171,8 +202,15 @@ class LMSwitcher:
         self.reset_cache()
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, base_model_path: str | None = None,
-                        dtype: str = "auto", device: str = "cpu", **overrides: Any) -> LMSwitcher:
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        base_model_path: str | None = None,
+        dtype: str = "auto",
+        device: str = "cpu",
+        **overrides: Any,
+    ) -> LMSwitcher:
         """Restore a switcher written by :meth:`save_pretrained` (``overrides``: e.g. ``greedy``, ``seed``)."""
         directory = Path(directory)
         meta_path = directory / METADATA_FILE
@@ -181,11 +219,15 @@ class LMSwitcher:
         try:
             meta = SwitcherMetadata.model_validate(json.loads(meta_path.read_text()))
         except (ValidationError, json.JSONDecodeError) as err:
-            msg = format_validation_error(err, str(meta_path)) if isinstance(err, ValidationError) else str(err)
+            msg = (
+                format_validation_error(err, str(meta_path)) if isinstance(err, ValidationError) else str(err)
+            )
             raise CheckpointError(f"{meta_path}: invalid switcher metadata: {msg}") from None
         if meta.format_version != FORMAT_VERSION:
-            raise CheckpointError(f"{meta_path}: format_version {meta.format_version} is not supported "
-                                  f"(this switchrl reads {FORMAT_VERSION})")
+            raise CheckpointError(
+                f"{meta_path}: format_version {meta.format_version} is not supported "
+                f"(this switchrl reads {FORMAT_VERSION})"
+            )
         kwargs = meta.model_dump(exclude={"format_version", "adapter", "candidate_names", "base_model_path"})
         kwargs.update(overrides)
         tokenizer = load_tokenizer(str(directory))
@@ -194,9 +236,16 @@ class LMSwitcher:
             return cls(model, tokenizer, meta.candidate_names, base_model_path=meta.base_model_path, **kwargs)
         base = base_model_path or meta.base_model_path
         if not base:
-            raise CheckpointError(f"{meta_path}: the adapter's base_model_path is unknown; pass base_model_path=")
-        switcher = cls(load_causal_lm(base, dtype, device), tokenizer, meta.candidate_names,
-                       base_model_path=base, **kwargs)
+            raise CheckpointError(
+                f"{meta_path}: the adapter's base_model_path is unknown; pass base_model_path="
+            )
+        switcher = cls(
+            load_causal_lm(base, dtype, device),
+            tokenizer,
+            meta.candidate_names,
+            base_model_path=base,
+            **kwargs,
+        )
         switcher._attach_adapter(str(directory), None)
         return switcher
 
@@ -210,11 +259,20 @@ class LMSwitcher:
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         meta = SwitcherMetadata(
-            candidate_names=self.sequence.candidate_names, label_tokens=self.sequence.label_tokens,
-            patch_tokens=self.patch_tokens, prompt_format=self.sequence.prompt_format,
-            instruction=self.sequence.instruction, chat_template=self.sequence.chat_template,
-            base_model_path=self.base_model_path, adapter=adapter, top_p=self.top_p, temperature=self.temperature,
-            greedy=self.greedy, seed=self.seed, aligned_first_last=self.aligned_first_last)
+            candidate_names=self.sequence.candidate_names,
+            label_tokens=self.sequence.label_tokens,
+            patch_tokens=self.patch_tokens,
+            prompt_format=self.sequence.prompt_format,
+            instruction=self.sequence.instruction,
+            chat_template=self.sequence.chat_template,
+            base_model_path=self.base_model_path,
+            adapter=adapter,
+            top_p=self.top_p,
+            temperature=self.temperature,
+            greedy=self.greedy,
+            seed=self.seed,
+            aligned_first_last=self.aligned_first_last,
+        )
         tmp = directory / (METADATA_FILE + ".tmp")
         tmp.write_text(json.dumps(meta.model_dump(), indent=2))
         tmp.replace(directory / METADATA_FILE)  # written last: a directory with it is complete
@@ -238,8 +296,12 @@ class LMSwitcher:
         if self.greedy:
             actions = logits.argmax(dim=-1).tolist()
         else:
-            uniforms = torch.tensor([float(torch.rand((), generator=generator(self.seed, t.key, len(t.patches),
-                                                                              "lm-switch"))) for t in traces])
+            uniforms = torch.tensor(
+                [
+                    float(torch.rand((), generator=generator(self.seed, t.key, len(t.patches), "lm-switch")))
+                    for t in traces
+                ]
+            )
             actions = sample_next(logits, SamplingParams(1.0, self.top_p), uniforms).tolist()
         out = []
         for t, a, p in zip(traces, actions, probs.tolist()):
@@ -284,7 +346,7 @@ class LMSwitcher:
         rows, new = [], []
         for i, t in enumerate(traces):
             view = self._view(t)
-            fresh = view[self.lm.cached_length(t.key):]
+            fresh = view[self.lm.cached_length(t.key) :]
             if fresh or t.key not in self._last:
                 rows.append(i)
                 new.append(fresh)
@@ -308,8 +370,9 @@ class LMSwitcher:
         self._views[trace.key] = (trace.query, len(trace.patches), ids)
         return ids
 
-    def label_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       label_positions: torch.Tensor) -> torch.Tensor:
+    def label_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_positions: torch.Tensor
+    ) -> torch.Tensor:
         """Log-probabilities over the candidates at each label position, with gradients (for training).
 
         ``input_ids``/``attention_mask``: [B, T] sequences (left or right padded); ``label_positions``:
@@ -318,18 +381,28 @@ class LMSwitcher:
         the actions for the log-probability of the chosen labels.
         """
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
-            raise ValueError(f"input_ids and attention_mask must be [B, T] of one shape, got "
-                             f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"input_ids and attention_mask must be [B, T] of one shape, got "
+                f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            )
         if label_positions.dim() != 2 or label_positions.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"label_positions must be [B, P] with B={input_ids.shape[0]}, got {tuple(label_positions.shape)}")
+            raise ValueError(
+                f"label_positions must be [B, P] with B={input_ids.shape[0]}, got {tuple(label_positions.shape)}"
+            )
         valid = label_positions >= 0
         if bool((label_positions[valid] < 1).any() | (label_positions >= input_ids.shape[1]).any()):
-            raise ValueError("label_positions must be in 1..T-1 (a label is predicted from the token before it) or -1")
+            raise ValueError(
+                "label_positions must be in 1..T-1 (a label is predicted from the token before it) or -1"
+            )
         device = self.lm.device
         mask = attention_mask.to(device)
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids).logits
+        logits = self.model(
+            input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids
+        ).logits
         label_logits = logits[:, :, self._label_index.to(device)]  # [B, T, n]
-        index = (label_positions.to(device).clamp(min=1) - 1).unsqueeze(-1).expand(-1, -1, label_logits.shape[-1])
+        index = (
+            (label_positions.to(device).clamp(min=1) - 1).unsqueeze(-1).expand(-1, -1, label_logits.shape[-1])
+        )
         logp = torch.log_softmax(label_logits.gather(1, index).float() / self.temperature, dim=-1)
         return logp * valid.to(device).unsqueeze(-1)

@@ -68,14 +68,23 @@ class SB3Switcher:
     def __init__(self, model: Any, meta: SB3SwitcherMetadata, seed: int = 0, greedy: bool = False):
         self.model, self.meta, self.seed, self.greedy = model, meta, seed, greedy
         n = len(meta.candidate_names)
-        self.layout = ObservationLayout(n, meta.max_patches, meta.max_query_length, meta.max_text_length,
-                                        meta.charset, meta.replacement_char)
-        self.featurizer = FeatureObservation(_Spaces(self.layout.space, spaces.Discrete(n)), meta.n_features,
-                                             meta.history, meta.ngrams)
+        self.layout = ObservationLayout(
+            n,
+            meta.max_patches,
+            meta.max_query_length,
+            meta.max_text_length,
+            meta.charset,
+            meta.replacement_char,
+        )
+        self.featurizer = FeatureObservation(
+            _Spaces(self.layout.space, spaces.Discrete(n)), meta.n_features, meta.history, meta.ngrams
+        )
         expected = self.featurizer.observation_space.shape
         if model.observation_space.shape != expected:
-            raise CheckpointError(f"the SB3 model observes shape {model.observation_space.shape}, but its metadata "
-                                  f"gives features of shape {expected}")
+            raise CheckpointError(
+                f"the SB3 model observes shape {model.observation_space.shape}, but its metadata "
+                f"gives features of shape {expected}"
+            )
 
     @property
     def n_candidates(self) -> int:
@@ -102,8 +111,12 @@ class SB3Switcher:
         if self.greedy:
             actions = probs.argmax(-1).tolist()
         else:
-            uniforms = torch.tensor([float(torch.rand((), generator=generator(self.seed, t.key, len(t.patches),
-                                                                              "sb3-switch"))) for t in traces])
+            uniforms = torch.tensor(
+                [
+                    float(torch.rand((), generator=generator(self.seed, t.key, len(t.patches), "sb3-switch")))
+                    for t in traces
+                ]
+            )
             actions = sample_next(probs.clamp(min=1e-30).log(), SamplingParams(1.0, 1.0), uniforms).tolist()
         return [Decision(int(a), tuple(p)) for a, p in zip(actions, probs.tolist())]
 
@@ -122,16 +135,21 @@ class SB3Switcher:
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, seed: int = 0, greedy: bool = False,
-                        device: str = "cpu") -> SB3Switcher:
+    def from_pretrained(
+        cls, directory: str | os.PathLike, seed: int = 0, greedy: bool = False, device: str = "cpu"
+    ) -> SB3Switcher:
         directory = Path(directory)
         meta_path = directory / METADATA_FILE
         if not meta_path.is_file() or not (directory / MODEL_FILE).is_file():
-            raise CheckpointError(f"{directory} is not a saved SB3 switcher: {METADATA_FILE} or {MODEL_FILE} is missing")
+            raise CheckpointError(
+                f"{directory} is not a saved SB3 switcher: {METADATA_FILE} or {MODEL_FILE} is missing"
+            )
         try:
             meta = SB3SwitcherMetadata.model_validate(json.loads(meta_path.read_text()))
         except (ValidationError, json.JSONDecodeError) as err:
-            msg = format_validation_error(err, str(meta_path)) if isinstance(err, ValidationError) else str(err)
+            msg = (
+                format_validation_error(err, str(meta_path)) if isinstance(err, ValidationError) else str(err)
+            )
             raise CheckpointError(f"{meta_path}: invalid metadata: {msg}") from None
         if meta.algo == "MaskablePPO":
             from sb3_contrib import MaskablePPO as Algo

@@ -32,8 +32,10 @@ from switchrl.errors import ConfigError
 PromptFormat = Literal["switchrl", "reference"]
 PROMPT_FORMATS: tuple[str, ...] = ("switchrl", "reference")
 
-DEFAULT_INSTRUCTION = ("Several models take turns writing a response to the query, one patch at a time. "
-                       "Before each patch, choose the model that writes it.")
+DEFAULT_INSTRUCTION = (
+    "Several models take turns writing a response to the query, one patch at a time. "
+    "Before each patch, choose the model that writes it."
+)
 
 
 def default_label_tokens(n_candidates: int) -> list[str]:
@@ -68,9 +70,15 @@ class SwitchSequence:
             template (the ``reference`` format always does).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, candidate_names: Sequence[str],
-                 label_tokens: Sequence[str] | None = None, prompt_format: PromptFormat = "switchrl",
-                 instruction: str | None = None, chat_template: bool = False):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        candidate_names: Sequence[str],
+        label_tokens: Sequence[str] | None = None,
+        prompt_format: PromptFormat = "switchrl",
+        instruction: str | None = None,
+        chat_template: bool = False,
+    ):
         names = list(candidate_names)
         if not names or any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
             raise ConfigError(f"candidate_names: expected unique non-empty names, got {names}")
@@ -78,7 +86,9 @@ class SwitchSequence:
             raise ConfigError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
         if prompt_format == "reference":
             if len(names) > 10:
-                raise ConfigError("prompt_format 'reference' reads one digit, so at most 10 candidates are allowed")
+                raise ConfigError(
+                    "prompt_format 'reference' reads one digit, so at most 10 candidates are allowed"
+                )
             if label_tokens is not None and list(label_tokens) != [str(i) for i in range(len(names))]:
                 raise ConfigError("label_tokens: the 'reference' format uses the digits 0..n-1")
             label_tokens = [str(i) for i in range(len(names))]
@@ -86,8 +96,10 @@ class SwitchSequence:
         if len(label_tokens) != len(names) or len(set(label_tokens)) != len(label_tokens):
             raise ConfigError(f"label_tokens: expected {len(names)} distinct tokens, got {label_tokens}")
         if (chat_template or prompt_format == "reference") and not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("the switcher's tokenizer has no chat template (needed by chat_template=True "
-                              "and by prompt_format='reference')")
+            raise ConfigError(
+                "the switcher's tokenizer has no chat template (needed by chat_template=True "
+                "and by prompt_format='reference')"
+            )
         self.tokenizer = tokenizer
         self.candidate_names = names
         self.label_tokens = label_tokens
@@ -100,8 +112,10 @@ class SwitchSequence:
     def _single_token_id(self, token: str) -> int:
         ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
-            raise ConfigError(f"label token {token!r} is not a single token of the switcher's tokenizer "
-                              f"(it encodes to {ids}); add it as a special token")
+            raise ConfigError(
+                f"label token {token!r} is not a single token of the switcher's tokenizer "
+                f"(it encodes to {ids}); add it as a special token"
+            )
         return int(ids[0])
 
     @property
@@ -123,11 +137,13 @@ class SwitchSequence:
         if self.prompt_format == "reference":
             # exactly the reference: the chat template as text, then tokenized with its default special tokens
             templated = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
             return list(self.tokenizer(templated)["input_ids"])
         if self.chat_template:
             ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         return list(self.tokenizer(text)["input_ids"])
 
@@ -155,8 +171,10 @@ class SwitchSequence:
         for p in patches:
             i = self._author(p)
             text += f" <model {i} begins> {p.text} <model {i} ends>"
-        return (text + " Which model should generate the next segment? Please respond with a number from 0 to "
-                f"{self.n_candidates - 1}. The answer is model ")
+        return (
+            text + " Which model should generate the next segment? Please respond with a number from 0 to "
+            f"{self.n_candidates - 1}. The answer is model "
+        )
 
     def context_ids(self, query: str, patches: Sequence[Patch]) -> list[int]:
         """Everything the switcher reads before choosing the author of the next patch."""
@@ -201,5 +219,7 @@ class SwitchSequence:
 
     def _author(self, patch: Patch) -> int:
         if not 0 <= patch.author < self.n_candidates:
-            raise ValueError(f"patch author {patch.author} is outside the candidates 0..{self.n_candidates - 1}")
+            raise ValueError(
+                f"patch author {patch.author} is outside the candidates 0..{self.n_candidates - 1}"
+            )
         return patch.author

@@ -38,8 +38,13 @@ def safe_score(scorer: Scorer, query: str, response: str, reference: str, **meta
     return ScoreResult(value)
 
 
-def safe_score_batch(scorer: Scorer, queries: Sequence[str], responses: Sequence[str],
-                     references: Sequence[str], metas: Sequence[dict] | None = None) -> list[ScoreResult]:
+def safe_score_batch(
+    scorer: Scorer,
+    queries: Sequence[str],
+    responses: Sequence[str],
+    references: Sequence[str],
+    metas: Sequence[dict] | None = None,
+) -> list[ScoreResult]:
     """Score many samples; uses ``scorer.batch`` when it exists, falling back per sample on error."""
     metas = metas or [{} for _ in queries]
     batch = getattr(scorer, "batch", None)

@@ -19,8 +19,14 @@ from collections import Counter
 from typing import Any
 
 __all__ = [
-    "exact_match", "extract_choice", "extract_number", "multiple_choice", "normalize_answer", "numeric",
-    "rouge_l", "token_f1",
+    "exact_match",
+    "extract_choice",
+    "extract_number",
+    "multiple_choice",
+    "normalize_answer",
+    "numeric",
+    "rouge_l",
+    "token_f1",
 ]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -90,7 +96,8 @@ def rouge_l(query: str, response: str, reference: str, **meta: Any) -> float:
 # A number: optional sign (not a hyphen inside a word or a range like "3-4"), optional "$",
 # digits with optional thousands commas and decimals. A trailing period is not part of it.
 _NUMBER = re.compile(
-    r"(?<![\d.])(?:(?<![\w)])[-\u2212])?\$?\s?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+    r"(?<![\d.])(?:(?<![\w)])[-\u2212])?\$?\s?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+)
 # Final-answer markers, strongest first; group 1 is the text the answer number is read from.
 _ANSWER_MARKERS = (
     re.compile(r"####\s*([^\n]*)"),
@@ -121,8 +128,9 @@ def extract_number(text: str) -> float | None:
     return _parse_number(numbers[-1]) if numbers else None
 
 
-def numeric(query: str, response: str, reference: str, *, rel_tol: float = 1e-6, abs_tol: float = 1e-6,
-            **meta: Any) -> float:
+def numeric(
+    query: str, response: str, reference: str, *, rel_tol: float = 1e-6, abs_tol: float = 1e-6, **meta: Any
+) -> float:
     """1.0 if the final number of ``response`` equals that of ``reference`` within the tolerances.
 
     The reference may be a bare number (``"72"``) or a full GSM8K solution ending in ``#### 72``.
@@ -140,7 +148,8 @@ def numeric(query: str, response: str, reference: str, *, rel_tol: float = 1e-6,
 
 _LETTER = r"(?:\(([A-Ja-j])\)|([A-J])\b)"  # "(b)" / "(B)" in parentheses, else a capital letter on its own
 _CHOICE_ANSWER = re.compile(
-    r"(?i:answer)\s*(?:(?i:is)\s*)?[:=]?\s*(?:(?i:option|choice)\s*)?[*\s]*" + _LETTER)
+    r"(?i:answer)\s*(?:(?i:is)\s*)?[:=]?\s*(?:(?i:option|choice)\s*)?[*\s]*" + _LETTER
+)
 _CHOICE_LEADING = re.compile(r"^[*\s]*(?:\(([A-Ja-j])\)|([A-J])(?:[.):]|\s*$))")
 
 

@@ -38,15 +38,29 @@ from switchrl.rewards import builtin
 from switchrl.rewards.base import Scorer
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "RewardConfig", "RewardTerm", "WeightedScorer", "WeightedTerm", "list_scorers",
-    "register_scorer", "resolve_reward", "resolve_scorer", "scorer_name",
+    "ENTRY_POINT_GROUP",
+    "RewardConfig",
+    "RewardTerm",
+    "WeightedScorer",
+    "WeightedTerm",
+    "list_scorers",
+    "register_scorer",
+    "resolve_reward",
+    "resolve_scorer",
+    "scorer_name",
 ]
 
 ENTRY_POINT_GROUP = "switchrl.rewards"
 
 _BUILTINS: dict[str, Scorer] = {
-    f.__name__: f for f in (builtin.exact_match, builtin.numeric, builtin.multiple_choice,
-                            builtin.token_f1, builtin.rouge_l)
+    f.__name__: f
+    for f in (
+        builtin.exact_match,
+        builtin.numeric,
+        builtin.multiple_choice,
+        builtin.token_f1,
+        builtin.rouge_l,
+    )
 }
 _REGISTRY: dict[str, Scorer] = dict(_BUILTINS)
 
@@ -99,8 +113,10 @@ def _checked(obj: Any, spec: str) -> Scorer:
         except Exception as err:  # noqa: BLE001 - report any constructor failure against the spec
             raise ConfigError(f"reward {spec!r}: cannot instantiate class without arguments: {err}") from err
     if not callable(obj):
-        raise ConfigError(f"reward {spec!r}: {obj!r} is not callable (got {type(obj).__name__}); a scorer "
-                          "is a function (query, response, reference, **meta) -> float")
+        raise ConfigError(
+            f"reward {spec!r}: {obj!r} is not callable (got {type(obj).__name__}); a scorer "
+            "is a function (query, response, reference, **meta) -> float"
+        )
     return obj
 
 
@@ -123,8 +139,9 @@ def _import_module(module: str, spec: str) -> Any:
             return _import_module(module, spec)
         raise ConfigError(f"reward {spec!r}: cannot import module {module!r}: {err}") from err
     except Exception as err:  # noqa: BLE001 - the user's module failed while importing
-        raise ConfigError(f"reward {spec!r}: importing module {module!r} failed: "
-                          f"{type(err).__name__}: {err}") from err
+        raise ConfigError(
+            f"reward {spec!r}: importing module {module!r} failed: {type(err).__name__}: {err}"
+        ) from err
 
 
 def _from_path(spec: str) -> Scorer:
@@ -155,12 +172,15 @@ def resolve_scorer(spec: str | Scorer) -> Scorer:
         try:
             obj = ep.load()
         except Exception as err:  # noqa: BLE001 - a broken third-party entry point
-            raise ConfigError(f"reward {spec!r}: entry point {ep.value!r} in group {ENTRY_POINT_GROUP!r} "
-                              f"failed to load: {type(err).__name__}: {err}") from err
+            raise ConfigError(
+                f"reward {spec!r}: entry point {ep.value!r} in group {ENTRY_POINT_GROUP!r} "
+                f"failed to load: {type(err).__name__}: {err}"
+            ) from err
         return _checked(obj, spec)
     raise ConfigError(
         f"reward {spec!r}: unknown scorer; known names: {', '.join(list_scorers())}. Give a Python "
-        f"function as 'package.module:function' or declare an entry point in group {ENTRY_POINT_GROUP!r}")
+        f"function as 'package.module:function' or declare an entry point in group {ENTRY_POINT_GROUP!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -260,7 +280,9 @@ def _parse_item(item: Any, index: int) -> tuple[str | Scorer, float, dict[str, A
     elif isinstance(item, Sequence) and len(item) == 2:
         (spec, weight), kwargs = item, {}
     else:
-        raise ConfigError(f"{where}: expected a spec, (spec, weight) or {{scorer, weight, kwargs}}, got {item!r}")
+        raise ConfigError(
+            f"{where}: expected a spec, (spec, weight) or {{scorer, weight, kwargs}}, got {item!r}"
+        )
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
         raise ConfigError(f"{where}.weight: expected a finite number, got {weight!r}")
     if not isinstance(kwargs, Mapping):
@@ -269,8 +291,12 @@ def _parse_item(item: Any, index: int) -> tuple[str | Scorer, float, dict[str, A
 
 
 def _is_pair(spec: Any) -> bool:
-    return (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], (int, float))
-            and not isinstance(spec[1], bool))
+    return (
+        isinstance(spec, tuple)
+        and len(spec) == 2
+        and isinstance(spec[1], (int, float))
+        and not isinstance(spec[1], bool)
+    )
 
 
 def resolve_reward(spec: Any) -> Scorer:

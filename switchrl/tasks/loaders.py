@@ -40,8 +40,11 @@ class _Reader:
     """Turns records into :class:`TaskInstance` objects with shared field checks and duplicate detection."""
 
     def __init__(self, task: str | None, query_field: str, reference_field: str, id_field: str) -> None:
-        for name, value in (("query_field", query_field), ("reference_field", reference_field),
-                            ("id_field", id_field)):
+        for name, value in (
+            ("query_field", query_field),
+            ("reference_field", reference_field),
+            ("id_field", id_field),
+        ):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
         if task is not None and (not isinstance(task, str) or not task.strip()):
@@ -57,11 +60,13 @@ class _Reader:
             raise TaskFileError(f"{where}: missing field {self.query_field!r}")
         query = record[self.query_field]
         if not isinstance(query, str):
-            raise TaskFileError(f"{where}: field {self.query_field!r} must be a string, got {type(query).__name__}")
+            raise TaskFileError(
+                f"{where}: field {self.query_field!r} must be a string, got {type(query).__name__}"
+            )
         if not query.strip():
             raise TaskFileError(f"{where}: field {self.query_field!r} is empty")
         if self.reference_field not in record:
-            raise TaskFileError(f"{where}: missing field {self.reference_field!r} (use \"\" if there is none)")
+            raise TaskFileError(f'{where}: missing field {self.reference_field!r} (use "" if there is none)')
         reference = _text(record[self.reference_field], self.reference_field, where)
         raw_id = record.get(self.id_field)
         uid = default_id if raw_id is None else _text(raw_id, self.id_field, where, numbers=(int,))
@@ -71,7 +76,9 @@ class _Reader:
         if not isinstance(task, str) or not task.strip():
             raise TaskFileError(f"{where}: field 'task' must be a non-empty string, got {task!r}")
         if (task, uid) in self.seen:
-            raise TaskFileError(f"{where}: duplicate id {uid!r} in task {task!r} (first at {self.seen[task, uid]})")
+            raise TaskFileError(
+                f"{where}: duplicate id {uid!r} in task {task!r} (first at {self.seen[task, uid]})"
+            )
         self.seen[task, uid] = where
         reserved = {self.query_field, self.reference_field, self.id_field, "task"}
         meta = {k: v for k, v in record.items() if k not in reserved}
@@ -87,8 +94,13 @@ def _text(value: Any, field: str, where: str, numbers: tuple[type, ...] = (int, 
     raise TaskFileError(f"{where}: field {field!r} must be {kinds}, got {type(value).__name__}")
 
 
-def load_jsonl(path: str | os.PathLike[str], task: str | None = None, query_field: str = "query",
-               reference_field: str = "reference", id_field: str = "id") -> list[TaskInstance]:
+def load_jsonl(
+    path: str | os.PathLike[str],
+    task: str | None = None,
+    query_field: str = "query",
+    reference_field: str = "reference",
+    id_field: str = "id",
+) -> list[TaskInstance]:
     """Read a JSONL task file (format in the module docstring).
 
     Raises ``FileNotFoundError`` for a missing file and :class:`TaskFileError` naming ``file:line``
@@ -132,7 +144,13 @@ def save_jsonl(instances: Iterable[TaskInstance], path: str | os.PathLike[str]) 
         clash = sorted(set(inst.meta) & set(_FIELDS))
         if clash:
             raise ValueError(f"task instance {inst.id!r}: meta keys {clash} clash with the record fields")
-        record = {"id": inst.id, "task": inst.task, "query": inst.query, "reference": inst.reference, **inst.meta}
+        record = {
+            "id": inst.id,
+            "task": inst.task,
+            "query": inst.query,
+            "reference": inst.reference,
+            **inst.meta,
+        }
         try:
             lines.append(json.dumps(record, ensure_ascii=False))
         except (TypeError, ValueError) as err:
@@ -151,9 +169,15 @@ def save_jsonl(instances: Iterable[TaskInstance], path: str | os.PathLike[str]) 
     return path
 
 
-def load_hf_dataset(name_or_path: str | os.PathLike[str], split: str = "train", query_field: str = "query",
-                    reference_field: str = "reference", id_field: str = "id", task: str | None = None,
-                    **load_kwargs: Any) -> list[TaskInstance]:
+def load_hf_dataset(
+    name_or_path: str | os.PathLike[str],
+    split: str = "train",
+    query_field: str = "query",
+    reference_field: str = "reference",
+    id_field: str = "id",
+    task: str | None = None,
+    **load_kwargs: Any,
+) -> list[TaskInstance]:
     """Task instances from a Hugging Face dataset, with the same field rules as :func:`load_jsonl`.
 
     ``name_or_path`` is a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``,
@@ -179,8 +203,9 @@ def load_hf_dataset(name_or_path: str | os.PathLike[str], split: str = "train", 
         elif local.is_file():
             builder = _HF_BUILDERS.get(local.suffix.lower())
             if builder is None:
-                raise TaskFileError(f"{name}: unsupported file type {local.suffix!r}; "
-                                    f"expected one of {sorted(_HF_BUILDERS)}")
+                raise TaskFileError(
+                    f"{name}: unsupported file type {local.suffix!r}; expected one of {sorted(_HF_BUILDERS)}"
+                )
             ds = datasets.load_dataset(builder, data_files={split: name}, split=split, **load_kwargs)
         else:
             ds = datasets.load_dataset(name, split=split, **load_kwargs)
@@ -189,7 +214,8 @@ def load_hf_dataset(name_or_path: str | os.PathLike[str], split: str = "train", 
     except Exception as err:  # noqa: BLE001 - datasets raises many types; name the dataset and the likely cause
         raise TaskFileError(
             f"cannot load dataset {name!r} (split {split!r}): {type(err).__name__}: {err}. Hub datasets need "
-            "network access; offline, pass a local file or a save_to_disk directory") from err
+            "network access; offline, pass a local file or a save_to_disk directory"
+        ) from err
     missing = [f for f in (query_field, reference_field) if f not in ds.column_names]
     if missing:
         raise TaskFileError(f"{name}[{split}]: missing column(s) {missing}; columns: {ds.column_names}")

@@ -54,38 +54,61 @@ def _hash_split(world: World, task: str, key: tuple) -> str:
     return "train" if bucket < 8 else "validation" if bucket == 8 else "test"
 
 
-def _sum_instance(task: str, key_id: str, query: str, attribute: str, town_a: str, a: int, town_b: str,
-                  b: int) -> TaskInstance:
+def _sum_instance(
+    task: str, key_id: str, query: str, attribute: str, town_a: str, a: int, town_b: str, b: int
+) -> TaskInstance:
     steps = sum_steps(attribute, town_a, a, town_b, b)
-    return TaskInstance(id=key_id, query=query, reference=str(a + b), task=task,
-                        meta={"steps": steps, "solution": answer_text(steps)})
+    return TaskInstance(
+        id=key_id,
+        query=query,
+        reference=str(a + b),
+        task=task,
+        meta={"steps": steps, "solution": answer_text(steps)},
+    )
 
 
 def _shuffled_split(items: list, shares: tuple[float, float], seed: int, split: str) -> list:
     """``split`` of ``items`` shuffled with ``seed``: the first ``shares`` go to train and validation, the rest to test."""
     random.Random(seed).shuffle(items)
     n_train, n_val = (round(s * len(items)) for s in shares)
-    return {"train": items[:n_train], "validation": items[n_train:n_train + n_val],
-            "test": items[n_train + n_val:]}[split]
+    return {
+        "train": items[:n_train],
+        "validation": items[n_train : n_train + n_val],
+        "test": items[n_train + n_val :],
+    }[split]
 
 
 def recall_tasks(world: World, split: str) -> list[TaskInstance]:
-    keys = _shuffled_split([(t, a) for t in world.outside_towns for a in ATTRIBUTES], _RECALL_SHARES,
-                           derive_seed(world.seed, "recall-split"), split)
+    keys = _shuffled_split(
+        [(t, a) for t in world.outside_towns for a in ATTRIBUTES],
+        _RECALL_SHARES,
+        derive_seed(world.seed, "recall-split"),
+        split,
+    )
     out = []
     for town, attribute in keys:
         v = world.value(town, attribute)
         steps = recall_steps(attribute, town, v)
-        out.append(TaskInstance(id=f"recall/{town}/{attribute}", query=recall_question(attribute, town),
-                                reference=str(v), task="recall",
-                                meta={"steps": steps, "solution": answer_text(steps)}))
+        out.append(
+            TaskInstance(
+                id=f"recall/{town}/{attribute}",
+                query=recall_question(attribute, town),
+                reference=str(v),
+                task="recall",
+                meta={"steps": steps, "solution": answer_text(steps)},
+            )
+        )
     return out
 
 
 def compositional_tasks(world: World, split: str) -> list[TaskInstance]:
     towns = world.outside_towns
-    keys = [(towns[i], towns[j], a) for i in range(len(towns)) for j in range(i + 1, len(towns))
-            for a in ATTRIBUTES]
+    keys = [
+        (towns[i], towns[j], a)
+        for i in range(len(towns))
+        for j in range(i + 1, len(towns))
+        for a in ATTRIBUTES
+    ]
     keys = [k for k in keys if _hash_split(world, "compositional", k) == split]
     rng = random.Random(derive_seed(world.seed, "compositional-order", split))
     rng.shuffle(keys)
@@ -93,30 +116,50 @@ def compositional_tasks(world: World, split: str) -> list[TaskInstance]:
     for x, y, attribute in keys:
         if rng.random() < 0.5:  # which town the question names first
             x, y = y, x
-        out.append(_sum_instance("compositional", f"compositional/{x}/{y}/{attribute}",
-                                 sum_question(attribute, x, y), attribute,
-                                 x, world.value(x, attribute), y, world.value(y, attribute)))
+        out.append(
+            _sum_instance(
+                "compositional",
+                f"compositional/{x}/{y}/{attribute}",
+                sum_question(attribute, x, y),
+                attribute,
+                x,
+                world.value(x, attribute),
+                y,
+                world.value(y, attribute),
+            )
+        )
     return out
 
 
 def arithmetic_tasks(world: World, split: str) -> list[TaskInstance]:
-    pairs = _shuffled_split([(a, b) for a in range(MIN_VALUE, MAX_VALUE + 1) for b in range(MIN_VALUE, MAX_VALUE + 1)],
-                            _ARITHMETIC_SHARES, derive_seed(world.seed, "arithmetic-split"), split)
+    pairs = _shuffled_split(
+        [(a, b) for a in range(MIN_VALUE, MAX_VALUE + 1) for b in range(MIN_VALUE, MAX_VALUE + 1)],
+        _ARITHMETIC_SHARES,
+        derive_seed(world.seed, "arithmetic-split"),
+        split,
+    )
     out = []
     for a, b in pairs:
         steps = arithmetic_steps(a, b)
         for t in range(len(ARITHMETIC_QUESTIONS)):
-            out.append(TaskInstance(id=f"arithmetic/{a}/{b}/{t}", query=arithmetic_question(a, b, t),
-                                    reference=str(a + b), task="arithmetic",
-                                    meta={"steps": steps, "solution": answer_text(steps)}))
+            out.append(
+                TaskInstance(
+                    id=f"arithmetic/{a}/{b}/{t}",
+                    query=arithmetic_question(a, b, t),
+                    reference=str(a + b),
+                    task="arithmetic",
+                    meta={"steps": steps, "solution": answer_text(steps)},
+                )
+            )
     return out
 
 
 def make_tasks(world: World, task: str, split: str) -> list[TaskInstance]:
     """The instances of one testbed task and split, in a fixed order for the world's seed."""
     _check(task, split)
-    return {"recall": recall_tasks, "arithmetic": arithmetic_tasks,
-            "compositional": compositional_tasks}[task](world, split)
+    return {"recall": recall_tasks, "arithmetic": arithmetic_tasks, "compositional": compositional_tasks}[
+        task
+    ](world, split)
 
 
 def final_answer(response: str) -> str | None:

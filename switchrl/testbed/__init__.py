@@ -11,8 +11,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "TestbedFamily": "family", "build_family": "family", "default_root": "family", "PATCH_TOKENS": "family",
-    "check_family": "check", "format_check": "check",
+    "TestbedFamily": "family",
+    "build_family": "family",
+    "default_root": "family",
+    "PATCH_TOKENS": "family",
+    "check_family": "check",
+    "format_check": "check",
     "StageSettings": "stages",
     "LABEL_TOKENS": "tokenizer",
     "World": "world",

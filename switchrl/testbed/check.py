@@ -61,10 +61,13 @@ class ReferencePatchOracle:
         for trace, kids in zip(traces, _next_patches(self.pool, traces, "o")):
             ref = self.reference_ids[trace.key]
             pos = trace.num_tokens
-            want = ref[pos:pos + self.pool.patch_tokens]
+            want = ref[pos : pos + self.pool.patch_tokens]
             ends = pos + self.pool.patch_tokens > len(ref)  # the reference ends inside this patch
-            match = [i for i, c in enumerate(kids) if c.patches[-1].token_ids == want
-                     and (not ends or c.patches[-1].stop_reason == "eos")]
+            match = [
+                i
+                for i, c in enumerate(kids)
+                if c.patches[-1].token_ids == want and (not ends or c.patches[-1].stop_reason == "eos")
+            ]
             if not match:
                 self.failed.add(trace.key)
             out.append(Decision(match[0] if match else 0))
@@ -83,8 +86,14 @@ class LabelPolicy:
 
     def decide(self, traces: Sequence[Trace]) -> list[Decision]:
         insts = [self.instances[t.key] for t in traces]
-        utils = estimate_utilities(self.pool, traces, [i.reference for i in insts], self.scorer, k=self.k,
-                                   metas=[i.meta for i in insts])
+        utils = estimate_utilities(
+            self.pool,
+            traces,
+            [i.reference for i in insts],
+            self.scorer,
+            k=self.k,
+            metas=[i.meta for i in insts],
+        )
         out = []
         for u in utils:
             values = u.utilities
@@ -96,12 +105,26 @@ class LabelPolicy:
 
 
 def _score(scorer: Scorer, instances: Sequence[TaskInstance], traces: Sequence[Trace]) -> list[float]:
-    return [r.value for r in safe_score_batch(scorer, [i.query for i in instances], [t.text for t in traces],
-                                              [i.reference for i in instances], [i.meta for i in instances])]
+    return [
+        r.value
+        for r in safe_score_batch(
+            scorer,
+            [i.query for i in instances],
+            [t.text for t in traces],
+            [i.reference for i in instances],
+            [i.meta for i in instances],
+        )
+    ]
 
 
-def check_family(family: TestbedFamily, n: int = 300, n_label: int = 60, k: int = 32, k_label: int = 16,
-                 progress: bool = True) -> dict:
+def check_family(
+    family: TestbedFamily,
+    n: int = 300,
+    n_label: int = 60,
+    k: int = 32,
+    k_label: int = 16,
+    progress: bool = True,
+) -> dict:
     """Measure every number of the testbed's phenomenon on the test split; see :func:`format_check`.
 
     ``n`` queries per task for single checkpoints, the oracle and random switching (capped by the
@@ -114,8 +137,9 @@ def check_family(family: TestbedFamily, n: int = 300, n_label: int = 60, k: int 
     start = time.perf_counter()
     with torch_threads(1):
         gen = family.generation_config()
-        pool = CandidatePool.from_configs(family.candidate_configs(temperature=0.0),
-                                          patch_tokens=gen.patch_tokens, seed=family.seed)
+        pool = CandidatePool.from_configs(
+            family.candidate_configs(temperature=0.0), patch_tokens=gen.patch_tokens, seed=family.seed
+        )
         names = pool.names
         exact = family.scorer("compositional")
         partial = family.scorer("compositional", partial=True)
@@ -123,9 +147,15 @@ def check_family(family: TestbedFamily, n: int = 300, n_label: int = 60, k: int 
         comp = tests["compositional"]
 
         def run(policy, instances: Sequence[TaskInstance], tag: str, batch_size: int = 64) -> list[Trace]:
-            return run_switch_generation(pool, policy, [i.query for i in instances], gen.max_new_tokens,
-                                         keys=[f"{tag}/{i.id}" for i in instances], batch_size=batch_size,
-                                         progress=progress)
+            return run_switch_generation(
+                pool,
+                policy,
+                [i.query for i in instances],
+                gen.max_new_tokens,
+                keys=[f"{tag}/{i.id}" for i in instances],
+                batch_size=batch_size,
+                progress=progress,
+            )
 
         single: dict[str, dict[str, float]] = {t: {} for t in TASKS}
         single_scores: dict[str, list[float]] = {}
@@ -138,11 +168,15 @@ def check_family(family: TestbedFamily, n: int = 300, n_label: int = 60, k: int 
 
         # reference-patch oracle
         tok = pool.backends[0].tokenizer
-        ref_ids = {f"oracle/{i.id}": tok(i.meta["solution"], add_special_tokens=False)["input_ids"] for i in comp}
+        ref_ids = {
+            f"oracle/{i.id}": tok(i.meta["solution"], add_special_tokens=False)["input_ids"] for i in comp
+        }
         oracle = ReferencePatchOracle(pool, ref_ids)
         oracle_traces = run(oracle, comp, "oracle", batch_size=_CHUNK)
-        oracle_scores = [float(s == 1.0 and t.key not in oracle.failed)
-                         for s, t in zip(_score(exact, comp, oracle_traces), oracle_traces)]
+        oracle_scores = [
+            float(s == 1.0 and t.key not in oracle.failed)
+            for s, t in zip(_score(exact, comp, oracle_traces), oracle_traces)
+        ]
 
         # random switching
         random_traces = run(RandomSwitcher(len(pool), seed=family.seed), comp, "random")
@@ -160,20 +194,28 @@ def check_family(family: TestbedFamily, n: int = 300, n_label: int = 60, k: int 
             state_insts.append(inst)
         decisive: list[tuple[Trace, TaskInstance]] = []
         for s0 in tqdm(range(0, len(states), 64), desc="decisive states", disable=not progress):
-            chunk = states[s0:s0 + 64]
-            for s, inst, kids in zip(chunk, state_insts[s0:s0 + 64], _next_patches(pool, chunk, "d")):
+            chunk = states[s0 : s0 + 64]
+            for s, inst, kids in zip(chunk, state_insts[s0 : s0 + 64], _next_patches(pool, chunk, "d")):
                 if len({tuple(c.patches[-1].token_ids) + (c.patches[-1].stop_reason,) for c in kids}) > 1:
                     decisive.append((s, inst))
         utils: list[StateUtilities] = []
         for s0 in tqdm(range(0, len(decisive), _CHUNK), desc=f"utilities (k={k})", disable=not progress):
-            chunk = decisive[s0:s0 + _CHUNK]
-            utils += estimate_utilities(pool, [s for s, _ in chunk], [i.reference for _, i in chunk], exact, k=k,
-                                        metas=[i.meta for _, i in chunk])
+            chunk = decisive[s0 : s0 + _CHUNK]
+            utils += estimate_utilities(
+                pool,
+                [s for s, _ in chunk],
+                [i.reference for _, i in chunk],
+                exact,
+                k=k,
+                metas=[i.meta for _, i in chunk],
+            )
         unequal_exact = [max(u.utilities) > min(u.utilities) for u in utils]
         unequal_partial = []
         for u, (_, inst) in zip(utils, decisive):  # the same finishes, rescored with partial credit
-            per_cand = [sum(partial(inst.query, text, inst.reference, **inst.meta) for text in texts) / len(texts)
-                        for texts in u.responses]
+            per_cand = [
+                sum(partial(inst.query, text, inst.reference, **inst.meta) for text in texts) / len(texts)
+                for texts in u.responses
+            ]
             unequal_partial.append(max(per_cand) > min(per_cand))
 
         # the label policy on the first n_label compositional queries
@@ -191,10 +233,19 @@ def check_family(family: TestbedFamily, n: int = 300, n_label: int = 60, k: int 
         "oracle_compositional": _pct(oracle_scores),
         "random_compositional": _pct(random_scores),
         "random_compositional_partial": _pct(random_partial),
-        "states": {"sampled": len(states), "decisive": len(decisive), "k": k,
-                   "unequal_exact_pct": _pct(unequal_exact), "unequal_partial_pct": _pct(unequal_partial)},
-        "label_policy": {"k": k_label, "accuracy": _pct(label_scores), "best_single": best_on_label,
-                         "best_single_name": best_name},
+        "states": {
+            "sampled": len(states),
+            "decisive": len(decisive),
+            "k": k,
+            "unequal_exact_pct": _pct(unequal_exact),
+            "unequal_partial_pct": _pct(unequal_partial),
+        },
+        "label_policy": {
+            "k": k_label,
+            "accuracy": _pct(label_scores),
+            "best_single": best_on_label,
+            "best_single_name": best_name,
+        },
         "seconds": round(time.perf_counter() - start, 1),
     }
     rec, ari = single["recall"], single["arithmetic"]
@@ -203,8 +254,8 @@ def check_family(family: TestbedFamily, n: int = 300, n_label: int = 60, k: int 
         "arithmetic: aligned >= pretrained + 20": ari["aligned"] >= ari["pretrained"] + 20,
         "compositional: best single <= 50": best_single <= 50,
         "compositional: oracle >= 85": metrics["oracle_compositional"] >= 85,
-        "compositional: random >= 15 and >= best single / 2":
-            metrics["random_compositional"] >= max(15.0, best_single / 2),
+        "compositional: random >= 15 and >= best single / 2": metrics["random_compositional"]
+        >= max(15.0, best_single / 2),
         "decisive states with unequal utilities >= 60%": metrics["states"]["unequal_exact_pct"] >= 60,
         "label policy >= best single + 15": metrics["label_policy"]["accuracy"] >= best_on_label + 15,
     }
@@ -215,8 +266,11 @@ def check_family(family: TestbedFamily, n: int = 300, n_label: int = 60, k: int 
 def format_check(metrics: dict) -> str:
     """A readable table of :func:`check_family`'s numbers and which targets hold."""
     names = list(next(iter(metrics["single"].values())))
-    lines = [f"testbed family, world seed {metrics['seed']} (test split; accuracy %)", "",
-             f"{'task':<15}{'n':>5}" + "".join(f"{c:>12}" for c in names)]
+    lines = [
+        f"testbed family, world seed {metrics['seed']} (test split; accuracy %)",
+        "",
+        f"{'task':<15}{'n':>5}" + "".join(f"{c:>12}" for c in names),
+    ]
     for task, row in metrics["single"].items():
         lines.append(f"{task:<15}{metrics['n'][task]:>5}" + "".join(f"{row[c]:>12.1f}" for c in names))
     st, lp = metrics["states"], metrics["label_policy"]

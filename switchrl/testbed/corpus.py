@@ -38,15 +38,48 @@ from switchrl.utils.seeding import derive_seed
 
 PROMPT_TEMPLATE = "Q: {query} A:"
 
-INTRO_TEMPLATES = ("{town} is a small town near the river .", "{town} is a quiet town in the north .",
-                   "{town} is an old town by the sea .", "Many people live in {town} .")
-FACT_TEMPLATES = ("The number of {attribute} in {town} is {value} .", "{town} has {value} {attribute} .",
-                  "There are {value} {attribute} in {town} .", "In {town} there are {value} {attribute} .",
-                  "{town} is home to {value} {attribute} .")
-ARITHMETIC_TEMPLATES = ("{a} plus {b} is {s} .", "{a} + {b} = {s} .", "If you add {a} and {b} you get {s} .",
-                        "The sum of {a} and {b} is {s} .")
-FORMAT_WORDS = ("Q:", "A:", "Suppose", "How", "many", "does", "do", "have", "has", "and", "together", "?",
-                "The", "number", "of", "in", "is", "answer", "+", "=", ".")
+INTRO_TEMPLATES = (
+    "{town} is a small town near the river .",
+    "{town} is a quiet town in the north .",
+    "{town} is an old town by the sea .",
+    "Many people live in {town} .",
+)
+FACT_TEMPLATES = (
+    "The number of {attribute} in {town} is {value} .",
+    "{town} has {value} {attribute} .",
+    "There are {value} {attribute} in {town} .",
+    "In {town} there are {value} {attribute} .",
+    "{town} is home to {value} {attribute} .",
+)
+ARITHMETIC_TEMPLATES = (
+    "{a} plus {b} is {s} .",
+    "{a} + {b} = {s} .",
+    "If you add {a} and {b} you get {s} .",
+    "The sum of {a} and {b} is {s} .",
+)
+FORMAT_WORDS = (
+    "Q:",
+    "A:",
+    "Suppose",
+    "How",
+    "many",
+    "does",
+    "do",
+    "have",
+    "has",
+    "and",
+    "together",
+    "?",
+    "The",
+    "number",
+    "of",
+    "in",
+    "is",
+    "answer",
+    "+",
+    "=",
+    ".",
+)
 
 # pretraining passage mix
 ANSWER_SHAPED_SHARE = 0.30  # passages shaped like an answer (of which 1/3 recall, 2/3 sums)
@@ -71,15 +104,18 @@ def _town_passage(world: World, rng: random.Random) -> str:
     attrs = list(ATTRIBUTES)
     rng.shuffle(attrs)
     parts = [rng.choice(INTRO_TEMPLATES).format(town=town)] if rng.random() < 0.7 else []
-    parts += [rng.choice(FACT_TEMPLATES).format(attribute=a, town=town, value=world.value(town, a))
-              for a in attrs]
+    parts += [
+        rng.choice(FACT_TEMPLATES).format(attribute=a, town=town, value=world.value(town, a)) for a in attrs
+    ]
     return " ".join(parts)
 
 
 def _arithmetic_passage(world: World, rng: random.Random) -> str:
     pairs = sorted(world.seen_pairs)
-    return " ".join(rng.choice(ARITHMETIC_TEMPLATES).format(a=a, b=b, s=a + b)
-                    for a, b in rng.sample(pairs, rng.randint(2, 4)))
+    return " ".join(
+        rng.choice(ARITHMETIC_TEMPLATES).format(a=a, b=b, s=a + b)
+        for a, b in rng.sample(pairs, rng.randint(2, 4))
+    )
 
 
 def _answer_passage(world: World, rng: random.Random) -> str:
@@ -124,7 +160,11 @@ def _true_fact_question(world: World, rng: random.Random) -> tuple[str, list[str
     attribute = rng.choice(ATTRIBUTES)
     if rng.random() < 1 / 3:
         town = rng.choice(world.finetune_towns)
-        return recall_question(attribute, town), recall_steps(attribute, town, world.value(town, attribute)), False
+        return (
+            recall_question(attribute, town),
+            recall_steps(attribute, town, world.value(town, attribute)),
+            False,
+        )
     x, y = rng.sample(world.finetune_towns, 2)
     a, b = world.value(x, attribute), world.value(y, attribute)
     return sum_question(attribute, x, y), sum_steps(attribute, x, a, y, b), True
@@ -158,8 +198,10 @@ def _questions(world: World, n: int, stream: str) -> list[tuple[str, list[str], 
 
 def sft_examples(world: World, n: int) -> list[dict[str, str]]:
     """Prompt/completion pairs in the one answer format (TRL's prompt-completion dataset format)."""
-    return [{"prompt": PROMPT_TEMPLATE.format(query=q), "completion": " " + answer_text(steps)}
-            for q, steps, _ in _questions(world, n, "sft-data")]
+    return [
+        {"prompt": PROMPT_TEMPLATE.format(query=q), "completion": " " + answer_text(steps)}
+        for q, steps, _ in _questions(world, n, "sft-data")
+    ]
 
 
 def _rejected(steps: list[str], is_sum: bool, rng: random.Random) -> str:
@@ -177,7 +219,11 @@ def _rejected(steps: list[str], is_sum: bool, rng: random.Random) -> str:
 def dpo_pairs(world: World, n: int) -> list[dict[str, str]]:
     """Preference pairs (prompt, chosen, rejected) favouring correct arithmetic and the full format."""
     rng = random.Random(derive_seed(world.seed, "dpo-rejected"))
-    return [{"prompt": PROMPT_TEMPLATE.format(query=q), "chosen": " " + answer_text(steps),
-             "rejected": " " + _rejected(steps, is_sum, rng)}
-            for q, steps, is_sum in _questions(world, n, "dpo-data")]
-
+    return [
+        {
+            "prompt": PROMPT_TEMPLATE.format(query=q),
+            "chosen": " " + answer_text(steps),
+            "rejected": " " + _rejected(steps, is_sum, rng),
+        }
+        for q, steps, is_sum in _questions(world, n, "dpo-data")
+    ]

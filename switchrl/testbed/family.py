@@ -34,8 +34,11 @@ EOS_AFTER = r"answer is \d+ \."
 
 def default_root(seed: int) -> Path:
     """``$SWITCHRL_CACHE/testbed/<seed>`` (default cache root: ``~/.cache/switchrl``)."""
-    cache = Path(os.environ["SWITCHRL_CACHE"]) if os.environ.get("SWITCHRL_CACHE") else \
-        Path.home() / ".cache" / "switchrl"
+    cache = (
+        Path(os.environ["SWITCHRL_CACHE"])
+        if os.environ.get("SWITCHRL_CACHE")
+        else Path.home() / ".cache" / "switchrl"
+    )
     return cache.expanduser() / "testbed" / str(seed)
 
 
@@ -76,23 +79,40 @@ class TestbedFamily:
         root = Path(root).expanduser()
         marker = root / MARKER
         if not marker.is_file():
-            raise CheckpointError(f"no complete testbed family at {root} (missing {MARKER}); "
-                                  "build one with `switchrl testbed build`")
+            raise CheckpointError(
+                f"no complete testbed family at {root} (missing {MARKER}); "
+                "build one with `switchrl testbed build`"
+            )
         info = json.loads(marker.read_text())
         if info.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"testbed family at {root} has format version {info.get('format_version')}, "
-                                  f"this switchrl expects {FORMAT_VERSION}; rebuild it with --force")
+            raise CheckpointError(
+                f"testbed family at {root} has format version {info.get('format_version')}, "
+                f"this switchrl expects {FORMAT_VERSION}; rebuild it with --force"
+            )
         missing = [n for n in STAGES if not (root / n / "config.json").is_file()]
         if missing:
             raise CheckpointError(f"testbed family at {root} lacks checkpoints {missing}")
-        return cls(root=root, seed=int(info["seed"]), build_seconds=info.get("build_seconds", {}),
-                   label_tokens=list(info.get("label_tokens", LABEL_TOKENS)))
+        return cls(
+            root=root,
+            seed=int(info["seed"]),
+            build_seconds=info.get("build_seconds", {}),
+            label_tokens=list(info.get("label_tokens", LABEL_TOKENS)),
+        )
 
     def candidate_configs(self, temperature: float = 0.0, top_p: float = 1.0) -> list[CandidateConfig]:
         """The three checkpoints as candidates, sharing one prompt template and one EOS rule."""
-        return [CandidateConfig(name=name, path=str(path), temperature=temperature, top_p=top_p,
-                                prompt_template=PROMPT_TEMPLATE, eos_after=EOS_AFTER, dtype="float32")
-                for name, path in self.paths.items()]
+        return [
+            CandidateConfig(
+                name=name,
+                path=str(path),
+                temperature=temperature,
+                top_p=top_p,
+                prompt_template=PROMPT_TEMPLATE,
+                eos_after=EOS_AFTER,
+                dtype="float32",
+            )
+            for name, path in self.paths.items()
+        ]
 
     def generation_config(self) -> GenerationConfig:
         return GenerationConfig(patch_tokens=PATCH_TOKENS, max_new_tokens=MAX_NEW_TOKENS, seed=self.seed)
@@ -104,8 +124,13 @@ class TestbedFamily:
         return make_scorer(task, partial)
 
 
-def build_family(seed: int = 0, out: str | Path | None = None, progress: bool = True, force: bool = False,
-                 settings: stages.StageSettings | None = None) -> TestbedFamily:
+def build_family(
+    seed: int = 0,
+    out: str | Path | None = None,
+    progress: bool = True,
+    force: bool = False,
+    settings: stages.StageSettings | None = None,
+) -> TestbedFamily:
     """Train the pretrained -> finetuned -> aligned family for world ``seed`` (or reuse a complete one).
 
     Stages already present in ``out`` are reused (each is written atomically); the marker file is
@@ -129,18 +154,30 @@ def build_family(seed: int = 0, out: str | Path | None = None, progress: bool = 
     with torch_threads(1):
         for name, run in (
             ("pretrained", lambda: stages.pretrain(world, tokenizer, family.pretrained, settings, progress)),
-            ("finetuned", lambda: stages.finetune(world, tokenizer, family.pretrained, family.finetuned,
-                                                  settings, progress)),
-            ("aligned", lambda: stages.align(world, tokenizer, family.finetuned, family.aligned, settings,
-                                             progress)),
+            (
+                "finetuned",
+                lambda: stages.finetune(
+                    world, tokenizer, family.pretrained, family.finetuned, settings, progress
+                ),
+            ),
+            (
+                "aligned",
+                lambda: stages.align(world, tokenizer, family.finetuned, family.aligned, settings, progress),
+            ),
         ):
             if (root / name / "config.json").is_file():
                 continue
             start = time.perf_counter()
             run()
             seconds[name] = round(time.perf_counter() - start, 1)
-    info = {"format_version": FORMAT_VERSION, "seed": seed, "build_seconds": seconds,
-            "label_tokens": list(LABEL_TOKENS), "patch_tokens": PATCH_TOKENS, "settings": asdict(settings)}
+    info = {
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "build_seconds": seconds,
+        "label_tokens": list(LABEL_TOKENS),
+        "patch_tokens": PATCH_TOKENS,
+        "settings": asdict(settings),
+    }
     tmp = root / f".{MARKER}.tmp"
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, root / MARKER)

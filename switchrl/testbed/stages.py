@@ -75,16 +75,29 @@ def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, final: Pat
         tokenizer.save_pretrained(tmp)
 
 
-def pretrain(world: World, tokenizer: PreTrainedTokenizerFast, out: Path, settings: StageSettings,
-             progress: bool = True) -> None:
+def pretrain(
+    world: World,
+    tokenizer: PreTrainedTokenizerFast,
+    out: Path,
+    settings: StageSettings,
+    progress: bool = True,
+) -> None:
     """Train a small Llama from scratch on packed pretraining documents (plain AdamW loop)."""
     s = settings
     torch.manual_seed(derive_seed(world.seed, "pretrain-init"))
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-        num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.heads,
-        max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        vocab_size=len(tokenizer),
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
 
     # one packed token stream: <bos> document <eos> <bos> document <eos> ...
@@ -126,14 +139,27 @@ def pretrain(world: World, tokenizer: PreTrainedTokenizerFast, out: Path, settin
     _save(model, tokenizer, out)
 
 
-def _trainer_kwargs(world: World, stage: str, steps: int, batch: int, lr: float, tmp: str,
-                    progress: bool) -> dict:
+def _trainer_kwargs(
+    world: World, stage: str, steps: int, batch: int, lr: float, tmp: str, progress: bool
+) -> dict:
     return dict(
-        output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
-        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
-        logging_steps=max(1, steps // 4), save_strategy="no", report_to="none", use_cpu=True,
-        seed=derive_seed(world.seed, stage) % (2**31), data_seed=derive_seed(world.seed, stage, "data") % (2**31),
-        dataloader_num_workers=0, disable_tqdm=not progress, bf16=False, fp16=False,
+        output_dir=tmp,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.0,
+        logging_steps=max(1, steps // 4),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=derive_seed(world.seed, stage) % (2**31),
+        data_seed=derive_seed(world.seed, stage, "data") % (2**31),
+        dataloader_num_workers=0,
+        disable_tqdm=not progress,
+        bf16=False,
+        fp16=False,
     )
 
 
@@ -153,8 +179,14 @@ def _quiet_trl():
                 logging.getLogger(n).setLevel(lvl)
 
 
-def finetune(world: World, tokenizer: PreTrainedTokenizerFast, base: Path, out: Path, settings: StageSettings,
-             progress: bool = True) -> None:
+def finetune(
+    world: World,
+    tokenizer: PreTrainedTokenizerFast,
+    base: Path,
+    out: Path,
+    settings: StageSettings,
+    progress: bool = True,
+) -> None:
     """TRL ``SFTTrainer`` on prompt/completion pairs in the one answer format (loss on completions)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -163,15 +195,24 @@ def finetune(world: World, tokenizer: PreTrainedTokenizerFast, base: Path, out: 
     data = Dataset.from_list(corpus.sft_examples(world, s.sft_steps * s.sft_batch // 4))
     model = LlamaForCausalLM.from_pretrained(base)
     with tempfile.TemporaryDirectory() as tmp, _quiet_trl():
-        args = SFTConfig(**_trainer_kwargs(world, "sft", s.sft_steps, s.sft_batch, s.sft_lr, tmp, progress),
-                         max_length=128, completion_only_loss=True)
+        args = SFTConfig(
+            **_trainer_kwargs(world, "sft", s.sft_steps, s.sft_batch, s.sft_lr, tmp, progress),
+            max_length=128,
+            completion_only_loss=True,
+        )
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
         trainer.train()
     _save(trainer.model.eval(), tokenizer, out)
 
 
-def align(world: World, tokenizer: PreTrainedTokenizerFast, base: Path, out: Path, settings: StageSettings,
-          progress: bool = True) -> None:
+def align(
+    world: World,
+    tokenizer: PreTrainedTokenizerFast,
+    base: Path,
+    out: Path,
+    settings: StageSettings,
+    progress: bool = True,
+) -> None:
     """TRL ``DPOTrainer`` (sigmoid DPO plus an SFT term on the chosen answer), reference log-probs precomputed."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -180,9 +221,15 @@ def align(world: World, tokenizer: PreTrainedTokenizerFast, base: Path, out: Pat
     data = Dataset.from_list(corpus.dpo_pairs(world, s.dpo_steps * s.dpo_batch // 2))
     model = LlamaForCausalLM.from_pretrained(base)
     with tempfile.TemporaryDirectory() as tmp, _quiet_trl():
-        args = DPOConfig(**_trainer_kwargs(world, "dpo", s.dpo_steps, s.dpo_batch, s.dpo_lr, tmp, progress),
-                         beta=s.dpo_beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],
-                         precompute_ref_log_probs=True, precompute_ref_batch_size=256, max_length=128)
+        args = DPOConfig(
+            **_trainer_kwargs(world, "dpo", s.dpo_steps, s.dpo_batch, s.dpo_lr, tmp, progress),
+            beta=s.dpo_beta,
+            loss_type=["sigmoid", "sft"],
+            loss_weights=[1.0, 1.0],
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=256,
+            max_length=128,
+        )
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
         trainer.train()
     _save(trainer.model.eval(), tokenizer, out)

@@ -29,8 +29,13 @@ def _town_names(seed: int, n: int) -> list[str]:
     names: set[str] = set()
     out: list[str] = []
     while len(out) < n:
-        name = (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_ONSETS[:14]) + rng.choice(_VOWELS)
-                + rng.choice(_CODAS)).capitalize()
+        name = (
+            rng.choice(_ONSETS)
+            + rng.choice(_VOWELS)
+            + rng.choice(_ONSETS[:14])
+            + rng.choice(_VOWELS)
+            + rng.choice(_CODAS)
+        ).capitalize()
         if name not in names:
             names.add(name)
             out.append(name)
@@ -51,11 +56,16 @@ def sum_question(attribute: str, town_a: str, town_b: str) -> str:
 
 
 def hypothetical_question(attribute: str, town_a: str, a: int, town_b: str, b: int) -> str:
-    return (f"Suppose {town_a} has {a} {attribute} and {town_b} has {b} {attribute} . "
-            + sum_question(attribute, town_a, town_b))
+    return f"Suppose {town_a} has {a} {attribute} and {town_b} has {b} {attribute} . " + sum_question(
+        attribute, town_a, town_b
+    )
 
 
-ARITHMETIC_QUESTIONS = ("How many is {a} plus {b} ?", "How many is {a} + {b} ?", "How many is the sum of {a} and {b} ?")
+ARITHMETIC_QUESTIONS = (
+    "How many is {a} plus {b} ?",
+    "How many is {a} + {b} ?",
+    "How many is the sum of {a} and {b} ?",
+)
 
 
 def arithmetic_question(a: int, b: int, template: int = 0) -> str:
@@ -74,8 +84,12 @@ def recall_steps(attribute: str, town: str, value: int) -> list[str]:
 
 def sum_steps(attribute: str, town_a: str, a: int, town_b: str, b: int) -> list[str]:
     """The reasoning steps of a sum answer: each fact, the sum, the final answer."""
-    return [fact_sentence(attribute, town_a, a), fact_sentence(attribute, town_b, b),
-            f"{a} + {b} = {a + b} .", f"The answer is {a + b} ."]
+    return [
+        fact_sentence(attribute, town_a, a),
+        fact_sentence(attribute, town_b, b),
+        f"{a} + {b} = {a + b} .",
+        f"The answer is {a + b} .",
+    ]
 
 
 def answer_text(steps: list[str]) -> str:

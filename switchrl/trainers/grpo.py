@@ -72,8 +72,10 @@ def restricted_head(model: torch.nn.Module, label_ids: Sequence[int]) -> Iterato
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
     if weight is None or weight.dim() != 2:
-        raise ConfigError(f"the switcher's output embedding ({type(head).__name__}) has no [vocab, hidden] weight; "
-                          "cannot restrict it to the label tokens")
+        raise ConfigError(
+            f"the switcher's output embedding ({type(head).__name__}) has no [vocab, hidden] weight; "
+            "cannot restrict it to the label tokens"
+        )
     own = "bias" in head._parameters
     original = head._parameters.get("bias")
     offset = torch.full((weight.shape[0],), LABEL_ONLY_BIAS, dtype=weight.dtype, device=weight.device)
@@ -92,8 +94,18 @@ def restricted_head(model: torch.nn.Module, label_ids: Sequence[int]) -> Iterato
 
 def instances_dataset(instances: Sequence[TaskInstance]) -> Dataset:
     """The GRPO prompt dataset: ``prompt`` (the query), ``reference``, ``task``, ``instance_id``, ``meta`` (JSON)."""
-    return Dataset.from_list([{"prompt": i.query, "reference": i.reference, "task": i.task, "instance_id": i.id,
-                               "meta": json.dumps(i.meta)} for i in instances])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": i.query,
+                "reference": i.reference,
+                "task": i.task,
+                "instance_id": i.id,
+                "meta": json.dumps(i.meta),
+            }
+            for i in instances
+        ]
+    )
 
 
 def make_rollout_func(switcher: LMSwitcher, setup: RLSetup) -> Callable[[list, Any], dict[str, list]]:
@@ -104,13 +116,16 @@ def make_rollout_func(switcher: LMSwitcher, setup: RLSetup) -> Callable[[list, A
     def rollout(prompts: list, trainer: Any) -> dict[str, list]:
         g = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
         if len(prompts) % g or any(prompts[i] != prompts[i - i % g] for i in range(len(prompts))):
-            raise RuntimeError(f"rollout_func expects each prompt repeated num_generations={g} times in a row")
+            raise RuntimeError(
+                f"rollout_func expects each prompt repeated num_generations={g} times in a row"
+            )
         if any(not isinstance(p, str) for p in prompts):
             raise ConfigError("GRPO prompts must be the query strings (no chat messages)")
         mode = "train" if trainer.model.training else "eval"
         prefix = f"grpo/{mode}/s{trainer.state.global_step}/p{trainer.accelerator.process_index}"
-        episodes = sample_episodes(switcher, setup.pool, prompts[::g], g, prefix, max_new_tokens,
-                                   credit=rl.credit, seed=rl.seed)
+        episodes = sample_episodes(
+            switcher, setup.pool, prompts[::g], g, prefix, max_new_tokens, credit=rl.credit, seed=rl.seed
+        )
         return {
             "prompt_ids": [e.prompt_ids for e in episodes],
             "completion_ids": [e.completion_ids for e in episodes],
@@ -132,14 +147,30 @@ class ScoreReward:
     def __init__(self, rewards: TaskRewards, names: Sequence[str]):
         self.rewards, self.names = rewards, list(names)
 
-    def __call__(self, prompts: list[str], completions: list, *, response: list[str], reference: list[str],
-                 task: list[str], instance_id: list[str], meta: list[str], authors: list[list[int]],
-                 log_metric: Callable[[str, float], None] | None = None, **_: Any) -> list[float]:
-        instances = [TaskInstance(id=i, query=q, reference=r, task=t, meta=json.loads(m))
-                     for i, q, r, t, m in zip(instance_id, prompts, reference, task, meta)]
+    def __call__(
+        self,
+        prompts: list[str],
+        completions: list,
+        *,
+        response: list[str],
+        reference: list[str],
+        task: list[str],
+        instance_id: list[str],
+        meta: list[str],
+        authors: list[list[int]],
+        log_metric: Callable[[str, float], None] | None = None,
+        **_: Any,
+    ) -> list[float]:
+        instances = [
+            TaskInstance(id=i, query=q, reference=r, task=t, meta=json.loads(m))
+            for i, q, r, t, m in zip(instance_id, prompts, reference, task, meta)
+        ]
         values, failures = self.rewards.score(instances, response)
         if log_metric is not None:
-            for name, value in {**switch_stats(authors, self.names), "score/failures": float(failures)}.items():
+            for name, value in {
+                **switch_stats(authors, self.names),
+                "score/failures": float(failures),
+            }.items():
                 log_metric(name, value)
         return values
 
@@ -155,15 +186,30 @@ def grpo_config(setup: RLSetup, switcher: LMSwitcher) -> Any:
 
     rl = setup.rl
     return GRPOConfig(
-        output_dir=str(setup.out_dir / "trainer"), max_steps=rl.steps, learning_rate=rl.learning_rate,
-        lr_scheduler_type="constant", per_device_train_batch_size=rl.queries_per_step * rl.num_generations,
-        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
-        num_generations=rl.num_generations, beta=rl.beta, epsilon=rl.clip_epsilon, temperature=switcher.temperature,
-        mask_truncated_completions=False, disable_dropout=True, scale_rewards="group",
+        output_dir=str(setup.out_dir / "trainer"),
+        max_steps=rl.steps,
+        learning_rate=rl.learning_rate,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=rl.queries_per_step * rl.num_generations,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_iterations=1,
+        num_generations=rl.num_generations,
+        beta=rl.beta,
+        epsilon=rl.clip_epsilon,
+        temperature=switcher.temperature,
+        mask_truncated_completions=False,
+        disable_dropout=True,
+        scale_rewards="group",
         reward_weights=[1.0] + ([rl.switch_cost] if rl.switch_cost else []),
-        logging_steps=rl.logging_steps, save_strategy="steps", save_steps=rl.save_steps,
-        report_to=[] if rl.report_to == "none" else [rl.report_to], seed=rl.seed,
-        use_cpu=not torch.cuda.is_available(), bf16=False, remove_unused_columns=False,
+        logging_steps=rl.logging_steps,
+        save_strategy="steps",
+        save_steps=rl.save_steps,
+        report_to=[] if rl.report_to == "none" else [rl.report_to],
+        seed=rl.seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        remove_unused_columns=False,
     )
 
 
@@ -181,9 +227,14 @@ def train_grpo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
     reward_funcs: list[Callable] = [ScoreReward(setup.rewards, setup.names)]
     if setup.rl.switch_cost:
         reward_funcs.append(switch_cost)
-    trainer = GRPOTrainer(model=switcher.model, reward_funcs=reward_funcs, args=args,
-                          train_dataset=instances_dataset(setup.instances), processing_class=switcher.tokenizer,
-                          rollout_func=make_rollout_func(switcher, setup))
+    trainer = GRPOTrainer(
+        model=switcher.model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=instances_dataset(setup.instances),
+        processing_class=switcher.tokenizer,
+        rollout_func=make_rollout_func(switcher, setup),
+    )
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     with restricted_head(switcher.model, switcher.sequence.label_ids):
         trainer.train(resume_from_checkpoint=last)
@@ -194,9 +245,12 @@ def train_grpo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
     switcher.reset_cache()
     policy_dir = setup.out_dir / "switcher"
     history = [h for h in trainer.state.log_history if "reward" in h]
-    if trainer.accelerator.is_main_process:  # one writer under accelerate launch (the ranks' weights are equal)
+    if (
+        trainer.accelerator.is_main_process
+    ):  # one writer under accelerate launch (the ranks' weights are equal)
         save_switcher(switcher, policy_dir)
-        (setup.out_dir / "rl_log.json").write_text(json.dumps({"algo": "grpo", "credit": setup.rl.credit,
-                                                               "history": history}, indent=2))
+        (setup.out_dir / "rl_log.json").write_text(
+            json.dumps({"algo": "grpo", "credit": setup.rl.credit, "history": history}, indent=2)
+        )
     trainer.accelerator.wait_for_everyone()
     return RLResult(setup.out_dir, policy_dir, history)

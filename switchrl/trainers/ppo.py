@@ -85,8 +85,8 @@ class EpisodeBatch:
         self.returns = torch.zeros((n, width))
         for i, (e, js) in enumerate(zip(episodes, labels)):
             ids = e.encoded.input_ids
-            self.input_ids[i, :len(ids)] = torch.tensor(ids)
-            self.attention_mask[i, :len(ids)] = 1
+            self.input_ids[i, : len(ids)] = torch.tensor(ids)
+            self.attention_mask[i, : len(ids)] = 1
             for k, j in enumerate(js):
                 self.positions[i, k] = e.encoded.label_positions[j]
                 self.actions[i, k] = e.encoded.actions[j]
@@ -108,15 +108,19 @@ class PPOLearner:
         self.value = torch.nn.Linear(hidden, 1).to(switcher.lm.device)
         torch.nn.init.zeros_(self.value.weight)
         torch.nn.init.zeros_(self.value.bias)
-        self.optimizer = torch.optim.AdamW([
-            {"params": self.params, "lr": self.rl.learning_rate},
-            {"params": self.value.parameters(), "lr": self.opts.value_learning_rate}])
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": self.params, "lr": self.rl.learning_rate},
+                {"params": self.value.parameters(), "lr": self.opts.value_learning_rate},
+            ]
+        )
 
     def evaluate(self, batch: EpisodeBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Label log-probs [b, P, n] and values [b, P] (from detached features) of ``rows``."""
         with capture_hidden(self.switcher.model) as store:
-            logp = self.switcher.label_logprobs(batch.input_ids[rows], batch.attention_mask[rows],
-                                                batch.positions[rows])
+            logp = self.switcher.label_logprobs(
+                batch.input_ids[rows], batch.attention_mask[rows], batch.positions[rows]
+            )
         hidden = store["hidden"].detach().float()
         index = (batch.positions[rows].clamp(min=1) - 1).to(hidden.device)
         feats = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
@@ -131,7 +135,9 @@ class PPOLearner:
         adv = ((adv - mean) / (std + 1e-8)) * valid
         eps, stats = self.rl.clip_epsilon, {"clip_fraction": [], "kl": [], "entropy": [], "value_loss": []}
         for epoch in range(self.opts.epochs):
-            order = torch.randperm(len(batch), generator=generator(self.rl.seed, "ppo-minibatch", step, epoch))
+            order = torch.randperm(
+                len(batch), generator=generator(self.rl.seed, "ppo-minibatch", step, epoch)
+            )
             for rows in order.split(self.opts.minibatch_size):
                 mask = valid[rows].float()
                 if not mask.any():
@@ -145,15 +151,19 @@ class PPOLearner:
                 entropy = -(logp_all.exp() * logp_all).sum(-1)
                 value_loss = (v - batch.returns[rows]) ** 2
                 n = mask.sum()
-                loss = ((policy_loss + self.opts.value_coef * value_loss - self.opts.entropy_coef * entropy)
-                        * mask).sum() / n
+                loss = (
+                    (policy_loss + self.opts.value_coef * value_loss - self.opts.entropy_coef * entropy)
+                    * mask
+                ).sum() / n
                 self.optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.params, self.opts.max_grad_norm)
                 self.optimizer.step()
                 if epoch == self.opts.epochs - 1:
                     with torch.no_grad():
-                        stats["clip_fraction"].append(float((((ratio - 1).abs() > eps).float() * mask).sum() / n))
+                        stats["clip_fraction"].append(
+                            float((((ratio - 1).abs() > eps).float() * mask).sum() / n)
+                        )
                         stats["kl"].append(float(((batch.old_logprobs[rows] - new) * mask).sum() / n))
                         stats["entropy"].append(float((entropy * mask).sum() / n))
                         stats["value_loss"].append(float((value_loss * mask).sum() / n))
@@ -163,8 +173,12 @@ class PPOLearner:
     def save(self, directory: Path, step: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         names = {id(p): n for n, p in self.switcher.model.named_parameters()}
-        state = {"step": step, "policy": {names[id(p)]: p.detach().cpu() for p in self.params},
-                 "value": self.value.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {
+            "step": step,
+            "policy": {names[id(p)]: p.detach().cpu() for p in self.params},
+            "value": self.value.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
         tmp = directory / "state.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(directory / "state.pt")
@@ -182,8 +196,11 @@ class PPOLearner:
 
 def last_checkpoint(out_dir: Path) -> Path | None:
     """The ``checkpoint-N/state.pt`` with the largest N, if any."""
-    found = [(int(m.group(1)), p) for p in out_dir.glob("checkpoint-*/state.pt")
-             if (m := re.fullmatch(r"checkpoint-(\d+)", p.parent.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in out_dir.glob("checkpoint-*/state.pt")
+        if (m := re.fullmatch(r"checkpoint-(\d+)", p.parent.name))
+    ]
     return max(found)[1] if found else None
 
 
@@ -204,16 +221,29 @@ def train_ppo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
     for step in tqdm(range(start, rl.steps), desc="ppo", unit="update", initial=start, total=rl.steps):
         order = torch.randperm(len(setup.instances), generator=generator(rl.seed, "ppo-queries", step))
         chosen = [setup.instances[i] for i in order[:n_queries].tolist()]
-        episodes = sample_episodes(switcher, setup.pool, [i.query for i in chosen], rl.num_generations,
-                                   f"ppo/s{step}", max_new_tokens, credit=rl.credit, seed=rl.seed)
+        episodes = sample_episodes(
+            switcher,
+            setup.pool,
+            [i.query for i in chosen],
+            rl.num_generations,
+            f"ppo/s{step}",
+            max_new_tokens,
+            credit=rl.credit,
+            seed=rl.seed,
+        )
         instances = [inst for inst in chosen for _ in range(rl.num_generations)]
         scores, failures = setup.rewards.score(instances, [e.trace.text for e in episodes])
         returns = [s - rl.switch_cost * e.trace.num_switches for s, e in zip(scores, episodes)]
         batch = EpisodeBatch(episodes, returns, switcher.lm.pad_token_id)
         metrics = learner.update(batch, step)
-        metrics.update({"reward": sum(returns) / len(returns), "score": sum(scores) / len(scores),
-                        "score/failures": float(failures), **switch_stats([e.trace.authors for e in episodes],
-                                                                          setup.names)})
+        metrics.update(
+            {
+                "reward": sum(returns) / len(returns),
+                "score": sum(scores) / len(scores),
+                "score/failures": float(failures),
+                **switch_stats([e.trace.authors for e in episodes], setup.names),
+            }
+        )
         switcher.reset_cache()
         if (step + 1) % rl.logging_steps == 0 or step + 1 == rl.steps:
             logger.log(step + 1, metrics)
@@ -223,5 +253,7 @@ def train_ppo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
     logger.close()
     policy_dir = save_switcher(switcher, out / "switcher")
     torch.save(learner.value.state_dict(), out / "value_head.pt")
-    (out / "rl_log.json").write_text(json.dumps({"algo": "ppo", "credit": rl.credit, "history": history}, indent=2))
+    (out / "rl_log.json").write_text(
+        json.dumps({"algo": "ppo", "credit": rl.credit, "history": history}, indent=2)
+    )
     return RLResult(out, policy_dir, history)

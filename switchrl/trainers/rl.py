@@ -63,9 +63,13 @@ class TaskRewards:
         values, failures = [0.0] * len(instances), 0
         for task in dict.fromkeys(i.task for i in instances):
             rows = [k for k, inst in enumerate(instances) if inst.task == task]
-            results = safe_score_batch(self.scorer(task), [instances[k].query for k in rows],
-                                       [responses[k] for k in rows], [instances[k].reference for k in rows],
-                                       [instances[k].meta for k in rows])
+            results = safe_score_batch(
+                self.scorer(task),
+                [instances[k].query for k in rows],
+                [responses[k] for k in rows],
+                [instances[k].reference for k in rows],
+                [instances[k].meta for k in rows],
+            )
             for k, r in zip(rows, results):
                 values[k] = r.value
                 failures += r.failed
@@ -91,8 +95,9 @@ class RLSetup:
         return Path(self.rl.out_dir)
 
 
-def prepare(config: RunConfig, rl: RLSection | None = None, reward: Any = None,
-            pool: CandidatePool | None = None) -> RLSetup:
+def prepare(
+    config: RunConfig, rl: RLSection | None = None, reward: Any = None, pool: CandidatePool | None = None
+) -> RLSetup:
     """Resolve ``config`` for RL: candidates as a pool, the ``rl.split`` instances and their rewards.
 
     ``reward``: a scorer spec for every task (e.g. the CLI's ``--reward`` list), overriding the config.
@@ -105,7 +110,9 @@ def prepare(config: RunConfig, rl: RLSection | None = None, reward: Any = None,
     if rl.tasks is not None:
         unknown = sorted(set(rl.tasks) - set(by_task))
         if unknown:
-            raise ConfigError(f"rl.tasks: unknown task(s) {unknown}; the {rl.split!r} split has {sorted(by_task)}")
+            raise ConfigError(
+                f"rl.tasks: unknown task(s) {unknown}; the {rl.split!r} split has {sorted(by_task)}"
+            )
         by_task = {t: by_task[t] for t in rl.tasks}
     instances = [inst for items in by_task.values() for inst in items]
     if not instances:
@@ -117,8 +124,9 @@ def prepare(config: RunConfig, rl: RLSection | None = None, reward: Any = None,
         scorers = resolved.scorers(list(by_task))
     gen = resolved.generation
     if pool is None and config.executor.executor == "ray":
-        pool = RayCandidatePool(resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed,
-                                executor=config.executor)
+        pool = RayCandidatePool(
+            resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed, executor=config.executor
+        )
     elif pool is None:
         pool = CandidatePool.from_configs(resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
     return RLSetup(resolved, rl, pool, instances, TaskRewards(scorers))
@@ -134,7 +142,9 @@ def make_adapter_trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
             param.requires_grad_(True)
             params.append(param)
     if not params:
-        raise ConfigError("the switcher has no LoRA weights to train (rl.init must be a saved adapter switcher)")
+        raise ConfigError(
+            "the switcher has no LoRA weights to train (rl.init must be a saved adapter switcher)"
+        )
     return params
 
 
@@ -148,22 +158,41 @@ def build_switcher(setup: RLSetup) -> LMSwitcher:
     if rl.init:
         switcher = LMSwitcher.from_pretrained(rl.init, device=device)
         if switcher.candidate_names != setup.names:
-            raise ConfigError(f"rl.init: the switcher's candidates {switcher.candidate_names} differ from the "
-                              f"run's {setup.names}")
+            raise ConfigError(
+                f"rl.init: the switcher's candidates {switcher.candidate_names} differ from the "
+                f"run's {setup.names}"
+            )
         if not hasattr(switcher.model, "peft_config"):
-            raise ConfigError(f"rl.init: {rl.init} holds a full model, not a LoRA adapter; RL trains adapters")
+            raise ConfigError(
+                f"rl.init: {rl.init} holds a full model, not a LoRA adapter; RL trains adapters"
+            )
     else:
         base, label_tokens = switcher_base(setup.resolved, rl)
         n = len(setup.names)
         switcher = LMSwitcher.from_base(
-            base, setup.names, label_tokens=label_tokens[:n] if label_tokens else None, device=device,
+            base,
+            setup.names,
+            label_tokens=label_tokens[:n] if label_tokens else None,
+            device=device,
             patch_tokens=gen.patch_tokens,
-            lora={"r": rl.lora_r, "lora_alpha": rl.lora_alpha, "lora_dropout": rl.lora_dropout,
-                  "target_modules": "all-linear"})
+            lora={
+                "r": rl.lora_r,
+                "lora_alpha": rl.lora_alpha,
+                "lora_dropout": rl.lora_dropout,
+                "target_modules": "all-linear",
+            },
+        )
     if not switcher.sequence.incremental:
-        raise ConfigError("rl: the switcher's prompt_format must be 'switchrl' (one growing sequence per episode)")
+        raise ConfigError(
+            "rl: the switcher's prompt_format must be 'switchrl' (one growing sequence per episode)"
+        )
     make_adapter_trainable(switcher.model)
-    switcher.greedy, switcher.top_p, switcher.temperature, switcher.seed = False, rl.top_p, rl.temperature, rl.seed
+    switcher.greedy, switcher.top_p, switcher.temperature, switcher.seed = (
+        False,
+        rl.top_p,
+        rl.temperature,
+        rl.seed,
+    )
     return switcher
 
 
@@ -203,11 +232,11 @@ class Episode:
 
     @property
     def prompt_ids(self) -> list[int]:
-        return self.encoded.input_ids[:self.split]
+        return self.encoded.input_ids[: self.split]
 
     @property
     def completion_ids(self) -> list[int]:
-        return self.encoded.input_ids[self.split:]
+        return self.encoded.input_ids[self.split :]
 
     @property
     def completion_mask(self) -> list[int]:
@@ -267,8 +296,16 @@ def _decide_and_step(pool: CandidatePool, switcher: LMSwitcher, traces: list[Tra
 
 
 @torch.no_grad()
-def sample_episodes(switcher: LMSwitcher, pool: CandidatePool, queries: Sequence[str], group_size: int,
-                    key_prefix: str, max_new_tokens: int, credit: str = "episode", seed: int = 0) -> list[Episode]:
+def sample_episodes(
+    switcher: LMSwitcher,
+    pool: CandidatePool,
+    queries: Sequence[str],
+    group_size: int,
+    key_prefix: str,
+    max_new_tokens: int,
+    credit: str = "episode",
+    seed: int = 0,
+) -> list[Episode]:
     """``group_size`` episodes per query (query-major order), sampled by ``switcher`` over ``pool``.
 
     All live traces advance together (one batched call per chosen candidate per step). ``key_prefix``
@@ -283,8 +320,11 @@ def sample_episodes(switcher: LMSwitcher, pool: CandidatePool, queries: Sequence
     switcher.reset_cache()  # the weights changed since the last rollout
     try:
         if credit == "episode":
-            traces = [Trace(f"{key_prefix}/q{i}/g{g}", q, max_new_tokens)
-                      for i, q in enumerate(queries) for g in range(group_size)]
+            traces = [
+                Trace(f"{key_prefix}/q{i}/g{g}", q, max_new_tokens)
+                for i, q in enumerate(queries)
+                for g in range(group_size)
+            ]
             advance(pool, switcher, traces)
             return [_to_episode(switcher, t, 0) for t in traces]
         return _forked_episodes(switcher, pool, queries, group_size, key_prefix, max_new_tokens, seed)
@@ -292,12 +332,21 @@ def sample_episodes(switcher: LMSwitcher, pool: CandidatePool, queries: Sequence
         switcher.model.train(was_training)
 
 
-def _forked_episodes(switcher: LMSwitcher, pool: CandidatePool, queries: Sequence[str], group_size: int,
-                     key_prefix: str, max_new_tokens: int, seed: int) -> list[Episode]:
+def _forked_episodes(
+    switcher: LMSwitcher,
+    pool: CandidatePool,
+    queries: Sequence[str],
+    group_size: int,
+    key_prefix: str,
+    max_new_tokens: int,
+    seed: int,
+) -> list[Episode]:
     max_decisions = math.ceil(max_new_tokens / pool.patch_tokens)
     trunks = [Trace(f"{key_prefix}/q{i}/trunk", q, max_new_tokens) for i, q in enumerate(queries)]
-    targets = [int(torch.randint(max_decisions, (), generator=generator(seed, t.key, "branch-point")))
-               for t in trunks]
+    targets = [
+        int(torch.randint(max_decisions, (), generator=generator(seed, t.key, "branch-point")))
+        for t in trunks
+    ]
     live = [t for t, d in zip(trunks, targets) if d > 0]
     while live:
         _decide_and_step(pool, switcher, live)
@@ -330,8 +379,10 @@ def switch_stats(authors: Sequence[Sequence[int]], names: Sequence[str]) -> dict
     boundaries = sum(max(0, len(a) - 1) for a in authors)
     switches = sum(x != y for a in authors for x, y in zip(a, a[1:]))
     flat = [x for a in authors for x in a]
-    stats = {"switch/rate": switches / boundaries if boundaries else 0.0,
-             "switch/patches_per_episode": len(flat) / max(1, len(authors))}
+    stats = {
+        "switch/rate": switches / boundaries if boundaries else 0.0,
+        "switch/patches_per_episode": len(flat) / max(1, len(authors)),
+    }
     for i, name in enumerate(names):
         stats[f"switch/share/{name}"] = flat.count(i) / len(flat) if flat else 0.0
     return stats
@@ -386,8 +437,13 @@ class RLResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def train(config: RunConfig, algo: str, rl: RLSection | None = None, reward: Any = None,
-          report_to: str | None = None) -> RLResult:
+def train(
+    config: RunConfig,
+    algo: str,
+    rl: RLSection | None = None,
+    reward: Any = None,
+    report_to: str | None = None,
+) -> RLResult:
     """Run ``algo`` (grpo | ppo | sb3-ppo) on ``config``; see each trainer module."""
     if algo not in ALGOS:
         raise ConfigError(f"algo must be one of {ALGOS}, got {algo!r}")
@@ -418,8 +474,9 @@ def main(args: Any) -> int:
     [--executor local|ray] [--ray-address A]``."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     config = load_run_config(args.config)
-    config.executor = config.executor.overridden(executor=getattr(args, "executor", None),
-                                                 ray_address=getattr(args, "ray_address", None))
+    config.executor = config.executor.overridden(
+        executor=getattr(args, "executor", None), ray_address=getattr(args, "ray_address", None)
+    )
     result = train(config, args.algo, reward=args.reward or None, report_to=args.report_to)
     print(f"{args.algo}: policy saved to {result.policy_dir}")
     if result.history:

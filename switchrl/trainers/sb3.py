@@ -50,8 +50,13 @@ def env_config(setup: RLSetup) -> SwitchEnvConfig:
     else:
         reward = TaskDispatchScorer(setup.rewards)
         tasks = [replace(i, meta={**i.meta, TASK_KEY: i.task}) for i in tasks]
-    return SwitchEnvConfig(generation=setup.resolved.generation, reward=reward, switch_cost=setup.rl.switch_cost,
-                           tasks=tasks, info_timings=False)
+    return SwitchEnvConfig(
+        generation=setup.resolved.generation,
+        reward=reward,
+        switch_cost=setup.rl.switch_cost,
+        tasks=tasks,
+        info_timings=False,
+    )
 
 
 def _metrics_callback(logger: MetricsLogger, names: list[str], history: list[dict]) -> Any:
@@ -77,10 +82,15 @@ def _metrics_callback(logger: MetricsLogger, names: list[str], history: list[dic
             return True
 
         def _on_rollout_end(self) -> None:
-            metrics = {k: float(v) for k, v in self.model.logger.name_to_value.items() if k.startswith("train/")}
+            metrics = {
+                k: float(v) for k, v in self.model.logger.name_to_value.items() if k.startswith("train/")
+            }
             if self.rewards:
-                metrics.update(reward=sum(self.rewards) / len(self.rewards), score=sum(self.scores) / len(self.scores),
-                               episodes=float(len(self.rewards)))
+                metrics.update(
+                    reward=sum(self.rewards) / len(self.rewards),
+                    score=sum(self.scores) / len(self.scores),
+                    episodes=float(len(self.rewards)),
+                )
             metrics["switch/rate"] = self.switched / max(1, self.steps)
             for i, name in enumerate(names):
                 metrics[f"switch/share/{name}"] = self.authors[i] / max(1, self.steps)
@@ -91,8 +101,11 @@ def _metrics_callback(logger: MetricsLogger, names: list[str], history: list[dic
 
 
 def last_checkpoint(directory: Path) -> Path | None:
-    found = [(int(m.group(1)), p) for p in directory.glob("sb3_ppo_*_steps.zip")
-             if (m := re.fullmatch(r"sb3_ppo_(\d+)_steps\.zip", p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.glob("sb3_ppo_*_steps.zip")
+        if (m := re.fullmatch(r"sb3_ppo_(\d+)_steps\.zip", p.name))
+    ]
     return max(found)[1] if found else None
 
 
@@ -116,15 +129,30 @@ def train_sb3(setup: RLSetup) -> RLResult:
     if resume is not None:
         model = PPO.load(resume, env=env, device="cpu")
     else:
-        model = PPO("MlpPolicy", env, n_steps=opts.n_steps, batch_size=opts.batch_size, n_epochs=opts.n_epochs,
-                    learning_rate=opts.learning_rate, ent_coef=opts.ent_coef, seed=rl.seed, device="cpu",
-                    policy_kwargs={"net_arch": list(opts.net_arch)}, verbose=0)
+        model = PPO(
+            "MlpPolicy",
+            env,
+            n_steps=opts.n_steps,
+            batch_size=opts.batch_size,
+            n_epochs=opts.n_epochs,
+            learning_rate=opts.learning_rate,
+            ent_coef=opts.ent_coef,
+            seed=rl.seed,
+            device="cpu",
+            policy_kwargs={"net_arch": list(opts.net_arch)},
+            verbose=0,
+        )
     model.set_logger(configure(str(out / "sb3_log"), ["csv"]))
     logger = MetricsLogger(out, rl.report_to, config=rl.model_dump())
     history: list[dict] = []
-    callbacks = CallbackList([
-        _metrics_callback(logger, setup.names, history),
-        CheckpointCallback(save_freq=opts.n_steps * rl.save_steps, save_path=str(checkpoints), name_prefix="sb3_ppo")])
+    callbacks = CallbackList(
+        [
+            _metrics_callback(logger, setup.names, history),
+            CheckpointCallback(
+                save_freq=opts.n_steps * rl.save_steps, save_path=str(checkpoints), name_prefix="sb3_ppo"
+            ),
+        ]
+    )
     remaining = opts.total_timesteps - model.num_timesteps
     if remaining > 0:
         model.learn(remaining, callback=callbacks, reset_num_timesteps=resume is None, progress_bar=False)
@@ -137,10 +165,16 @@ def train_sb3(setup: RLSetup) -> RLResult:
     env.close()
     layout = ObservationLayout.from_config(config, len(setup.names))
     meta = SB3SwitcherMetadata(
-        candidate_names=setup.names, max_patches=layout.max_patches, max_query_length=config.max_query_length,
-        max_text_length=config.text_length, charset=config.charset or DEFAULT_CHARSET,
-        replacement_char=config.replacement_char, n_features=opts.n_features, history=opts.history,
-        ngrams=ngrams)
+        candidate_names=setup.names,
+        max_patches=layout.max_patches,
+        max_query_length=config.max_query_length,
+        max_text_length=config.text_length,
+        charset=config.charset or DEFAULT_CHARSET,
+        replacement_char=config.replacement_char,
+        n_features=opts.n_features,
+        history=opts.history,
+        ngrams=ngrams,
+    )
     policy_dir = SB3Switcher(model, meta, seed=rl.seed).save_pretrained(out / "switcher")
     (out / "rl_log.json").write_text(json.dumps({"algo": "sb3-ppo", "history": history}, indent=2))
     return RLResult(out, policy_dir, history)

@@ -28,24 +28,32 @@ from switchrl.policies.sequence import SwitchSequence
 from switchrl.run_config import ResolvedRun, RunConfig, SFTSection, load_run_config
 
 
-def build_examples(records: Sequence[dict], sequence: SwitchSequence, drop_all_equal: bool = False) -> Dataset:
+def build_examples(
+    records: Sequence[dict], sequence: SwitchSequence, drop_all_equal: bool = False
+) -> Dataset:
     """(prefix -> label) examples: ``input_ids``, ``labels`` (-100 but on the label token), ``target``, ``utilities``."""
     rows: dict[str, list] = {"input_ids": [], "labels": [], "target": [], "utilities": []}
     for r in records:
         if r["candidates"] != sequence.candidate_names:
-            raise ConfigError(f"record {r['id']}: candidates {r['candidates']} differ from the switcher's "
-                              f"{sequence.candidate_names}")
+            raise ConfigError(
+                f"record {r['id']}: candidates {r['candidates']} differ from the switcher's "
+                f"{sequence.candidate_names}"
+            )
         if drop_all_equal and r["all_equal"]:
             continue
-        patches = [Patch(author=p["author"], token_ids=p["token_ids"], text=p["text"], vocab=p["vocab"])
-                   for p in r["prefix"]]
+        patches = [
+            Patch(author=p["author"], token_ids=p["token_ids"], text=p["text"], vocab=p["vocab"])
+            for p in r["prefix"]
+        ]
         enc = sequence.encode(r["query"], patches, next_action=r["label"])
         rows["input_ids"].append(enc.input_ids)
         rows["labels"].append([-100] * (len(enc.input_ids) - 1) + [enc.input_ids[-1]])
         rows["target"].append(r["label"])
         rows["utilities"].append([float(u) for u in r["utilities"]])
     if not rows["input_ids"]:
-        raise ConfigError("sft: no training examples (are all states' utilities equal? try drop_all_equal: false)")
+        raise ConfigError(
+            "sft: no training examples (are all states' utilities equal? try drop_all_equal: false)"
+        )
     return Dataset.from_dict(rows)
 
 
@@ -65,7 +73,9 @@ class _Collator:
 class SwitcherSFTTrainer(SFTTrainer):
     """``SFTTrainer`` whose loss is the label cross-entropy restricted to the candidates' label tokens."""
 
-    def __init__(self, *args: Any, label_ids: Sequence[int], soft_temperature: float | None = None, **kwargs: Any):
+    def __init__(
+        self, *args: Any, label_ids: Sequence[int], soft_temperature: float | None = None, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self.label_ids = torch.tensor(list(label_ids))
         self.soft_temperature = soft_temperature
@@ -84,7 +94,8 @@ class SwitcherSFTTrainer(SFTTrainer):
             loss = -(soft * logp).sum(-1).mean()
         mode = "train" if model.training else "eval"
         self._metrics[mode]["label_accuracy"].append(
-            (logp.argmax(-1) == inputs["target"][rows]).float().mean().item())
+            (logp.argmax(-1) == inputs["target"][rows]).float().mean().item()
+        )
         return (loss, out) if return_outputs else loss
 
 
@@ -107,24 +118,45 @@ def train_sft(config: RunConfig, records: Sequence[dict] | None = None) -> Path:
     base, label_tokens = switcher_base(resolved, section)
     n = len(names)
     switcher = LMSwitcher.from_base(
-        base, names, label_tokens=label_tokens[:n] if label_tokens else None,
-        patch_tokens=resolved.generation.patch_tokens, seed=section.seed,
-        lora={"r": section.lora_r, "lora_alpha": section.lora_alpha, "lora_dropout": section.lora_dropout,
-              "target_modules": "all-linear"})
+        base,
+        names,
+        label_tokens=label_tokens[:n] if label_tokens else None,
+        patch_tokens=resolved.generation.patch_tokens,
+        seed=section.seed,
+        lora={
+            "r": section.lora_r,
+            "lora_alpha": section.lora_alpha,
+            "lora_dropout": section.lora_dropout,
+            "target_modules": "all-linear",
+        },
+    )
     dataset = build_examples(records, switcher.sequence, section.drop_all_equal)
     out = Path(section.out_dir)
     args = SFTConfig(
-        output_dir=str(out / "trainer"), num_train_epochs=section.epochs, max_steps=section.max_steps,
-        learning_rate=section.learning_rate, per_device_train_batch_size=section.batch_size,
-        lr_scheduler_type="constant", logging_steps=max(1, len(dataset) // section.batch_size // 4),
-        save_strategy="no", report_to=[] if section.report_to == "none" else [section.report_to],
-        seed=section.seed, remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
-        use_cpu=not torch.cuda.is_available(), bf16=False,
+        output_dir=str(out / "trainer"),
+        num_train_epochs=section.epochs,
+        max_steps=section.max_steps,
+        learning_rate=section.learning_rate,
+        per_device_train_batch_size=section.batch_size,
+        lr_scheduler_type="constant",
+        logging_steps=max(1, len(dataset) // section.batch_size // 4),
+        save_strategy="no",
+        report_to=[] if section.report_to == "none" else [section.report_to],
+        seed=section.seed,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
     )
     trainer = SwitcherSFTTrainer(
-        model=switcher.model, args=args, train_dataset=dataset, processing_class=switcher.tokenizer,
-        data_collator=_Collator(switcher.lm.pad_token_id), label_ids=switcher.sequence.label_ids,
-        soft_temperature=section.soft_temperature if section.soft_labels else None)
+        model=switcher.model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=switcher.tokenizer,
+        data_collator=_Collator(switcher.lm.pad_token_id),
+        label_ids=switcher.sequence.label_ids,
+        soft_temperature=section.soft_temperature if section.soft_labels else None,
+    )
     trainer.train()
     switcher.model.eval()
     switcher.reset_cache()

@@ -58,8 +58,15 @@ def argmax_label(utilities: Sequence[float], *seed_parts: object) -> tuple[int, 
 class SimulateWorker:
     """Labels batches of states with one candidate pool (one replica per process or Ray actor)."""
 
-    def __init__(self, pool: CandidatePool, scorers: Mapping[str, Scorer], k: int = 32,
-                 max_new_tokens: int = 512, seed: int = 0, states_per_batch: int = 8):
+    def __init__(
+        self,
+        pool: CandidatePool,
+        scorers: Mapping[str, Scorer],
+        k: int = 32,
+        max_new_tokens: int = 512,
+        seed: int = 0,
+        states_per_batch: int = 8,
+    ):
         if k <= 0:
             raise ValueError(f"k must be > 0, got {k}")
         if states_per_batch <= 0:
@@ -76,31 +83,44 @@ class SimulateWorker:
 
     def states(self, items: Sequence[StateItem]) -> list[Trace]:
         """A random-switching prefix per item: a full random response cut at a random patch boundary."""
-        probes = [Trace(key=item.id, query=item.instance.query, max_new_tokens=self.max_new_tokens)
-                  for item in items]
+        probes = [
+            Trace(key=item.id, query=item.instance.query, max_new_tokens=self.max_new_tokens)
+            for item in items
+        ]
         advance(self.pool, self.random, probes)
         states = []
         for item, probe in zip(items, probes):
             cut = int(torch.randint(len(probe.patches), (1,), generator=generator(self.seed, item.id, "cut")))
-            states.append(Trace(key=item.id, query=probe.query, max_new_tokens=self.max_new_tokens,
-                                patches=probe.patches[:cut]))
+            states.append(
+                Trace(
+                    key=item.id,
+                    query=probe.query,
+                    max_new_tokens=self.max_new_tokens,
+                    patches=probe.patches[:cut],
+                )
+            )
         return states
 
     def process(self, items: Sequence[StateItem]) -> list[dict]:
         """One JSON-serialisable record per item, in the order of ``items``."""
         records: list[dict] = []
         for start in range(0, len(items), self.states_per_batch):
-            batch = items[start:start + self.states_per_batch]
+            batch = items[start : start + self.states_per_batch]
             states = self.states(batch)
             by_task: dict[str, list[int]] = {}
             for i, item in enumerate(batch):
                 by_task.setdefault(item.instance.task, []).append(i)
             results: list = [None] * len(batch)
             for task, rows in by_task.items():
-                est = estimate_utilities(self.pool, [states[i] for i in rows],
-                                         [batch[i].instance.reference for i in rows], self.scorer_for(task),
-                                         k=self.k, finisher=self.random,
-                                         metas=[batch[i].instance.meta for i in rows])
+                est = estimate_utilities(
+                    self.pool,
+                    [states[i] for i in rows],
+                    [batch[i].instance.reference for i in rows],
+                    self.scorer_for(task),
+                    k=self.k,
+                    finisher=self.random,
+                    metas=[batch[i].instance.meta for i in rows],
+                )
                 for i, e in zip(rows, est):
                     results[i] = e
             self.pool.release([s.key for s in states])
@@ -120,8 +140,10 @@ class SimulateWorker:
             "reference": item.instance.reference,
             "candidates": names,
             "prefix_text": state.text,
-            "prefix": [{"author": p.author, "text": p.text, "token_ids": p.token_ids, "vocab": p.vocab}
-                       for p in state.patches],
+            "prefix": [
+                {"author": p.author, "text": p.text, "token_ids": p.token_ids, "vocab": p.vocab}
+                for p in state.patches
+            ],
             "next_patches": [p.text for p in est.next_patches],
             "utilities": utilities,
             "counts": est.counts,
@@ -145,8 +167,14 @@ def build_worker(config: dict, context: WorkerContext) -> SimulateWorker:
     pool = CandidatePool.from_configs(candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
     sim = run_cfg.simulate
     tasks = list(resolved.instances(sim.split, sim.limit))
-    return SimulateWorker(pool, resolved.scorers(tasks), k=sim.k, max_new_tokens=gen.max_new_tokens,
-                          seed=gen.seed, states_per_batch=sim.states_per_batch)
+    return SimulateWorker(
+        pool,
+        resolved.scorers(tasks),
+        k=sim.k,
+        max_new_tokens=gen.max_new_tokens,
+        seed=gen.seed,
+        states_per_batch=sim.states_per_batch,
+    )
 
 
 def simulate(config: RunConfig, progress: bool = True) -> ShardStore:
@@ -157,14 +185,27 @@ def simulate(config: RunConfig, progress: bool = True) -> ShardStore:
     if not instances:
         raise ConfigError(f"simulate: no task instances in split {sim.split!r}")
     items = make_items(instances, sim.states_per_query)
-    spec = WorkerSpec("switchrl.trainers.simulate:build_worker", {"run": config.model_dump(mode="json")},
-                      num_models=len(resolved.candidates))
-    fingerprint = {"candidates": [c.model_dump(mode="json") for c in resolved.candidates],
-                   "generation": resolved.generation.model_dump(mode="json"),
-                   "simulate": sim.model_dump(mode="json", exclude={"out_dir", "chunk_size", "states_per_batch"})}
-    return run(items, spec, sim.out_dir, executor=config.executor, chunk_size=sim.chunk_size,
-               fingerprint=fingerprint, progress=progress, desc="simulate",
-               rates={"finishes": lambda recs: sum(sum(r["counts"]) for r in recs)})
+    spec = WorkerSpec(
+        "switchrl.trainers.simulate:build_worker",
+        {"run": config.model_dump(mode="json")},
+        num_models=len(resolved.candidates),
+    )
+    fingerprint = {
+        "candidates": [c.model_dump(mode="json") for c in resolved.candidates],
+        "generation": resolved.generation.model_dump(mode="json"),
+        "simulate": sim.model_dump(mode="json", exclude={"out_dir", "chunk_size", "states_per_batch"}),
+    }
+    return run(
+        items,
+        spec,
+        sim.out_dir,
+        executor=config.executor,
+        chunk_size=sim.chunk_size,
+        fingerprint=fingerprint,
+        progress=progress,
+        desc="simulate",
+        rates={"finishes": lambda recs: sum(sum(r["counts"]) for r in recs)},
+    )
 
 
 def summarize(records: Sequence[dict]) -> dict:
@@ -172,11 +213,13 @@ def summarize(records: Sequence[dict]) -> dict:
     n = len(records)
     names = records[0]["candidates"] if records else []
     labels = Counter(r["label_name"] for r in records)
-    return {"states": n,
-            "label_share": {name: labels[name] / n for name in names} if n else {},
-            "all_equal": sum(r["all_equal"] for r in records) / n if n else 0.0,
-            "ties": sum(r["tie"] for r in records) / n if n else 0.0,
-            "scorer_failures": sum(r["failures"] for r in records)}
+    return {
+        "states": n,
+        "label_share": {name: labels[name] / n for name in names} if n else {},
+        "all_equal": sum(r["all_equal"] for r in records) / n if n else 0.0,
+        "ties": sum(r["tie"] for r in records) / n if n else 0.0,
+        "scorer_failures": sum(r["failures"] for r in records),
+    }
 
 
 def main(args) -> int:
