@@ -31,13 +31,13 @@ class UtilityWorker:
     """A candidate pool (one replica) that scores k random-switching finishes per candidate and state."""
 
     def __init__(self, config: dict, context: WorkerContext):
-        from switchrl.backends import CandidatePool, SamplingParams
+        from switchrl.backends import CandidatePool, CandidateSampling
         from switchrl.backends.transformers_backend import TransformersBackend
 
         devices = context.devices or ("cpu",) * len(config["models"])
         backends = [
             TransformersBackend.from_pretrained(
-                f"c{i}", path, device=device, sampling=SamplingParams(temperature=1.0)
+                f"c{i}", path, device=device, sampling=CandidateSampling(temperature=1.0)
             )
             for i, (path, device) in enumerate(zip(config["models"], devices))
         ]
@@ -46,11 +46,17 @@ class UtilityWorker:
 
     def process(self, items: list[State]) -> list[dict]:
         from switchrl.backends import Trace
-        from switchrl.envs.rollout import estimate_utilities
+        from switchrl.policies import RandomSwitcher
+        from switchrl.rollout import estimate_utilities
 
         states = [Trace(key=it.id, query=it.query, max_new_tokens=self.max_new_tokens) for it in items]
         est = estimate_utilities(
-            self.pool, states, ["river"] * len(items), lambda q, r, ref, **m: float(ref in r), k=self.k
+            self.pool,
+            states,
+            ["river"] * len(items),
+            lambda q, r, ref, **m: float(ref in r),
+            k=self.k,
+            finisher=RandomSwitcher(len(self.pool), seed=self.pool.seed),
         )
         self.pool.release([s.key for s in states])
         return [

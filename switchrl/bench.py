@@ -26,12 +26,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from switchrl.backends.base import SamplingParams, Trace
+from switchrl.backends.base import CandidateSampling, Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.backends.transformers_backend import TransformersBackend, resolve_device, resolve_dtype
-from switchrl.envs.rollout import estimate_utilities, run_switch_generation
-from switchrl.policies.base import SwitchPolicy
 from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher
+from switchrl.rollout import SwitchPolicy, estimate_utilities, run_switch_generation
 from switchrl.utils.seeding import derive_seed, generator
 
 ARCHS: dict[str, dict] = {
@@ -64,7 +63,7 @@ ARCHS: dict[str, dict] = {
         rope_theta=500000.0,
     ),
 }
-GREEDY = SamplingParams(temperature=0.0)
+GREEDY = CandidateSampling(temperature=0.0)
 _T = TypeVar("_T")
 
 
@@ -113,7 +112,7 @@ def build_setup(
     device: str = "auto",
     dtype: str = "auto",
     seed: int = 0,
-    sampling: SamplingParams = GREEDY,
+    sampling: CandidateSampling = GREEDY,
 ) -> BenchSetup:
     """``n_candidates`` random-weight models of ``arch`` (different weights, one tokenizer)."""
     if arch not in ARCHS:

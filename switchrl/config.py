@@ -48,7 +48,7 @@ class CandidateConfig(StrictModel):
         return v
 
 
-class GenerationConfig(StrictModel):
+class SwitchGenerationConfig(StrictModel):
     """How a switched response is written."""
 
     patch_tokens: int = Field(50, gt=0, description="tokens per patch (the paper: 50)")

@@ -29,7 +29,6 @@ import torch
 
 from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
-from switchrl.envs.rollout import run_switch_generation
 from switchrl.errors import CheckpointError, ConfigError
 from switchrl.executors import ExecutorConfig, WorkerContext, WorkerSpec, run
 from switchrl.executors.shards import atomic_write
@@ -37,6 +36,7 @@ from switchrl.policies import FixedSwitcher, LMSwitcher, RandomSwitcher, RoundRo
 from switchrl.policies.lm_switcher import METADATA_FILE
 from switchrl.policies.sb3_switcher import SB3Switcher, is_sb3_switcher_dir
 from switchrl.rewards.base import ScoreResult, safe_score_batch
+from switchrl.rollout import run_switch_generation
 from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
 from switchrl.tasks.base import TaskInstance
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.config import SwitcherConfig
-from switchrl.envs.rollout import run_switch_generation
 from switchrl.errors import ConfigError
 from switchrl.policies import FixedSwitcher, LMSwitcher, RandomSwitcher, RoundRobinSwitcher, SwitchPolicy
+from switchrl.rollout import run_switch_generation
 from switchrl.run_config import ResolvedRun, load_run_config
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from switchrl.config import (
     CandidateConfig,
-    GenerationConfig,
     StrictModel,
     SwitcherConfig,
+    SwitchGenerationConfig,
     TaskSourceConfig,
     load_yaml,
 )
@@ -29,7 +29,7 @@ from switchrl.tasks.base import TaskInstance
 ReportTo = Literal["none", "wandb", "tensorboard"]
 
 
-class TestbedRef(StrictModel):
+class TestbedSection(StrictModel):
     """Use the built-in testbed family (built on first use) as candidates and task source."""
 
     __test__ = False  # not a pytest class
@@ -81,7 +81,7 @@ class EvalSection(StrictModel):
     batch_size: int = Field(64, gt=0)
 
 
-class PPOOptions(StrictModel):
+class PPOSection(StrictModel):
     """The LM-switcher PPO of :mod:`switchrl.trainers.ppo`."""
 
     epochs: int = Field(4, gt=0, description="optimisation passes over each batch of episodes")
@@ -92,11 +92,16 @@ class PPOOptions(StrictModel):
     max_grad_norm: float = Field(1.0, gt=0)
 
 
-class SB3Options(StrictModel):
+class SB3Section(StrictModel):
     """stable-baselines3 ``PPO`` on ``FeatureObservation(SwitchEnv)`` (:mod:`switchrl.trainers.sb3`)."""
 
     total_timesteps: int = Field(2048, gt=0, description="environment steps (one step = one patch)")
-    n_envs: int = Field(4, gt=0)
+    num_envs: int = Field(
+        4,
+        gt=0,
+        validation_alias=AliasChoices("num_envs", "n_envs"),
+        description="envs stepped together (also: n_envs)",
+    )
     n_steps: int = Field(64, gt=0, description="steps per env between updates")
     batch_size: int = Field(64, gt=0)
     n_epochs: int = Field(10, gt=0)
@@ -147,14 +152,14 @@ class RLSection(StrictModel):
     logging_steps: int = Field(1, gt=0)
     report_to: ReportTo = "none"
     seed: int = 0
-    ppo: PPOOptions = Field(default_factory=PPOOptions)
-    sb3: SB3Options = Field(default_factory=SB3Options)
+    ppo: PPOSection = Field(default_factory=PPOSection)
+    sb3: SB3Section = Field(default_factory=SB3Section)
 
 
 class RunConfig(StrictModel):
-    testbed: TestbedRef | None = None
+    testbed: TestbedSection | None = None
     candidates: list[CandidateConfig] = Field(default_factory=list)
-    generation: GenerationConfig | None = None
+    generation: SwitchGenerationConfig | None = None
     tasks: list[TaskSourceConfig] = Field(default_factory=list)
     reward: RewardConfig | None = Field(
         None, description="default: each task's own scorer (testbed) or exact_match"
@@ -195,10 +200,10 @@ class ResolvedRun:
         return self.family.candidate_configs() if self.family else list(self.config.candidates)
 
     @property
-    def generation(self) -> GenerationConfig:
+    def generation(self) -> SwitchGenerationConfig:
         if self.config.generation is not None:
             return self.config.generation
-        return self.family.generation_config() if self.family else GenerationConfig()
+        return self.family.generation_config() if self.family else SwitchGenerationConfig()
 
     def task_sources(self) -> list[TaskSourceConfig]:
         if self.config.tasks:

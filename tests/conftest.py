@@ -91,11 +91,13 @@ def tiny_family(tmp_path_factory, word_tokenizer) -> list[Path]:
 
 def make_pool(paths, patch_tokens: int = 2, seed: int = 0, temperature: float = 1.0):
     """A candidate pool over checkpoint ``paths`` named c0, c1, ..."""
-    from switchrl.backends import CandidatePool, SamplingParams
+    from switchrl.backends import CandidatePool, CandidateSampling
     from switchrl.backends.transformers_backend import TransformersBackend
 
     backends = [
-        TransformersBackend.from_pretrained(f"c{i}", str(p), sampling=SamplingParams(temperature=temperature))
+        TransformersBackend.from_pretrained(
+            f"c{i}", str(p), sampling=CandidateSampling(temperature=temperature)
+        )
         for i, p in enumerate(paths)
     ]
     return CandidatePool(backends, patch_tokens=patch_tokens, seed=seed)

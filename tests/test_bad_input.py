@@ -7,7 +7,7 @@ import pytest
 from switchrl.backends import CandidatePool, Trace
 from switchrl.backends.transformers_backend import TransformersBackend
 from switchrl.cli import main
-from switchrl.config import CandidateConfig, GenerationConfig
+from switchrl.config import CandidateConfig, SwitchGenerationConfig
 from switchrl.errors import CheckpointError, ConfigError
 from switchrl.run_config import load_run_config
 from tests.conftest import make_word_tokenizer, save_tiny_model
@@ -48,7 +48,7 @@ def test_empty_query_and_bad_action(tiny_family):
 @pytest.mark.parametrize("value", [0, -5])
 def test_patch_tokens_must_be_positive(value):
     with pytest.raises(Exception, match="patch_tokens"):
-        GenerationConfig(patch_tokens=value)
+        SwitchGenerationConfig(patch_tokens=value)
     with pytest.raises(ConfigError, match="patch_tokens"):
         CandidatePool([object()], patch_tokens=value)  # type: ignore[list-item]
 

@@ -31,9 +31,9 @@ def test_quick_demo_runs_the_whole_chain(tmp_path, monkeypatch):
     """The chain simulate -> sft -> eval -> report wires together (a tiny family, tiny sizes)."""
     from switchrl import demo
     from switchrl.testbed import build_family
-    from switchrl.testbed.stages import StageSettings
+    from switchrl.testbed.stages import StageConfig
 
-    tiny = StageSettings(
+    tiny = StageConfig(
         hidden_size=32,
         layers=1,
         heads=2,

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from gymnasium.utils.env_checker import check_env
 
-from switchrl.config import GenerationConfig
+from switchrl.config import SwitchGenerationConfig
 from switchrl.envs import ENV_ID, FeatureObservation, SwitchEnv, SwitchEnvConfig
 from switchrl.envs.switch_env import ObservationLayout, coerce_config
 from switchrl.errors import ConfigError
@@ -32,7 +32,7 @@ def pool(tiny_family):
 
 def make_config(**kw) -> SwitchEnvConfig:
     base = dict(
-        generation=GenerationConfig(patch_tokens=2, max_new_tokens=6, seed=3),
+        generation=SwitchGenerationConfig(patch_tokens=2, max_new_tokens=6, seed=3),
         reward=words_overlap,
         tasks=TASKS,
         info_timings=False,

@@ -15,7 +15,7 @@ import yaml
 
 from switchrl import cli
 from switchrl.backends import CandidatePool
-from switchrl.config import CandidateConfig, GenerationConfig, TaskSourceConfig
+from switchrl.config import CandidateConfig, SwitchGenerationConfig, TaskSourceConfig
 from switchrl.errors import CheckpointError, ConfigError
 from switchrl.eval import build_systems, evaluate, mean_ci, resolve_systems
 from switchrl.policies import LMSwitcher
@@ -67,7 +67,7 @@ def make_config(
         LMSwitcher.from_base(str(tiny_family[2]), NAMES, patch_tokens=2).save_pretrained(sft_dir)
     return RunConfig(
         candidates=[CandidateConfig(name=n, path=str(p)) for n, p in zip(NAMES, tiny_family)],
-        generation=GenerationConfig(patch_tokens=2, max_new_tokens=6, seed=3),
+        generation=SwitchGenerationConfig(patch_tokens=2, max_new_tokens=6, seed=3),
         tasks=[TaskSourceConfig(source="jsonl", path=str(tasks))],
         reward=write_scorer(root),
         sft={"base": str(tiny_family[2])},

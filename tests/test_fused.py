@@ -17,7 +17,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from switchrl.backends import CandidatePool, SamplingParams, Trace
+from switchrl.backends import CandidatePool, CandidateSampling, Trace
 from switchrl.backends.fused import NotFusable, RowAssignment, fuse_models
 from switchrl.backends.transformers_backend import TransformersBackend
 from tests.conftest import make_word_tokenizer
@@ -101,7 +101,7 @@ def _pool(models, tokenizer, fuse: bool) -> CandidatePool:
             f"c{i}",
             m,
             tokenizer,
-            sampling=SamplingParams(temperature=1.0),
+            sampling=CandidateSampling(temperature=1.0),
             stop_strings=("red",) if i == 1 else (),
             eos_after="blue" if i == 2 else None,
         )

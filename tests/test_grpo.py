@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from switchrl.config import CandidateConfig, GenerationConfig, TaskSourceConfig
+from switchrl.config import CandidateConfig, SwitchGenerationConfig, TaskSourceConfig
 from switchrl.run_config import RLSection, RunConfig
 from switchrl.trainers.grpo import restricted_head, train_grpo
 from switchrl.trainers.rl import build_switcher, nucleus_logprob, prepare, sample_episodes, train
@@ -30,7 +30,7 @@ def make_config(tiny_family: list[Path], tmp_path: Path) -> RunConfig:
     )
     return RunConfig(
         candidates=[CandidateConfig(name=f"m{i}", path=str(p)) for i, p in enumerate(tiny_family)],
-        generation=GenerationConfig(patch_tokens=3, max_new_tokens=9, seed=0),
+        generation=SwitchGenerationConfig(patch_tokens=3, max_new_tokens=9, seed=0),
         tasks=[TaskSourceConfig(source="jsonl", path=str(tasks), task="toy", split="train")],
         reward="token_f1",
     )

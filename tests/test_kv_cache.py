@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from switchrl.backends import CandidatePool, SamplingParams, Trace
+from switchrl.backends import CandidatePool, CandidateSampling, Trace
 from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm, load_tokenizer
 from tests.conftest import make_word_tokenizer, save_tiny_model
 
@@ -58,7 +58,7 @@ def reencode_reference(models, tokenizers, queries, schedule, patch_tokens, max_
 def run_switched(paths, queries, schedule, patch_tokens, max_new_tokens, dtype="float64"):
     backends = [
         TransformersBackend.from_pretrained(
-            f"c{i}", str(p), dtype=dtype, sampling=SamplingParams(temperature=0)
+            f"c{i}", str(p), dtype=dtype, sampling=CandidateSampling(temperature=0)
         )
         for i, p in enumerate(paths)
     ]
@@ -112,9 +112,9 @@ def test_batch_of_very_different_chunk_lengths_equals_one_trace_at_a_time(tiny_f
         ["a", "b", "c"],
         [[5], list(range(10, 30)), [6, 7, 8]],
     )  # chunk lengths 1, 20, 3: three buckets
-    got = batched.generate(keys, new, [6, 4, 5], SamplingParams(temperature=0))
+    got = batched.generate(keys, new, [6, 4, 5], CandidateSampling(temperature=0))
     want = [
-        alone.generate([k], [ids], [n], SamplingParams(temperature=0))[0]
+        alone.generate([k], [ids], [n], CandidateSampling(temperature=0))[0]
         for k, ids, n in zip(keys, new, [6, 4, 5])
     ]
     assert [(g.token_ids, g.stop_reason) for g in got] == [(w.token_ids, w.stop_reason) for w in want]

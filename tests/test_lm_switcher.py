@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from switchrl.backends import CandidatePool, Patch, SamplingParams, Trace
+from switchrl.backends import CandidatePool, CandidateSampling, Patch, Trace
 from switchrl.backends.transformers_backend import TransformersBackend
-from switchrl.envs.rollout import run_switch_generation
 from switchrl.errors import CheckpointError, ConfigError
 from switchrl.policies import LMSwitcher, SwitchSequence
 from switchrl.policies.lm_switcher import METADATA_FILE
+from switchrl.rollout import run_switch_generation
 from tests.conftest import WORDS, make_word_tokenizer, save_tiny_model
 
 NAMES = ["base", "sft", "aligned"]
@@ -41,7 +41,7 @@ def switcher_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pool(tiny_family):
     backends = [
-        TransformersBackend.from_pretrained(n, str(p), sampling=SamplingParams(temperature=1.0))
+        TransformersBackend.from_pretrained(n, str(p), sampling=CandidateSampling(temperature=1.0))
         for n, p in zip(NAMES, tiny_family)
     ]
     return CandidatePool(backends, patch_tokens=2, seed=1)

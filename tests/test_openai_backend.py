@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from switchrl.backends import CandidatePool, SamplingParams, Trace, build_backend
+from switchrl.backends import CandidatePool, CandidateSampling, Trace, build_backend
 from switchrl.backends.openai_backend import OpenAIBackend, ServerError
 from switchrl.backends.transformers_backend import TransformersBackend
 from switchrl.config import CandidateConfig
@@ -41,7 +41,7 @@ def _switch(backends, schedule, patch_tokens=5, max_new_tokens=30):
 
 @pytest.mark.parametrize("token_ids", [True, False], ids=["token_ids", "retokenized"])
 def test_served_candidate_writes_what_the_local_one_writes(serve, tiny_family, token_ids):
-    greedy = SamplingParams(temperature=0)
+    greedy = CandidateSampling(temperature=0)
     url, srv = serve(tiny_family[0], token_ids=token_ids)
     remote = OpenAIBackend.from_pretrained("c0", str(tiny_family[0]), url, "tiny", sampling=greedy)
     schedule = [0, 1, 0, 2, 0, 1]
@@ -57,7 +57,7 @@ def test_served_candidate_writes_what_the_local_one_writes(serve, tiny_family, t
 
 def test_sampling_sends_one_seeded_request_per_trace(serve, tiny_family):
     url, srv = serve(tiny_family[0])
-    sampling = SamplingParams(temperature=1.0, top_p=0.9)
+    sampling = CandidateSampling(temperature=1.0, top_p=0.9)
     backend = OpenAIBackend.from_pretrained("c0", str(tiny_family[0]), url, "tiny", sampling=sampling)
     traces = [Trace(key=f"q{i}", query=q, max_new_tokens=20) for i, q in enumerate(QUERIES)]
     first = backend.write_patches(traces, 0, 6, seed=11)
@@ -167,7 +167,7 @@ def test_against_a_real_vllm_server(tmp_path, word_tokenizer):
             except OSError:
                 assert time.monotonic() < deadline, "the vLLM server did not start within 600 s"
                 time.sleep(2)
-        url, greedy = f"http://127.0.0.1:{port}/v1", SamplingParams(temperature=0)
+        url, greedy = f"http://127.0.0.1:{port}/v1", CandidateSampling(temperature=0)
         remote = OpenAIBackend.from_pretrained("c0", str(tmp_path), url, "tiny", sampling=greedy)
         local = TransformersBackend.from_pretrained("c0", str(tmp_path), dtype="float32", sampling=greedy)
         traces = [Trace(key=f"q{i}", query=q, max_new_tokens=12) for i, q in enumerate(QUERIES)]
@@ -177,7 +177,7 @@ def test_against_a_real_vllm_server(tmp_path, word_tokenizer):
             for t, p in zip(traces, want):
                 t.patches.append(p)
         sampler = OpenAIBackend.from_pretrained(
-            "c0", str(tmp_path), url, "tiny", sampling=SamplingParams(1.0, 0.9)
+            "c0", str(tmp_path), url, "tiny", sampling=CandidateSampling(1.0, 0.9)
         )
         fresh = [Trace(key=f"q{i}", query=q, max_new_tokens=12) for i, q in enumerate(QUERIES)]
         first, again = (sampler.write_patches(fresh, 0, 6, seed=1) for _ in range(2))

@@ -73,18 +73,19 @@ class UtilityWorker:
 
     def __init__(self, config: dict, context: WorkerContext):
         # imported here, so the actors of the other tests start without torch / transformers
-        from switchrl.backends import CandidatePool, SamplingParams
+        from switchrl.backends import CandidatePool, CandidateSampling
         from switchrl.backends.transformers_backend import TransformersBackend
 
         backends = [
-            TransformersBackend.from_pretrained(f"c{i}", p, sampling=SamplingParams(temperature=1.0))
+            TransformersBackend.from_pretrained(f"c{i}", p, sampling=CandidateSampling(temperature=1.0))
             for i, p in enumerate(config["paths"])
         ]
         self.pool = CandidatePool(backends, patch_tokens=2, seed=config["seed"])
 
     def process(self, items):
         from switchrl.backends import Trace
-        from switchrl.envs.rollout import estimate_utilities
+        from switchrl.policies import RandomSwitcher
+        from switchrl.rollout import estimate_utilities
 
         states = [Trace(key=it.id, query=it.query, max_new_tokens=6) for it in items]
         self.pool.step(states, [int(it.id[1:]) % len(self.pool) for it in items])
@@ -92,7 +93,14 @@ class UtilityWorker:
         def scorer(query, response, reference, **meta):
             return float(reference in response)
 
-        est = estimate_utilities(self.pool, states, ["river"] * len(items), scorer, k=2)
+        est = estimate_utilities(
+            self.pool,
+            states,
+            ["river"] * len(items),
+            scorer,
+            k=2,
+            finisher=RandomSwitcher(len(self.pool), seed=self.pool.seed),
+        )
         self.pool.release([s.key for s in states])
         return [
             {"id": it.id, "state": s.text, "utilities": e.utilities, "responses": e.responses}

@@ -22,8 +22,9 @@ from test_grpo import QUERIES, make_config, rl_section  # noqa: E402
 from switchrl.backends import CandidatePool, Trace  # noqa: E402
 from switchrl.cli import main as cli  # noqa: E402
 from switchrl.config import CandidateConfig  # noqa: E402
-from switchrl.envs.rollout import estimate_utilities  # noqa: E402
 from switchrl.executors import ExecutorConfig, ExecutorError, RayCandidatePool  # noqa: E402
+from switchrl.policies import RandomSwitcher  # noqa: E402
+from switchrl.rollout import estimate_utilities  # noqa: E402
 from switchrl.trainers.rl import build_switcher, prepare, sample_episodes, train  # noqa: E402
 
 torch.set_num_threads(1)  # as the actors (Ray sets OMP_NUM_THREADS=1): same float results
@@ -107,7 +108,9 @@ def test_simulated_rollout_utilities_match_local(ray_pool, tiny_family):
     for name, pool in {"local": local_pool(tiny_family), "ray": ray_pool}.items():
         states = [Trace(f"s{i}", q, 9) for i, q in enumerate(QUERY_TEXTS[:2])]
         switch(pool, states, [1])
-        est = estimate_utilities(pool, states, ["town", "four"], scorer, k=2)
+        est = estimate_utilities(
+            pool, states, ["town", "four"], scorer, k=2, finisher=RandomSwitcher(len(pool), seed=pool.seed)
+        )
         pool.release([s.key for s in states])
         results[name] = [(e.scores, e.responses) for e in est]
     assert results["ray"] == results["local"]

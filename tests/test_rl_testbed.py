@@ -7,7 +7,7 @@ import pytest
 from switchrl.config import TaskSourceConfig
 from switchrl.policies.lm_switcher import LMSwitcher
 from switchrl.policies.sb3_switcher import SB3Switcher
-from switchrl.run_config import RLSection, RunConfig, SB3Options
+from switchrl.run_config import RLSection, RunConfig, SB3Section
 from switchrl.trainers.rl import train
 
 pytestmark = pytest.mark.testbed
@@ -37,7 +37,7 @@ def test_sb3_one_update_on_the_testbed(tmp_path):
     config = make_testbed_config(tmp_path)
     rl = RLSection(
         out_dir=str(tmp_path / "sb3"),
-        sb3=SB3Options(total_timesteps=16, n_envs=2, n_steps=8, batch_size=8, n_epochs=1),
+        sb3=SB3Section(total_timesteps=16, num_envs=2, n_steps=8, batch_size=8, n_epochs=1),
     )
     result = train(config, "sb3-ppo", rl=rl)
     assert any("train/loss" in h or "train/value_loss" in h for h in result.history)

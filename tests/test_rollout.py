@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from switchrl.backends import CandidatePool, SamplingParams, Trace
+from switchrl.backends import CandidatePool, CandidateSampling, Trace
 from switchrl.backends.transformers_backend import TransformersBackend
-from switchrl.envs.rollout import estimate_utilities, run_switch_generation
 from switchrl.policies import FixedSwitcher, RandomSwitcher
+from switchrl.rollout import estimate_utilities, run_switch_generation
 from tests.conftest import make_pool
 
 
@@ -40,7 +40,9 @@ def test_utilities_are_means_of_k_scored_finishes(pool):
 
     state = Trace(key="s0", query="the town", max_new_tokens=9)
     pool.step([state], [1])
-    (u,) = estimate_utilities(pool, [state], ["x"], scorer, k=4)
+    (u,) = estimate_utilities(
+        pool, [state], ["x"], scorer, k=4, finisher=RandomSwitcher(len(pool), seed=pool.seed)
+    )
     assert u.counts == [4, 4, 4]
     assert len(calls) == 12
     for i in range(3):
@@ -53,7 +55,7 @@ def test_identical_next_patches_share_their_finishes(tiny_family):
     """Two copies of one checkpoint write the same patches: they share k finishes (half the scoring)."""
     backends = [
         TransformersBackend.from_pretrained(
-            f"c{i}", str(tiny_family[0]), sampling=SamplingParams(temperature=0)
+            f"c{i}", str(tiny_family[0]), sampling=CandidateSampling(temperature=0)
         )
         for i in range(2)
     ]
@@ -65,8 +67,12 @@ def test_identical_next_patches_share_their_finishes(tiny_family):
         return 1.0
 
     state = Trace(key="s", query="the town", max_new_tokens=6)
-    (shared,) = estimate_utilities(pool, [state], ["x"], scorer, k=3)
+    (shared,) = estimate_utilities(
+        pool, [state], ["x"], scorer, k=3, finisher=RandomSwitcher(3, seed=pool.seed)
+    )
     assert len(calls) == 3 and shared.counts == [3, 3] and shared.responses[0] == shared.responses[1]
     calls.clear()
-    (separate,) = estimate_utilities(pool, [state], ["x"], scorer, k=3, share_identical=False)
+    (separate,) = estimate_utilities(
+        pool, [state], ["x"], scorer, k=3, finisher=RandomSwitcher(3, seed=pool.seed), share_identical=False
+    )
     assert len(calls) == 6 and separate.counts == [3, 3]

@@ -9,10 +9,9 @@ import torch
 from test_grpo import make_config, rl_section
 
 from switchrl.backends.base import Trace
-from switchrl.envs.rollout import run_switch_generation
-from switchrl.policies.base import SwitchPolicy
 from switchrl.policies.sb3_switcher import SB3Switcher, is_sb3_switcher_dir
-from switchrl.run_config import RLSection, SB3Options
+from switchrl.rollout import SwitchPolicy, run_switch_generation
+from switchrl.run_config import RLSection, SB3Section
 from switchrl.trainers.rl import prepare, train
 
 
@@ -22,8 +21,8 @@ def sb3_section(tiny_family, tmp_path) -> RLSection:
         tiny_family,
         tmp_path,
         switch_cost=0.05,
-        sb3=SB3Options(
-            total_timesteps=16, n_envs=2, n_steps=8, batch_size=8, n_epochs=1, n_features=32, net_arch=[16]
+        sb3=SB3Section(
+            total_timesteps=16, num_envs=2, n_steps=8, batch_size=8, n_epochs=1, n_features=32, net_arch=[16]
         ),
     )
 

@@ -7,7 +7,7 @@ import torch
 
 from switchrl.backends import CandidatePool, Trace
 from switchrl.backends.transformers_backend import TransformersBackend
-from switchrl.config import CandidateConfig, GenerationConfig
+from switchrl.config import CandidateConfig, SwitchGenerationConfig
 from switchrl.policies.lm_switcher import LMSwitcher
 from switchrl.run_config import RunConfig
 from switchrl.tasks.base import TaskInstance
@@ -52,7 +52,7 @@ def test_sft_learns_the_label_and_round_trips(records, tiny_family, tmp_path):
     cands = [CandidateConfig(name=f"c{i}", path=str(p)) for i, p in enumerate(tiny_family)]
     config = RunConfig(
         candidates=cands,
-        generation=GenerationConfig(patch_tokens=2, max_new_tokens=6),
+        generation=SwitchGenerationConfig(patch_tokens=2, max_new_tokens=6),
         sft={
             "base": str(tiny_family[0]),
             "out_dir": str(tmp_path / "sft"),

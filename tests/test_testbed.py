@@ -9,10 +9,10 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from switchrl.errors import CheckpointError
-from switchrl.tasks.testbed import SPLITS, TASKS, ExactAnswerScorer, StepScorer, make_scorer, make_tasks
-from switchrl.testbed import LABEL_TOKENS, StageSettings, TestbedFamily, World, build_family
+from switchrl.testbed import LABEL_TOKENS, StageConfig, TestbedFamily, World, build_family
 from switchrl.testbed.check import check_family, format_check
 from switchrl.testbed.corpus import dpo_pairs, pretraining_documents, sft_examples
+from switchrl.testbed.tasks import SPLITS, TASKS, ExactAnswerScorer, StepScorer, make_scorer, make_tasks
 from switchrl.testbed.tokenizer import build_tokenizer
 
 
@@ -144,7 +144,7 @@ def test_build_family_validates_and_load_names_missing_family(tmp_path):
 
 def test_tiny_build_writes_loadable_checkpoints_and_is_reused(tmp_path):
     """The whole pipeline with a handful of steps: the mechanics, not the phenomenon."""
-    tiny = StageSettings(
+    tiny = StageConfig(
         hidden_size=16,
         layers=1,
         heads=2,

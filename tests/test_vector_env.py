@@ -7,7 +7,7 @@ import pytest
 from gymnasium.vector import AutoresetMode
 
 from switchrl.backends import CandidatePool
-from switchrl.config import GenerationConfig
+from switchrl.config import SwitchGenerationConfig
 from switchrl.envs import FeatureObservation, SwitchEnv, SwitchEnvConfig, SwitchVectorEnv
 from switchrl.errors import ConfigError
 from switchrl.tasks.base import TaskInstance
@@ -31,7 +31,7 @@ def pool(tiny_family):
 @pytest.fixture(scope="module")
 def config():
     return SwitchEnvConfig(
-        generation=GenerationConfig(patch_tokens=2, max_new_tokens=6, seed=3),
+        generation=SwitchGenerationConfig(patch_tokens=2, max_new_tokens=6, seed=3),
         reward=overlap,
         tasks=TASKS,
         switch_cost=0.1,

@@ -11,13 +11,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from switchrl.backends import CandidatePool, SamplingParams, Trace
+from switchrl.backends import CandidatePool, CandidateSampling, Trace
 from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm, load_tokenizer
 from switchrl.backends.vllm_backend import VLLMBackend, import_vllm
 from switchrl.errors import SwitchRLError
 
 QUERIES = ["the town of red river", "one two three", "the answer is", "a blue bridge in the park"]
-GREEDY = SamplingParams(temperature=0)
+GREEDY = CandidateSampling(temperature=0)
 
 
 class FakeLLM:

@@ -1,6 +1,6 @@
 """Who writes a patch: the candidate pool and its backends."""
 
-from switchrl.backends.base import CandidateBackend, Patch, SamplingParams, Trace
+from switchrl.backends.base import CandidateBackend, CandidateSampling, Patch, Trace
 from switchrl.backends.cached_lm import CachedLM
 from switchrl.backends.pool import CandidatePool, build_backend
 
@@ -9,7 +9,7 @@ __all__ = [
     "CandidateBackend",
     "CandidatePool",
     "Patch",
-    "SamplingParams",
+    "CandidateSampling",
     "Trace",
     "build_backend",
 ]

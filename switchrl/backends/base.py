@@ -10,7 +10,7 @@ StopReason = Literal["eos", "stop", "budget"]
 
 
 @dataclass(frozen=True)
-class SamplingParams:
+class CandidateSampling:
     """How a candidate samples its tokens. ``temperature == 0`` means greedy decoding."""
 
     temperature: float = 1.0

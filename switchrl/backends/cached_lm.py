@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from switchrl.backends.base import SamplingParams
+from switchrl.backends.base import CandidateSampling
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Generation:
 
 
 def sample_next(
-    logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor | None
+    logits: torch.Tensor, sampling: CandidateSampling, uniforms: torch.Tensor | None
 ) -> torch.Tensor:
     """One token per row from ``logits`` [B, V], using one uniform draw per row (inverse CDF; unused when greedy).
 
@@ -131,7 +131,7 @@ class CachedLM:
         keys: Sequence[str],
         new_ids: Sequence[Sequence[int]],
         max_new_tokens: Sequence[int],
-        sampling: SamplingParams,
+        sampling: CandidateSampling,
         generators: Sequence[torch.Generator] | None = None,
         stop_ids: frozenset[int] = frozenset(),
         should_stop: Callable[[int, list[int]], bool] | None = None,

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from switchrl.backends.base import SamplingParams
+from switchrl.backends.base import CandidateSampling
 from switchrl.backends.cached_lm import CachedLM, Generation
 
 _CONFIG_IGNORED = {"_name_or_path", "name_or_path", "transformers_version", "architectures", "_commit_hash"}
@@ -407,7 +407,7 @@ class CandidateView:
         keys: Sequence[str],
         new_ids: Sequence[Sequence[int]],
         max_new_tokens: Sequence[int],
-        sampling: SamplingParams,
+        sampling: CandidateSampling,
         generators: Sequence[torch.Generator] | None = None,
         **kwargs: Any,
     ) -> list[Generation]:

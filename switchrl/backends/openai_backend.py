@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from switchrl.backends.base import Patch, SamplingParams, StopReason, Trace
+from switchrl.backends.base import CandidateSampling, Patch, StopReason, Trace
 from switchrl.backends.transformers_backend import TokenizedCandidate, load_tokenizer
 from switchrl.errors import SwitchRLError
 
@@ -46,7 +46,7 @@ class OpenAIBackend(TokenizedCandidate):
         base_url: str,
         served_model: str,
         tokenizer: PreTrainedTokenizerBase,
-        sampling: SamplingParams | None = None,
+        sampling: CandidateSampling | None = None,
         chat_template: bool = False,
         prompt_template: str = "{query}",
         stop_strings: Sequence[str] = (),

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from switchrl.backends.base import CandidateBackend, Patch, SamplingParams, Trace
+from switchrl.backends.base import CandidateBackend, CandidateSampling, Patch, Trace
 from switchrl.config import CandidateConfig
 from switchrl.errors import ConfigError
 
 
 def build_backend(cfg: CandidateConfig) -> CandidateBackend:
     """Instantiate the backend named by ``cfg.backend`` for one candidate."""
-    sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k)
+    sampling = CandidateSampling(cfg.temperature, cfg.top_p, cfg.top_k)
     if cfg.backend == "transformers":
         from switchrl.backends.transformers_backend import TransformersBackend
 

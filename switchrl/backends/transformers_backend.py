@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from switchrl.backends.base import Patch, SamplingParams, StopReason, Trace
+from switchrl.backends.base import CandidateSampling, Patch, StopReason, Trace
 from switchrl.backends.cached_lm import CachedLM, Generation
 from switchrl.backends.fused import (
     CandidateView,
@@ -111,7 +111,7 @@ class TokenizedCandidate:
         self,
         name: str,
         tokenizer: PreTrainedTokenizerBase,
-        sampling: SamplingParams | None = None,
+        sampling: CandidateSampling | None = None,
         chat_template: bool = False,
         prompt_template: str = "{query}",
         stop_strings: Sequence[str] = (),
@@ -123,7 +123,7 @@ class TokenizedCandidate:
             )
         self.name = name
         self.tokenizer = tokenizer
-        self.sampling = sampling or SamplingParams()
+        self.sampling = sampling or CandidateSampling()
         self.chat_template = chat_template
         self.prompt_template = prompt_template
         self.stop_strings = tuple(stop_strings)
@@ -275,7 +275,7 @@ class TransformersBackend(TokenizedCandidate):
         name: str,
         model: torch.nn.Module,
         tokenizer: PreTrainedTokenizerBase,
-        sampling: SamplingParams | None = None,
+        sampling: CandidateSampling | None = None,
         chat_template: bool = False,
         prompt_template: str = "{query}",
         stop_strings: Sequence[str] = (),

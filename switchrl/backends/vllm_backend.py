@@ -2,7 +2,7 @@
 
 Each step sends every trace's token view as ``{"prompt_token_ids": ...}``; vLLM's automatic prefix
 caching turns the re-sent prefix into a cache hit, so only the tokens other candidates wrote since
-are prefilled. Each trace gets its own ``SamplingParams`` seeded by (seed, trace key, patch index,
+are prefilled. Each trace gets its own ``CandidateSampling`` seeded by (seed, trace key, patch index,
 candidate), so tokens do not depend on which traces share a batch.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from switchrl.backends.base import Patch, SamplingParams, Trace
+from switchrl.backends.base import CandidateSampling, Patch, Trace
 from switchrl.backends.transformers_backend import TokenizedCandidate, load_tokenizer
 from switchrl.errors import SwitchRLError
 
@@ -45,7 +45,7 @@ class VLLMBackend(TokenizedCandidate):
         name: str,
         llm: Any,
         tokenizer: PreTrainedTokenizerBase,
-        sampling: SamplingParams | None = None,
+        sampling: CandidateSampling | None = None,
         chat_template: bool = False,
         prompt_template: str = "{query}",
         stop_strings: Sequence[str] = (),

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from switchrl.backends.base import Patch, Trace
 from switchrl.backends.pool import CandidatePool
-from switchrl.config import CandidateConfig, GenerationConfig, StrictModel, load_yaml, parse
+from switchrl.config import CandidateConfig, StrictModel, SwitchGenerationConfig, load_yaml, parse
 from switchrl.errors import ConfigError
 from switchrl.rewards.base import Scorer, safe_score
 from switchrl.tasks.base import TaskInstance
@@ -59,7 +59,7 @@ class SwitchEnvConfig(StrictModel):
     candidates: list[CandidateConfig] = Field(
         default_factory=list, description="the checkpoints; may be empty when a prebuilt pool is passed"
     )
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    generation: SwitchGenerationConfig = Field(default_factory=SwitchGenerationConfig)
     reward: Any = Field(
         description="scorer: a callable, a registered name, 'module:function', or a weighted list"
     )

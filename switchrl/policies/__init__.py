@@ -1,9 +1,9 @@
 """Switcher policies: the LM switcher and the baselines."""
 
-from switchrl.policies.base import Decision, SwitchPolicy
 from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher, RoundRobinSwitcher
 from switchrl.policies.lm_switcher import LMSwitcher, add_label_tokens
 from switchrl.policies.sequence import EncodedSequence, SwitchSequence, default_label_tokens
+from switchrl.rollout import Decision, SwitchPolicy
 
 __all__ = [
     "Decision",

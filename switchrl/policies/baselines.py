@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from switchrl.backends.base import Trace
-from switchrl.policies.base import Decision
+from switchrl.rollout import Decision
 from switchrl.utils.seeding import generator
 
 
@@ -18,6 +18,8 @@ class _Stateless:
 
 class RandomSwitcher(_Stateless):
     """Uniform over candidates (or over ``weights``); the draw depends only on (seed, trace key, patch index)."""
+
+    ignores_authors = True  # who wrote the trace so far never changes a draw
 
     def __init__(self, n_candidates: int, seed: int = 0, weights: Sequence[float] | None = None):
         if n_candidates < 1:

@@ -18,20 +18,20 @@ import torch
 from pydantic import Field, ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from switchrl.backends.base import SamplingParams, Trace
+from switchrl.backends.base import CandidateSampling, Trace
 from switchrl.backends.cached_lm import CachedLM, sample_next
 from switchrl.backends.transformers_backend import load_causal_lm, load_tokenizer
 from switchrl.config import StrictModel, format_validation_error
 from switchrl.errors import CheckpointError, ConfigError
-from switchrl.policies.base import Decision
 from switchrl.policies.sequence import PromptFormat, SwitchSequence, default_label_tokens
+from switchrl.rollout import Decision
 from switchrl.utils.seeding import generator
 
 METADATA_FILE = "switchrl_switcher.json"
 FORMAT_VERSION = 1
 
 
-class SwitcherMetadata(StrictModel):
+class SavedSwitcherConfig(StrictModel):
     """What ``switchrl_switcher.json`` records next to a saved switcher."""
 
     format_version: int = FORMAT_VERSION
@@ -217,7 +217,7 @@ class LMSwitcher:
         if not meta_path.is_file():
             raise CheckpointError(f"{directory} is not a saved switcher: {METADATA_FILE} is missing")
         try:
-            meta = SwitcherMetadata.model_validate(json.loads(meta_path.read_text()))
+            meta = SavedSwitcherConfig.model_validate(json.loads(meta_path.read_text()))
         except (ValidationError, json.JSONDecodeError) as err:
             msg = (
                 format_validation_error(err, str(meta_path)) if isinstance(err, ValidationError) else str(err)
@@ -258,7 +258,7 @@ class LMSwitcher:
             raise CheckpointError("cannot save an adapter without base_model_path (needed to reload it)")
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        meta = SwitcherMetadata(
+        meta = SavedSwitcherConfig(
             candidate_names=self.sequence.candidate_names,
             label_tokens=self.sequence.label_tokens,
             patch_tokens=self.patch_tokens,
@@ -302,7 +302,7 @@ class LMSwitcher:
                     for t in traces
                 ]
             )
-            actions = sample_next(logits, SamplingParams(1.0, self.top_p), uniforms).tolist()
+            actions = sample_next(logits, CandidateSampling(1.0, self.top_p), uniforms).tolist()
         out = []
         for t, a, p in zip(traces, actions, probs.tolist()):
             if self.aligned_first_last and (not t.patches or t.remaining_tokens <= self.patch_tokens):

@@ -20,20 +20,20 @@ import torch
 from gymnasium import spaces
 from pydantic import Field, ValidationError
 
-from switchrl.backends.base import SamplingParams, Trace
+from switchrl.backends.base import CandidateSampling, Trace
 from switchrl.backends.cached_lm import sample_next
 from switchrl.config import StrictModel, format_validation_error
 from switchrl.envs.switch_env import ObservationLayout
 from switchrl.envs.wrappers import FeatureObservation
 from switchrl.errors import CheckpointError
-from switchrl.policies.base import Decision
+from switchrl.rollout import Decision
 from switchrl.utils.seeding import generator
 
 METADATA_FILE = "switchrl_sb3.json"
 MODEL_FILE = "model.zip"
 
 
-class SB3SwitcherMetadata(StrictModel):
+class SavedSB3SwitcherConfig(StrictModel):
     """What ``switchrl_sb3.json`` records next to the saved SB3 model."""
 
     algo: str = "PPO"
@@ -65,7 +65,7 @@ class SB3Switcher:
         greedy: take the most likely candidate instead of sampling.
     """
 
-    def __init__(self, model: Any, meta: SB3SwitcherMetadata, seed: int = 0, greedy: bool = False):
+    def __init__(self, model: Any, meta: SavedSB3SwitcherConfig, seed: int = 0, greedy: bool = False):
         self.model, self.meta, self.seed, self.greedy = model, meta, seed, greedy
         n = len(meta.candidate_names)
         self.layout = ObservationLayout(
@@ -117,7 +117,9 @@ class SB3Switcher:
                     for t in traces
                 ]
             )
-            actions = sample_next(probs.clamp(min=1e-30).log(), SamplingParams(1.0, 1.0), uniforms).tolist()
+            actions = sample_next(
+                probs.clamp(min=1e-30).log(), CandidateSampling(1.0, 1.0), uniforms
+            ).tolist()
         return [Decision(int(a), tuple(p)) for a, p in zip(actions, probs.tolist())]
 
     def release(self, keys: Sequence[str]) -> None:
@@ -145,7 +147,7 @@ class SB3Switcher:
                 f"{directory} is not a saved SB3 switcher: {METADATA_FILE} or {MODEL_FILE} is missing"
             )
         try:
-            meta = SB3SwitcherMetadata.model_validate(json.loads(meta_path.read_text()))
+            meta = SavedSB3SwitcherConfig.model_validate(json.loads(meta_path.read_text()))
         except (ValidationError, json.JSONDecodeError) as err:
             msg = (
                 format_validation_error(err, str(meta_path)) if isinstance(err, ValidationError) else str(err)

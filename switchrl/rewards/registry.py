@@ -40,9 +40,9 @@ from switchrl.rewards.base import Scorer
 __all__ = [
     "ENTRY_POINT_GROUP",
     "RewardConfig",
-    "RewardTerm",
+    "RewardTermConfig",
     "WeightedScorer",
-    "WeightedTerm",
+    "RewardTerm",
     "list_scorers",
     "register_scorer",
     "resolve_reward",
@@ -184,7 +184,7 @@ def resolve_scorer(spec: str | Scorer) -> Scorer:
 
 
 @dataclass(frozen=True)
-class WeightedTerm:
+class RewardTerm:
     """One scorer of a weighted reward."""
 
     name: str
@@ -200,7 +200,7 @@ class WeightedScorer:
     the sample as one failure.
     """
 
-    terms: tuple[WeightedTerm, ...]
+    terms: tuple[RewardTerm, ...]
 
     def __post_init__(self) -> None:
         if not self.terms:
@@ -223,7 +223,7 @@ class WeightedScorer:
         return sum(t.weight * parts[t.name] for t in self.terms)
 
 
-class RewardTerm(StrictModel):
+class RewardTermConfig(StrictModel):
     """One weighted scorer in a config; ``kwargs`` are bound to the scorer (task meta overrides them)."""
 
     scorer: str = Field(min_length=1, description="built-in name, 'module:function' or entry point name")
@@ -244,7 +244,7 @@ class RewardConfig(StrictModel):
     Scorer specs are resolved while validating, so a bad one is a ``ConfigError`` naming its key.
     """
 
-    scorers: list[RewardTerm] = Field(min_length=1)
+    scorers: list[RewardTermConfig] = Field(min_length=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -266,7 +266,7 @@ class RewardConfig(StrictModel):
 
 def _parse_item(item: Any, index: int) -> tuple[str | Scorer, float, dict[str, Any]]:
     where = f"reward[{index}]"
-    if isinstance(item, RewardTerm):
+    if isinstance(item, RewardTermConfig):
         return item.scorer, item.weight, item.kwargs
     if isinstance(item, str) or callable(item):
         return item, 1.0, {}
@@ -321,11 +321,11 @@ def resolve_reward(spec: Any) -> Scorer:
     parsed = [_parse_item(item, i) for i, item in enumerate(items)]
     if len(parsed) == 1 and parsed[0][1] == 1.0 and not parsed[0][2]:
         return resolve_scorer(parsed[0][0])
-    terms: list[WeightedTerm] = []
+    terms: list[RewardTerm] = []
     for i, (sub, weight, kwargs) in enumerate(parsed):
         scorer = resolve_scorer(sub)
         name = sub.strip() if isinstance(sub, str) else scorer_name(scorer)
         if any(t.name == name for t in terms):
             name = f"{name}#{i}"
-        terms.append(WeightedTerm(name, functools.partial(scorer, **kwargs) if kwargs else scorer, weight))
+        terms.append(RewardTerm(name, functools.partial(scorer, **kwargs) if kwargs else scorer, weight))
     return WeightedScorer(tuple(terms))

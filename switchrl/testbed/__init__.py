@@ -1,30 +1,23 @@
 """The testbed: a tiny pretrained -> finetuned -> aligned family in which switching helps.
 
 ``build_family(seed)`` trains it (or reuses a cached one), ``check_family(family)`` measures the
-phenomenon the family is designed to show. Names are imported lazily, so the light modules
-(``world``, used by :mod:`switchrl.tasks.testbed`) do not pull in the trainers.
+phenomenon the family is designed to show; :mod:`~switchrl.testbed.tasks` holds its tasks and scorers.
 """
 
-from __future__ import annotations
+from switchrl.testbed.check import check_family, format_check
+from switchrl.testbed.family import PATCH_TOKENS, TestbedFamily, build_family, default_root
+from switchrl.testbed.stages import StageConfig
+from switchrl.testbed.tokenizer import LABEL_TOKENS
+from switchrl.testbed.world import World
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "TestbedFamily": "family",
-    "build_family": "family",
-    "default_root": "family",
-    "PATCH_TOKENS": "family",
-    "check_family": "check",
-    "format_check": "check",
-    "StageSettings": "stages",
-    "LABEL_TOKENS": "tokenizer",
-    "World": "world",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'switchrl.testbed' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"switchrl.testbed.{_EXPORTS[name]}"), name)
+__all__ = [
+    "LABEL_TOKENS",
+    "PATCH_TOKENS",
+    "StageConfig",
+    "TestbedFamily",
+    "World",
+    "build_family",
+    "check_family",
+    "default_root",
+    "format_check",
+]

@@ -15,13 +15,12 @@ from tqdm.auto import tqdm
 
 from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
-from switchrl.envs.rollout import StateUtilities, estimate_utilities, run_switch_generation
-from switchrl.policies.base import Decision
 from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher
 from switchrl.rewards.base import Scorer, safe_score_batch
+from switchrl.rollout import Decision, StateUtilities, estimate_utilities, run_switch_generation
 from switchrl.tasks.base import TaskInstance
-from switchrl.tasks.testbed import TASKS
 from switchrl.testbed.family import TestbedFamily
+from switchrl.testbed.tasks import TASKS
 from switchrl.utils.seeding import derive_seed
 from switchrl.utils.threads import torch_threads
 
@@ -92,6 +91,7 @@ class LabelPolicy:
             [i.reference for i in insts],
             self.scorer,
             k=self.k,
+            finisher=RandomSwitcher(len(self.pool), seed=self.pool.seed),
             metas=[i.meta for i in insts],
         )
         out = []
@@ -207,6 +207,7 @@ def check_family(
                 [i.reference for _, i in chunk],
                 exact,
                 k=k,
+                finisher=RandomSwitcher(len(pool), seed=pool.seed),
                 metas=[i.meta for _, i in chunk],
             )
         unequal_exact = [max(u.utilities) > min(u.utilities) for u in utils]

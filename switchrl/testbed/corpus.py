@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator
 
 from switchrl.tasks.base import TaskInstance
-from switchrl.tasks.testbed import make_tasks
+from switchrl.testbed.tasks import make_tasks
 from switchrl.testbed.world import (
     ARITHMETIC_QUESTIONS,
     ATTRIBUTES,

@@ -9,13 +9,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from switchrl.config import CandidateConfig, GenerationConfig
+from switchrl.config import CandidateConfig, SwitchGenerationConfig
 from switchrl.errors import CheckpointError
 from switchrl.rewards.base import Scorer
 from switchrl.tasks.base import TaskInstance
-from switchrl.tasks.testbed import make_scorer, make_tasks
 from switchrl.testbed import stages
 from switchrl.testbed.corpus import PROMPT_TEMPLATE
+from switchrl.testbed.tasks import make_scorer, make_tasks
 from switchrl.testbed.tokenizer import LABEL_TOKENS, build_tokenizer
 from switchrl.testbed.world import World
 from switchrl.utils.threads import torch_threads
@@ -114,8 +114,10 @@ class TestbedFamily:
             for name, path in self.paths.items()
         ]
 
-    def generation_config(self) -> GenerationConfig:
-        return GenerationConfig(patch_tokens=PATCH_TOKENS, max_new_tokens=MAX_NEW_TOKENS, seed=self.seed)
+    def generation_config(self) -> SwitchGenerationConfig:
+        return SwitchGenerationConfig(
+            patch_tokens=PATCH_TOKENS, max_new_tokens=MAX_NEW_TOKENS, seed=self.seed
+        )
 
     def tasks(self, task: str, split: str) -> list[TaskInstance]:
         return make_tasks(self.world, task, split)
@@ -129,7 +131,7 @@ def build_family(
     out: str | Path | None = None,
     progress: bool = True,
     force: bool = False,
-    settings: stages.StageSettings | None = None,
+    settings: stages.StageConfig | None = None,
 ) -> TestbedFamily:
     """Train the pretrained -> finetuned -> aligned family for world ``seed`` (or reuse a complete one).
 
@@ -146,7 +148,7 @@ def build_family(
         if family.seed != seed:
             raise CheckpointError(f"{root} holds the testbed family of seed {family.seed}, not {seed}")
         return family
-    settings = settings or stages.StageSettings()
+    settings = settings or stages.StageConfig()
     world = World(seed)
     tokenizer = build_tokenizer(world)
     family = TestbedFamily(root=root, seed=seed)

@@ -27,7 +27,7 @@ from switchrl.utils.seeding import derive_seed
 
 
 @dataclass(frozen=True)
-class StageSettings:
+class StageConfig:
     """The sizes and steps of the family.
 
     Pretraining decides fact recall, hence the oracle: at 1,100 steps of 32 x 64 tokens world seed 0
@@ -79,7 +79,7 @@ def pretrain(
     world: World,
     tokenizer: PreTrainedTokenizerFast,
     out: Path,
-    settings: StageSettings,
+    settings: StageConfig,
     progress: bool = True,
 ) -> None:
     """Train a small Llama from scratch on packed pretraining documents (plain AdamW loop)."""
@@ -184,7 +184,7 @@ def finetune(
     tokenizer: PreTrainedTokenizerFast,
     base: Path,
     out: Path,
-    settings: StageSettings,
+    settings: StageConfig,
     progress: bool = True,
 ) -> None:
     """TRL ``SFTTrainer`` on prompt/completion pairs in the one answer format (loss on completions)."""
@@ -210,7 +210,7 @@ def align(
     tokenizer: PreTrainedTokenizerFast,
     base: Path,
     out: Path,
-    settings: StageSettings,
+    settings: StageConfig,
     progress: bool = True,
 ) -> None:
     """TRL ``DPOTrainer`` (sigmoid DPO plus an SFT term on the chosen answer), reference log-probs precomputed."""

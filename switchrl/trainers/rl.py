@@ -29,13 +29,13 @@ import torch
 
 from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
-from switchrl.envs.rollout import advance
 from switchrl.errors import ConfigError
 from switchrl.executors.remote_pool import RayCandidatePool
 from switchrl.policies.lm_switcher import LMSwitcher
 from switchrl.policies.sequence import EncodedSequence
 from switchrl.rewards.base import Scorer, safe_score_batch
 from switchrl.rewards.registry import resolve_reward
+from switchrl.rollout import advance
 from switchrl.run_config import ResolvedRun, RLSection, RunConfig, load_run_config
 from switchrl.tasks.base import TaskInstance
 from switchrl.utils.seeding import generator

@@ -1,7 +1,7 @@
 """``switchrl rl --algo sb3-ppo``: stable-baselines3 ``PPO`` on ``FeatureObservation(SwitchEnv)``.
 
 The cheap non-LM baseline switcher: an MLP over hashed n-grams of the query and the trace so far
-plus the recent authors (:class:`~switchrl.envs.wrappers.FeatureObservation`). ``rl.sb3.n_envs``
+plus the recent authors (:class:`~switchrl.envs.wrappers.FeatureObservation`). ``rl.sb3.num_envs``
 envs share one candidate pool and write their patches of a step in one pool call
 (:class:`~switchrl.envs.sb3_vec_env.SB3SwitchVecEnv` over a ``SwitchVectorEnv``). The
 reward is the task score at the end of the episode minus ``rl.switch_cost`` per switch. Metrics
@@ -22,7 +22,7 @@ from typing import Any
 
 from switchrl.envs.switch_env import DEFAULT_CHARSET, ObservationLayout, SwitchEnvConfig
 from switchrl.envs.vector_env import SwitchVectorEnv
-from switchrl.policies.sb3_switcher import SB3Switcher, SB3SwitcherMetadata
+from switchrl.policies.sb3_switcher import SavedSB3SwitcherConfig, SB3Switcher
 from switchrl.rewards.base import Scorer
 from switchrl.tasks.base import TaskInstance
 from switchrl.trainers.rl import MetricsLogger, RLResult, RLSetup, TaskRewards
@@ -120,7 +120,7 @@ def train_sb3(setup: RLSetup) -> RLResult:
 
     rl, opts, out = setup.rl, setup.rl.sb3, setup.out_dir
     config = env_config(setup)
-    venv = SwitchVectorEnv(config, num_envs=opts.n_envs, pool=setup.pool, autoreset_mode="SameStep")
+    venv = SwitchVectorEnv(config, num_envs=opts.num_envs, pool=setup.pool, autoreset_mode="SameStep")
     features = SB3SwitchVecEnv(venv, opts.n_features, opts.history)
     env = VecMonitor(features)
     env.seed(rl.seed)
@@ -164,7 +164,7 @@ def train_sb3(setup: RLSetup) -> RLResult:
     ngrams = list(features.features.ngrams)
     env.close()
     layout = ObservationLayout.from_config(config, len(setup.names))
-    meta = SB3SwitcherMetadata(
+    meta = SavedSB3SwitcherConfig(
         candidate_names=setup.names,
         max_patches=layout.max_patches,
         max_query_length=config.max_query_length,

@@ -17,11 +17,11 @@ import torch
 
 from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
-from switchrl.envs.rollout import advance, estimate_utilities
 from switchrl.errors import ConfigError
 from switchrl.executors import ShardStore, WorkerContext, WorkerSpec, run
 from switchrl.policies.baselines import RandomSwitcher
 from switchrl.rewards.base import Scorer
+from switchrl.rollout import advance, estimate_utilities
 from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
 from switchrl.tasks.base import TaskInstance
 from switchrl.utils.seeding import generator

@@ -1,22 +1,47 @@
-"""Batched rollouts over a candidate pool: switched generation and simulated-rollout utilities.
+"""The generation loop shared by eval, simulate, RL, the environments, the testbed and the benchmarks.
 
-Both loops advance many traces at once; each step asks the policy for every live trace, then the
-pool runs one batched call per chosen candidate. Everything random derives from (seed, trace key,
-patch index), so results do not depend on batch composition, order or worker.
+A policy (anything with the :class:`SwitchPolicy` shape) picks who writes next; a pool writes the
+patches. Both loops advance many traces at once; each step asks the policy for every live trace,
+then the pool runs one batched call per chosen candidate. Everything random derives from (seed,
+trace key, patch index), so results do not depend on batch composition, order or worker.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from tqdm.auto import tqdm
 
 from switchrl.backends.base import Patch, Trace
 from switchrl.backends.pool import CandidatePool
-from switchrl.policies.base import SwitchPolicy
-from switchrl.policies.baselines import RandomSwitcher
 from switchrl.rewards.base import Scorer, ScoreResult, safe_score_batch
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The chosen candidate and, when the policy has one, its distribution over candidates."""
+
+    action: int
+    probs: tuple[float, ...] | None = None
+
+
+@runtime_checkable
+class SwitchPolicy(Protocol):
+    """Decides who writes next. Randomness must come from (seed, trace key, patch index).
+
+    A policy whose decisions never depend on who wrote the patches so far (random switching) may
+    set ``ignores_authors = True``: simulated rollouts then share finishes between candidates that
+    wrote the very same patch (:func:`estimate_utilities`).
+    """
+
+    n_candidates: int
+
+    def decide(self, traces: Sequence[Trace]) -> list[Decision]: ...
+
+    def release(self, keys: Sequence[str]) -> None:
+        """Forget per-trace state (e.g. an LM switcher's KV cache)."""
 
 
 def advance(
@@ -92,12 +117,13 @@ def estimate_utilities(
     references: Sequence[str],
     scorer: Scorer,
     k: int = 32,
-    finisher: SwitchPolicy | None = None,
+    *,
+    finisher: SwitchPolicy,
     metas: Sequence[dict] | None = None,
     share_identical: bool | None = None,
 ) -> list[StateUtilities]:
     """The paper's simulated rollouts: for each state and candidate c_i, c_i writes the next patch,
-    then k finishes by ``finisher`` (random switching by default) are scored; s_i = mean score.
+    then k finishes by ``finisher`` (the paper: random switching) are scored; s_i = mean score.
 
     All |states| x |C| x k finishes run as batched pool calls. Every candidate reads each state and
     each next patch once (:meth:`CandidatePool.prefill`) before they are forked, so the finishes
@@ -105,7 +131,7 @@ def estimate_utilities(
 
     When candidates write the very same next patch, their continuations are the same state for a
     finisher that ignores who wrote what (random switching), so those candidates share one set of
-    k finishes (``share_identical``; the default for :class:`RandomSwitcher`). At most states all
+    k finishes (``share_identical``; the default for a finisher with ``ignores_authors``). At most states all
     candidates agree, so this is where most of the compute goes otherwise.
     """
     if k <= 0:
@@ -113,9 +139,8 @@ def estimate_utilities(
     if len(references) != len(states):
         raise ValueError("one reference per state is required")
     n = len(pool)
-    finisher = finisher or RandomSwitcher(n, seed=pool.seed)
     if share_identical is None:
-        share_identical = isinstance(finisher, RandomSwitcher)
+        share_identical = bool(getattr(finisher, "ignores_authors", False))
     metas = metas or [{} for _ in states]
 
     # 1. every candidate writes the next patch of every state (one batched call per candidate)
