@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from importlib import resources
@@ -59,3 +60,7 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", n: int = 200, quick: 
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     (Path(out) / "demo.json").write_text(json.dumps({"seconds": times, "metrics": result.metrics}, indent=2))
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_demo(seed=args.seed, out=args.out, n=args.n, quick=args.quick)

@@ -178,3 +178,19 @@ def serve(tiny_family):
     for srv in servers:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """The README's ``switchrl demo`` (world seed 0, its default sizes) run once, into ``<root>/runs/demo``
+    (where the README's Python example looks for the switcher): the root and what the demo printed."""
+    import contextlib
+    import io
+
+    from switchrl.cli import main
+
+    root = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(root / "runs" / "demo")]) == 0
+    return root, printed.getvalue()

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from switchrl.bench import build_setup, main
+from switchrl.bench.cli import run as main
+from switchrl.bench.setup import build_setup
 
 TINY = [
     "--arch",

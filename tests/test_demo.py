@@ -6,14 +6,12 @@ import json
 
 import pytest
 
-from switchrl.cli import main
 
 
 @pytest.mark.testbed
-def test_demo_sft_switcher_beats_singles_random_and_untuned(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--seed", "0", "--out", str(out), "--n", "100"]) == 0
-    printed = capsys.readouterr().out
+def test_demo_sft_switcher_beats_singles_random_and_untuned(demo_run):
+    root, printed = demo_run
+    out = root / "runs" / "demo"
     print(printed)
     metrics = json.loads((out / "demo.json").read_text())["metrics"]
     comp = metrics["compositional"]

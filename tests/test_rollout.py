@@ -68,11 +68,17 @@ def test_identical_next_patches_share_their_finishes(tiny_family):
 
     state = Trace(key="s", query="the town", max_new_tokens=6)
     (shared,) = estimate_utilities(
-        pool, [state], ["x"], scorer, k=3, finisher=RandomSwitcher(3, seed=pool.seed)
+        pool, [state], ["x"], scorer, k=3, finisher=RandomSwitcher(len(pool), seed=pool.seed)
     )
     assert len(calls) == 3 and shared.counts == [3, 3] and shared.responses[0] == shared.responses[1]
     calls.clear()
     (separate,) = estimate_utilities(
-        pool, [state], ["x"], scorer, k=3, finisher=RandomSwitcher(3, seed=pool.seed), share_identical=False
+        pool,
+        [state],
+        ["x"],
+        scorer,
+        k=3,
+        finisher=RandomSwitcher(len(pool), seed=pool.seed),
+        share_identical=False,
     )
     assert len(calls) == 6 and separate.counts == [3, 3]

@@ -6,7 +6,7 @@ config=...)`` works (or, without an import, ``gymnasium.make("switchrl.envs:swit
 
 import gymnasium
 
-from switchrl.envs.switch_env import DEFAULT_CHARSET, ObservationLayout, SwitchEnv, SwitchEnvConfig
+from switchrl.envs.switch_env import ObservationLayout, SwitchEnv, SwitchEnvConfig
 from switchrl.envs.vector_env import SwitchVectorEnv
 from switchrl.envs.wrappers import FeatureObservation
 
@@ -26,7 +26,6 @@ def register_envs() -> None:
 register_envs()
 
 __all__ = [
-    "DEFAULT_CHARSET",
     "ENV_ID",
     "FeatureObservation",
     "ObservationLayout",

@@ -8,7 +8,6 @@ manifest as the one truth (resume, no duplicates, no loss).
 """
 
 from switchrl.executors.base import (
-    RECORD_ID_KEY,
     ChunkResult,
     Executor,
     ExecutorConfig,
@@ -17,13 +16,12 @@ from switchrl.executors.base import (
     WorkerContext,
     WorkerSpec,
 )
-from switchrl.executors.driver import item_id, make_executor, run
+from switchrl.executors.driver import make_executor, run
 from switchrl.executors.local import LocalExecutor
 from switchrl.executors.remote_pool import RayCandidatePool
 from switchrl.executors.shards import ShardInfo, ShardStore
 
 __all__ = [
-    "RECORD_ID_KEY",
     "ChunkResult",
     "Executor",
     "ExecutorConfig",
@@ -35,7 +33,6 @@ __all__ = [
     "Worker",
     "WorkerContext",
     "WorkerSpec",
-    "item_id",
     "make_executor",
     "run",
 ]

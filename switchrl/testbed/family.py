@@ -15,6 +15,7 @@ from switchrl.rewards.base import Scorer
 from switchrl.tasks.base import TaskInstance
 from switchrl.testbed import stages
 from switchrl.testbed.corpus import PROMPT_TEMPLATE
+from switchrl.testbed.shipped import shipped_root
 from switchrl.testbed.tasks import make_scorer, make_tasks
 from switchrl.testbed.tokenizer import LABEL_TOKENS, build_tokenizer
 from switchrl.testbed.world import World
@@ -132,11 +133,16 @@ def build_family(
     progress: bool = True,
     force: bool = False,
     settings: stages.StageConfig | None = None,
+    use_shipped: bool = True,
 ) -> TestbedFamily:
     """Train the pretrained -> finetuned -> aligned family for world ``seed`` (or reuse a complete one).
 
-    Stages already present in ``out`` are reused (each is written atomically); the marker file is
-    written last, so an interrupted build resumes at the missing stage. ``force`` rebuilds everything.
+    A complete family in ``out`` (default: the cache, :func:`default_root`) is reused. Otherwise, when
+    ``seed`` has a family shipped with the package (:mod:`~switchrl.testbed.shipped`) and neither
+    ``out``, ``settings`` nor ``force`` asks for a build, that one is used (``use_shipped=False``
+    builds locally instead). Stages already present in ``out`` are reused (each is written
+    atomically); the marker file is written last, so an interrupted build resumes at the missing
+    stage. ``force`` rebuilds everything.
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -148,6 +154,9 @@ def build_family(
         if family.seed != seed:
             raise CheckpointError(f"{root} holds the testbed family of seed {family.seed}, not {seed}")
         return family
+    shipped = shipped_root(seed) if use_shipped and out is None and settings is None and not force else None
+    if shipped is not None:  # the canonical family: the same weights on every machine
+        return TestbedFamily.load(shipped)
     settings = settings or stages.StageConfig()
     world = World(seed)
     tokenizer = build_tokenizer(world)
