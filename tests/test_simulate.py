@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from switchrl.backends.base import Patch
 from switchrl.tasks.base import TaskInstance
 from switchrl.trainers.simulate import SimulateWorker, argmax_label, make_items
 from tests.conftest import make_pool
@@ -47,3 +50,14 @@ def test_records_have_k_finishes_and_argmax_labels(pool):
         items
     )
     assert again == records
+
+
+def test_patch_json_form_round_trips():
+    patch = Patch(author=2, token_ids=[5, 7], text="a b", stop_reason="eos", vocab="v1", probs=(0.25, 0.75))
+    data = patch.to_dict()
+    assert data["probs"] == [0.25, 0.75] and json.loads(json.dumps(data)) == data
+    assert Patch.from_dict(data) == patch
+    assert list(patch.to_dict(("text", "author"))) == ["text", "author"]  # the order asked for
+    assert Patch.from_dict({"author": 1, "token_ids": [3], "text": "x"}) == Patch(1, [3], "x")
+    with pytest.raises(ValueError, match="no field"):
+        Patch.from_dict({"author": 1, "token_ids": [3], "text": "x", "name": "c1"})
