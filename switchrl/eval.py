@@ -29,14 +29,13 @@ from switchrl.eval_metrics import CI_METHOD, format_table, summarize
 from switchrl.eval_systems import LM_KINDS, LMSystem, SystemFactory, build_systems, resolve_systems
 from switchrl.executors import ExecutorConfig, WorkerContext, WorkerSpec, run
 from switchrl.executors.shards import atomic_write
+from switchrl.records import EvalResponse, ResponsePatch, read_records
 from switchrl.rewards.base import ScoreResult, safe_score_batch
 from switchrl.rollout import run_switch_generation
 from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
 from switchrl.tasks.base import TaskInstance
 
 logger = logging.getLogger(__name__)
-
-PROB_DIGITS = 6  # switcher probabilities in records; float noise across devices/threads is below this
 
 
 # ---------------------------------------------------------------------------------------------- work
@@ -85,7 +84,7 @@ class EvalWorker:
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def process(self, items: Sequence[EvalItem]) -> list[dict]:
-        """One response record per item, in the order of ``items``."""
+        """One response record per item (an :class:`EvalResponse` as JSON), in the order of ``items``."""
         groups: dict[tuple[str, int, str], list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault((item.system, item.seed, item.instance.task), []).append(i)
@@ -123,32 +122,23 @@ class EvalWorker:
         return records  # type: ignore[return-value]
 
     def _record(self, item: EvalItem, trace: Trace, score: ScoreResult, seconds: float) -> dict:
-        names = self.pool.names
-        return {
-            "id": item.id,
-            "system": item.system,
-            "seed": item.seed,
-            "task": item.instance.task,
-            "query_id": item.instance.id,
-            "query": item.instance.query,
-            "reference": item.instance.reference,
-            "text": trace.text,
-            "score": score.value,
-            "error": score.error,
-            "num_tokens": trace.num_tokens,
-            "num_switches": trace.num_switches,
-            "stop_reason": trace.stop_reason,
-            "seconds": seconds,
-            "patches": [
-                {
-                    "author": p.author,
-                    "name": names[p.author],
-                    "text": p.text,
-                    "probs": [round(x, PROB_DIGITS) for x in p.probs] if p.probs is not None else None,
-                }
-                for p in trace.patches
-            ],
-        }
+        return EvalResponse(
+            id=item.id,
+            system=item.system,
+            seed=item.seed,
+            task=item.instance.task,
+            query_id=item.instance.id,
+            query=item.instance.query,
+            reference=item.instance.reference,
+            text=trace.text,
+            score=score.value,
+            error=score.error,
+            num_tokens=trace.num_tokens,
+            num_switches=trace.num_switches,
+            stop_reason=trace.stop_reason,
+            seconds=seconds,
+            patches=[ResponsePatch.of(p, self.pool.names) for p in trace.patches],
+        ).model_dump(mode="json")
 
 
 def make_worker(config: dict, context: WorkerContext) -> EvalWorker:
@@ -246,8 +236,9 @@ def evaluate(
         desc="eval",
         rates={"tokens": lambda recs: sum(r["num_tokens"] for r in recs)},
     )
-    records = store.records()
-    metrics = summarize(records, candidate_names)
+    responses = read_records(EvalResponse, store)
+    records = [r.model_dump(mode="json") for r in responses]
+    metrics = summarize(responses, candidate_names)
     table = format_table(metrics, candidate_names, notes)
     result = EvalResult(out, candidate_names, systems, tasks, metrics, records, notes, table)
     results = {

@@ -7,6 +7,8 @@ import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 
+from switchrl.records import EvalResponse
+
 Z_95 = 1.96
 CI_METHOD = "normal approximation: mean ± 1.96·sd/√n, sd with ddof=1, n = test queries × seeds"
 
@@ -23,24 +25,24 @@ def mean_ci(values: Sequence[float], z: float = Z_95) -> tuple[float, float | No
     return mean, z * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def summarize(records: Sequence[dict], candidate_names: Sequence[str]) -> dict[str, dict[str, dict]]:
+def summarize(records: Sequence[EvalResponse], candidate_names: Sequence[str]) -> dict[str, dict[str, dict]]:
     """Task -> system -> metrics (first-seen order): accuracy, ci95, n, failures, switches, shares, tokens/s."""
-    groups: dict[str, dict[str, list[dict]]] = {}
+    groups: dict[str, dict[str, list[EvalResponse]]] = {}
     for rec in records:
-        groups.setdefault(rec["task"], {}).setdefault(rec["system"], []).append(rec)
+        groups.setdefault(rec.task, {}).setdefault(rec.system, []).append(rec)
     out: dict[str, dict[str, dict]] = {}
     for task, by_system in groups.items():
         out[task] = {}
         for system, recs in by_system.items():
-            accuracy, ci = mean_ci([r["score"] for r in recs])
-            authors = [p["author"] for r in recs for p in r["patches"]]
-            tokens, seconds = sum(r["num_tokens"] for r in recs), sum(r["seconds"] for r in recs)
+            accuracy, ci = mean_ci([r.score for r in recs])
+            authors = [p.author for r in recs for p in r.patches]
+            tokens, seconds = sum(r.num_tokens for r in recs), sum(r.seconds for r in recs)
             out[task][system] = {
                 "accuracy": accuracy,
                 "ci95": ci,
                 "n": len(recs),
-                "failures": sum(r["error"] is not None for r in recs),
-                "switches": statistics.fmean(r["num_switches"] for r in recs),
+                "failures": sum(r.error is not None for r in recs),
+                "switches": statistics.fmean(r.num_switches for r in recs),
                 "share": {
                     c: (authors.count(i) / len(authors) if authors else 0.0)
                     for i, c in enumerate(candidate_names)

@@ -1,4 +1,5 @@
-"""The typed records that stages hand each other through files: a simulated state (simulate -> sft).
+"""The typed records that stages hand each other through files: a simulated state (simulate -> sft) and
+an eval response (eval -> report).
 
 A producer builds the model and stores ``record.model_dump(mode="json")`` (the shard store keeps plain
 dicts; field order is the on-disk key order, so keep it); a consumer reads records back with
@@ -8,16 +9,18 @@ its file, its id and the bad fields instead of a ``KeyError`` deep inside traini
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from switchrl.backends.base import Patch
+from switchrl.backends.base import Patch, StopReason
 from switchrl.config import StrictModel, format_validation_error
 from switchrl.errors import CheckpointError
 from switchrl.executors import RECORD_ID_KEY, ShardStore
+
+PROB_DIGITS = 6  # switcher probabilities in records; float noise across devices/threads is below this
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -76,6 +79,45 @@ class SimulatedState(Record):
         if self.label >= n:
             raise ValueError(f"label {self.label} is not a candidate index (0..{n - 1})")
         return self
+
+
+# ---------------------------------------------------------------------------------------------- eval
+class ResponsePatch(Record):
+    """A patch of an eval response: who wrote it and how sure the switcher was."""
+
+    author: int = Field(ge=0, description="index of the candidate that wrote it")
+    name: str = Field(description="that candidate's name")
+    text: str
+    probs: list[float] | None = Field(
+        description=f"the switcher's distribution when it chose the author ({PROB_DIGITS} digits), if any"
+    )
+
+    @classmethod
+    def of(cls, patch: Patch, names: Sequence[str]) -> ResponsePatch:
+        data = patch.to_dict(("author", "text", "probs"))
+        if data["probs"] is not None:
+            data["probs"] = [round(x, PROB_DIGITS) for x in data["probs"]]
+        return cls(name=names[patch.author], **data)
+
+
+class EvalResponse(Record):
+    """One response of one system in ``switchrl eval`` (its shards and ``responses.jsonl``)."""
+
+    id: str = Field(description="``system/seed/task/query id``: the trace key and the shard store's item id")
+    system: str
+    seed: int
+    task: str
+    query_id: str
+    query: str
+    reference: str
+    text: str = Field(description="the whole response")
+    score: float = Field(description="the task scorer's score (0 when it raised)")
+    error: str | None = Field(description="the scorer's error, if it raised")
+    num_tokens: int = Field(ge=0)
+    num_switches: int = Field(ge=0, description="how often the author changed between patches")
+    stop_reason: StopReason
+    seconds: float = Field(ge=0, description="worker wall time per response of its batch")
+    patches: list[ResponsePatch]
 
 
 # ---------------------------------------------------------------------------------------------- reading
