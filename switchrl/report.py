@@ -17,6 +17,7 @@ from pathlib import Path
 
 from switchrl.errors import CheckpointError
 from switchrl.executors.shards import atomic_write
+from switchrl.records import EvalResponse, ResponsePatch, parse_record
 
 PALETTE = (
     "#1f77b4",
@@ -49,7 +50,7 @@ def _color(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
 
 
-def _load(run_dir: Path) -> tuple[dict, list[dict]]:
+def _load(run_dir: Path) -> tuple[dict, list[EvalResponse]]:
     results_path, responses_path = run_dir / "results.json", run_dir / "responses.jsonl"
     for path in (results_path, responses_path):
         if not path.is_file():
@@ -58,7 +59,11 @@ def _load(run_dir: Path) -> tuple[dict, list[dict]]:
             )
     try:
         results = json.loads(results_path.read_text())
-        records = [json.loads(line) for line in responses_path.read_text().splitlines() if line.strip()]
+        records = [
+            parse_record(EvalResponse, json.loads(line), f"{responses_path}:{n}")
+            for n, line in enumerate(responses_path.read_text().splitlines(), 1)
+            if line.strip()
+        ]
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{run_dir}: cannot read the eval outputs: {err}") from None
     for key in ("candidates", "systems", "tasks", "metrics"):
@@ -137,30 +142,30 @@ def _table_html(results: dict) -> str:
     return acc + share
 
 
-def _patch_html(patch: dict, candidates: Sequence[str]) -> str:
-    author = patch["author"]
+def _patch_html(patch: ResponsePatch, candidates: Sequence[str]) -> str:
+    author = patch.author
     name = candidates[author] if 0 <= author < len(candidates) else f"#{author}"
     title = f"written by {name}"
-    if patch.get("probs"):
-        title += "; switcher: " + ", ".join(f"{c} {p:.2f}" for c, p in zip(candidates, patch["probs"]))
+    if patch.probs:
+        title += "; switcher: " + ", ".join(f"{c} {p:.2f}" for c, p in zip(candidates, patch.probs))
     return (
         f'<span class="patch" style="background:{_color(author)}33;border-bottom:2px solid {_color(author)}" '
-        f'title="{escape(title)}">{escape(patch["text"])}</span>'
+        f'title="{escape(title)}">{escape(patch.text)}</span>'
     )
 
 
-def _response_html(rec: dict, candidates: Sequence[str]) -> str:
-    error = f' <span class="error">scorer failed: {escape(rec["error"])}</span>' if rec.get("error") else ""
+def _response_html(rec: EvalResponse, candidates: Sequence[str]) -> str:
+    error = f' <span class="error">scorer failed: {escape(rec.error)}</span>' if rec.error else ""
     return (
-        f'<div class="response"><div class="meta">seed {rec["seed"]} · {escape(str(rec["query_id"]))} · '
-        f"score {rec['score']:.2f} · {rec['num_switches']} switches · reference "
-        f"<code>{escape(str(rec['reference']))}</code>{error}</div>"
-        f'<div class="text"><b>Q:</b> {escape(rec["query"])}</div>'
-        f'<div class="text">{"".join(_patch_html(p, candidates) for p in rec["patches"])}</div></div>'
+        f'<div class="response"><div class="meta">seed {rec.seed} · {escape(rec.query_id)} · '
+        f"score {rec.score:.2f} · {rec.num_switches} switches · reference "
+        f"<code>{escape(rec.reference)}</code>{error}</div>"
+        f'<div class="text"><b>Q:</b> {escape(rec.query)}</div>'
+        f'<div class="text">{"".join(_patch_html(p, candidates) for p in rec.patches)}</div></div>'
     )
 
 
-def render_report(results: dict, records: Sequence[dict], title: str = "switchrl eval") -> str:
+def render_report(results: dict, records: Sequence[EvalResponse | dict], title: str = "switchrl eval") -> str:
     """The HTML page (a string) for eval ``results`` (``results.json``) and response ``records``."""
     candidates = results["candidates"]
     legend = "".join(
@@ -168,9 +173,9 @@ def render_report(results: dict, records: Sequence[dict], title: str = "switchrl
         for i, c in enumerate(candidates)
     )
     sections = []
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for rec in records:
-        groups.setdefault((rec["task"], rec["system"]), []).append(rec)
+    groups: dict[tuple[str, str], list[EvalResponse]] = {}
+    for rec in (parse_record(EvalResponse, r, "report records") for r in records):
+        groups.setdefault((rec.task, rec.system), []).append(rec)
     for (task, system), recs in groups.items():
         body = "".join(_response_html(r, candidates) for r in recs)
         sections.append(

@@ -17,7 +17,9 @@ from switchrl import cli
 from switchrl.backends import CandidatePool
 from switchrl.config import CandidateConfig, SwitchGenerationConfig, TaskSourceConfig
 from switchrl.errors import CheckpointError, ConfigError
-from switchrl.eval import build_systems, evaluate, mean_ci, resolve_systems
+from switchrl.eval import evaluate
+from switchrl.eval_metrics import mean_ci
+from switchrl.eval_systems import build_systems, resolve_systems
 from switchrl.policies import LMSwitcher
 from switchrl.run_config import EvalSection, ResolvedRun, RunConfig
 from switchrl.tasks.base import TaskInstance

@@ -11,6 +11,7 @@ import pytest
 
 from switchrl.errors import CheckpointError
 from switchrl.eval import evaluate
+from switchrl.records import EvalResponse
 from switchrl.report import main, render_report, write_report
 from tests.test_eval import make_config
 
@@ -70,6 +71,7 @@ def test_model_text_is_escaped():
         },
     }
     record = {
+        "id": "a<b/0/t/q<1>",
         "task": "t",
         "system": "a<b",
         "seed": 0,
@@ -79,7 +81,10 @@ def test_model_text_is_escaped():
         "text": "<i>x</i> & y",
         "score": 1.0,
         "error": None,
+        "num_tokens": 3,
         "num_switches": 1,
+        "stop_reason": "eos",
+        "seconds": 0.1,
         "patches": [
             {"author": 0, "name": "a<b", "text": "<i>x</i>", "probs": [0.25, 0.75]},
             {"author": 1, "name": "c", "text": " & y", "probs": None},
@@ -95,3 +100,21 @@ def test_model_text_is_escaped():
 def test_missing_run_dir_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="results.json is missing"):
         write_report(tmp_path)
+
+
+def test_responses_round_trip_through_eval_response_and_a_bad_one_names_field_and_file(run_dir, tmp_path):
+    lines = (run_dir / "responses.jsonl").read_bytes().splitlines()
+    for line in lines:  # the model is the record: same keys, values and bytes on disk
+        rec = EvalResponse.model_validate(json.loads(line))
+        assert json.dumps(rec.model_dump(mode="json"), ensure_ascii=False).encode() == line
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    (bad_dir / "results.json").write_bytes((run_dir / "results.json").read_bytes())
+    bad = json.loads(lines[1])
+    bad["patches"][0]["author"] = "base"
+    (bad_dir / "responses.jsonl").write_text("\n".join([lines[0].decode(), json.dumps(bad)]) + "\n")
+    with pytest.raises(CheckpointError) as err:
+        write_report(bad_dir)
+    assert str(err.value).count("\n") == 0
+    assert f"responses.jsonl:2: record {bad['id']!r} is not a valid EvalResponse" in str(err.value)
+    assert "patches.0.author: Input should be a valid integer" in str(err.value)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Protocol, runtime_checkable
 
 StopReason = Literal["eos", "stop", "budget"]
 
@@ -46,6 +46,35 @@ class Patch:
     vocab: str = ""
     seconds: float = 0.0
     probs: tuple[float, ...] | None = None  # the switcher's distribution when it chose this author
+
+    def to_dict(self, keys: Iterable[str] | None = None) -> dict[str, Any]:
+        """The JSON form of this patch (how it crosses a file boundary): the fields ``keys`` (all by
+        default) in the order given, ``token_ids`` and ``probs`` as lists. :meth:`from_dict` reads it."""
+        out = {k: getattr(self, k) for k in _patch_fields(PATCH_FIELDS if keys is None else keys)}
+        for k in ("token_ids", "probs"):
+            if out.get(k) is not None:
+                out[k] = list(out[k])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Patch:
+        """The patch of a :meth:`to_dict` form; the fields it leaves out take their defaults."""
+        kwargs = {k: data[k] for k in _patch_fields(data)}
+        if "token_ids" in kwargs:
+            kwargs["token_ids"] = list(kwargs["token_ids"])
+        if kwargs.get("probs") is not None:
+            kwargs["probs"] = tuple(kwargs["probs"])
+        return cls(**kwargs)
+
+
+PATCH_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Patch))
+
+
+def _patch_fields(keys: Iterable[str]) -> tuple[str, ...]:
+    keys = tuple(keys)
+    if unknown := [k for k in keys if k not in PATCH_FIELDS]:
+        raise ValueError(f"Patch has no field(s) {unknown}; its fields are {list(PATCH_FIELDS)}")
+    return keys
 
 
 @dataclass

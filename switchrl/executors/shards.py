@@ -161,9 +161,16 @@ class ShardStore(ClosesOnExit):
     def __len__(self) -> int:
         return self.num_records
 
+    def files(self) -> dict[str, Path]:
+        """Item id -> the shard file that holds its records (to name the file of a bad record)."""
+        return {i: self._path(s) for s in self.shards for i in s.item_ids}
+
+    def _path(self, shard: ShardInfo) -> Path:
+        return self.out_dir / SHARD_DIR / shard.name
+
     def read_shard(self, shard: ShardInfo) -> list[dict]:
         """The records of one committed shard; raises :class:`CheckpointError` if it was altered."""
-        path = self.out_dir / SHARD_DIR / shard.name
+        path = self._path(shard)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -225,7 +232,7 @@ class ShardStore(ClosesOnExit):
         shard = ShardInfo(
             f"shard-{index:06d}.jsonl", item_ids, len(records), hashlib.sha256(data).hexdigest(), worker
         )
-        atomic_write(self.out_dir / SHARD_DIR / shard.name, data)
+        atomic_write(self._path(shard), data)
         self._write_manifest([*self.shards, shard])
         self.shards.append(shard)
         self._done |= wanted

@@ -20,36 +20,32 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from switchrl.backends.base import Patch
 from switchrl.errors import ConfigError
 from switchrl.executors import ShardStore
 from switchrl.policies.lm_switcher import LMSwitcher
 from switchrl.policies.sequence import SwitchSequence
+from switchrl.records import SimulatedState, parse_record, read_records
 from switchrl.run_config import ResolvedRun, RunConfig, SFTSection, load_run_config
 
 
 def build_examples(
-    records: Sequence[dict], sequence: SwitchSequence, drop_all_equal: bool = False
+    records: Sequence[SimulatedState | dict], sequence: SwitchSequence, drop_all_equal: bool = False
 ) -> Dataset:
     """(prefix -> label) examples: ``input_ids``, ``labels`` (-100 but on the label token), ``target``, ``utilities``."""
     rows: dict[str, list] = {"input_ids": [], "labels": [], "target": [], "utilities": []}
-    for r in records:
-        if r["candidates"] != sequence.candidate_names:
+    for r in (parse_record(SimulatedState, r, "sft records") for r in records):
+        if r.candidates != sequence.candidate_names:
             raise ConfigError(
-                f"record {r['id']}: candidates {r['candidates']} differ from the switcher's "
+                f"record {r.id}: candidates {r.candidates} differ from the switcher's "
                 f"{sequence.candidate_names}"
             )
-        if drop_all_equal and r["all_equal"]:
+        if drop_all_equal and r.all_equal:
             continue
-        patches = [
-            Patch(author=p["author"], token_ids=p["token_ids"], text=p["text"], vocab=p["vocab"])
-            for p in r["prefix"]
-        ]
-        enc = sequence.encode(r["query"], patches, next_action=r["label"])
+        enc = sequence.encode(r.query, [p.to_patch() for p in r.prefix], next_action=r.label)
         rows["input_ids"].append(enc.input_ids)
         rows["labels"].append([-100] * (len(enc.input_ids) - 1) + [enc.input_ids[-1]])
-        rows["target"].append(r["label"])
-        rows["utilities"].append([float(u) for u in r["utilities"]])
+        rows["target"].append(r.label)
+        rows["utilities"].append(r.utilities)
     if not rows["input_ids"]:
         raise ConfigError(
             "sft: no training examples (are all states' utilities equal? try drop_all_equal: false)"
@@ -108,12 +104,13 @@ def switcher_base(resolved: ResolvedRun, section: SFTSection) -> tuple[str, list
     raise ConfigError("sft.base: name the switcher's base model (a local checkpoint directory)")
 
 
-def train_sft(config: RunConfig, records: Sequence[dict] | None = None) -> Path:
+def train_sft(config: RunConfig, records: Sequence[SimulatedState | dict] | None = None) -> Path:
     """Train the switcher and save it (adapter + tokenizer + metadata) to ``sft.out_dir``."""
     resolved = ResolvedRun(config)
     section = config.sft
     if records is None:
-        records = ShardStore(section.data_dir or config.simulate.out_dir, readonly=True).records()
+        store = ShardStore(section.data_dir or config.simulate.out_dir, readonly=True)
+        records = read_records(SimulatedState, store)
     names = [c.name for c in resolved.candidates]
     base, label_tokens = switcher_base(resolved, section)
     n = len(names)

@@ -20,8 +20,9 @@ from switchrl.backends.pool import CandidatePool
 from switchrl.errors import ConfigError
 from switchrl.executors import ShardStore, WorkerContext, WorkerSpec, run
 from switchrl.policies.baselines import RandomSwitcher
+from switchrl.records import PrefixPatch, SimulatedState
 from switchrl.rewards.base import Scorer
-from switchrl.rollout import advance, estimate_utilities
+from switchrl.rollout import StateUtilities, advance, estimate_utilities
 from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
 from switchrl.tasks.base import TaskInstance
 from switchrl.utils.seeding import generator
@@ -102,7 +103,7 @@ class SimulateWorker:
         return states
 
     def process(self, items: Sequence[StateItem]) -> list[dict]:
-        """One JSON-serialisable record per item, in the order of ``items``."""
+        """One record per item (a :class:`SimulatedState` as JSON), in the order of ``items``."""
         records: list[dict] = []
         for start in range(0, len(items), self.states_per_batch):
             batch = items[start : start + self.states_per_batch]
@@ -127,33 +128,30 @@ class SimulateWorker:
             records.extend(self._record(item, state, est) for item, state, est in zip(batch, states, results))
         return records
 
-    def _record(self, item: StateItem, state: Trace, est) -> dict:
+    def _record(self, item: StateItem, state: Trace, est: StateUtilities) -> dict:
         utilities = est.utilities
         label, tie = argmax_label(utilities, self.seed, item.id)
         names = self.pool.names
-        return {
-            "id": item.id,
-            "task": item.instance.task,
-            "query_id": item.instance.id,
-            "state": item.index,
-            "query": item.instance.query,
-            "reference": item.instance.reference,
-            "candidates": names,
-            "prefix_text": state.text,
-            "prefix": [
-                {"author": p.author, "text": p.text, "token_ids": p.token_ids, "vocab": p.vocab}
-                for p in state.patches
-            ],
-            "next_patches": [p.text for p in est.next_patches],
-            "utilities": utilities,
-            "counts": est.counts,
-            "label": label,
-            "label_name": names[label],
-            "tie": tie,
-            "all_equal": len(set(utilities)) == 1,
-            "failures": sum(len(f) for f in est.failures),
-            "errors": sorted({e for f in est.failures for e in f})[:3],
-        }
+        return SimulatedState(
+            id=item.id,
+            task=item.instance.task,
+            query_id=item.instance.id,
+            state=item.index,
+            query=item.instance.query,
+            reference=item.instance.reference,
+            candidates=names,
+            prefix_text=state.text,
+            prefix=[PrefixPatch.of(p) for p in state.patches],
+            next_patches=[p.text for p in est.next_patches],
+            utilities=utilities,
+            counts=est.counts,
+            label=label,
+            label_name=names[label],
+            tie=tie,
+            all_equal=len(set(utilities)) == 1,
+            failures=sum(len(f) for f in est.failures),
+            errors=sorted({e for f in est.failures for e in f})[:3],
+        ).model_dump(mode="json")
 
 
 def build_worker(config: dict, context: WorkerContext) -> SimulateWorker:
