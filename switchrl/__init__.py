@@ -60,7 +60,41 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "ConfigError": ("switchrl.errors", "ConfigError"),
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "__version__",
+    "CandidateConfig",
+    "CandidatePool",
+    "CandidateSampling",
+    "ConfigError",
+    "Decision",
+    "FeatureObservation",
+    "FixedSwitcher",
+    "LMSwitcher",
+    "Patch",
+    "Pool",
+    "RandomSwitcher",
+    "RoundRobinSwitcher",
+    "RunConfig",
+    "SwitchEnv",
+    "SwitchEnvConfig",
+    "SwitchGenerationConfig",
+    "SwitchPolicy",
+    "SwitchRLError",
+    "SwitchVectorEnv",
+    "TaskInstance",
+    "Trace",
+    "build_family",
+    "estimate_utilities",
+    "evaluate",
+    "load_config",
+    "load_jsonl",
+    "register_scorer",
+    "resolve_reward",
+    "run_switch_generation",
+    "simulate",
+    "train_rl",
+    "train_sft",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -79,6 +79,7 @@ def test_no_module_over_400_lines():
 
 
 def test_the_public_api_resolves_and_hides_internals():
+    assert sorted(switchrl.__all__) == sorted(["__version__", *switchrl._EXPORTS])
     for name in switchrl.__all__:
         assert getattr(switchrl, name) is not None, name
     with pytest.raises(AttributeError):

@@ -7,7 +7,6 @@ import json
 import pytest
 
 
-
 @pytest.mark.testbed
 def test_demo_sft_switcher_beats_singles_random_and_untuned(demo_run):
     root, printed = demo_run
