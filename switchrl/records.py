@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from switchrl.backends.base import Patch, StopReason
 from switchrl.config import StrictModel, format_validation_error
 from switchrl.errors import CheckpointError
-from switchrl.executors import RECORD_ID_KEY, ShardStore
+from switchrl.executors import ShardStore
+from switchrl.executors.base import RECORD_ID_KEY
 
 PROB_DIGITS = 6  # switcher probabilities in records; float noise across devices/threads is below this
 
