@@ -10,8 +10,11 @@ import torch
 
 from switchrl.config import CandidateConfig, SwitchGenerationConfig, TaskSourceConfig
 from switchrl.run_config import RLSection, RunConfig
+from switchrl.trainers.episodes import sample_episodes
 from switchrl.trainers.grpo import restricted_head, train_grpo
-from switchrl.trainers.rl import build_switcher, nucleus_logprob, prepare, sample_episodes, train
+from switchrl.trainers.rl import train
+from switchrl.trainers.rl_setup import build_switcher, prepare
+from switchrl.utils.sampling import nucleus_logprob
 
 QUERIES = [
     ("one two three", "four"),
