@@ -38,11 +38,6 @@ class LoraSettings:
         }
 
 
-def default_device() -> str:
-    """The switcher's device when none is given: ``cuda`` if available, else ``cpu``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def usable_label_tokens(label_tokens: Sequence[str] | None, n_candidates: int) -> list[str] | None:
     """The first ``n_candidates`` of ``label_tokens`` if there are enough, else ``None`` (the default
     ``<c0>``, ``<c1>``, ...)."""
@@ -89,7 +84,9 @@ def build_switcher(
             ``candidate_names``.
         label_tokens: one per candidate for a ``base`` switcher (used if there are enough).
         patch_tokens: the patch size recorded with a ``base`` switcher (default: the switcher's 50).
-        device: default :func:`default_device`; ``dtype``: ``auto`` is bf16 on CUDA, float32 on CPU.
+        device: default ``auto``: ``cuda`` if available, else ``cpu`` (the candidates' rule,
+            :func:`~switchrl.backends.transformers_backend.resolve_device`); ``dtype``: ``auto`` is bf16
+            on CUDA, float32 on CPU.
         seed: the switcher's sampling seed and the seed of a fresh adapter.
         trainable: unfreeze the LoRA weights (a ``saved`` switcher must hold an adapter).
         where: the config field named in errors (e.g. ``rl.init``).
@@ -97,7 +94,7 @@ def build_switcher(
     """
     if (base is None) == (saved is None):
         raise ConfigError(f"{where}: give exactly one of a base model and a saved switcher directory")
-    device = device or default_device()
+    device = device or "auto"
     names = list(candidate_names)
     if saved is not None:
         if lora is not None:
