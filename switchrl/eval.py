@@ -31,6 +31,7 @@ from switchrl.executors import ExecutorConfig, WorkerContext, WorkerSpec, run
 from switchrl.executors.shards import atomic_write
 from switchrl.records import EvalResponse, ResponsePatch, read_records
 from switchrl.rewards.base import ScoreResult, safe_score_batch
+from switchrl.rewards.router import TaskScorers
 from switchrl.rollout import run_switch_generation
 from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
 from switchrl.tasks.base import TaskInstance
@@ -72,7 +73,7 @@ class EvalWorker:
         self,
         pool: CandidatePool,
         systems: Mapping[str, SystemFactory],
-        scorers: Mapping[str, Any],
+        scorers: Mapping[str, Any] | TaskScorers,
         max_new_tokens: int,
         batch_size: int = 64,
     ):
@@ -80,7 +81,7 @@ class EvalWorker:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        self.pool, self.systems, self.scorers = pool, dict(systems), dict(scorers)
+        self.pool, self.systems, self.scorers = pool, dict(systems), TaskScorers(scorers)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def process(self, items: Sequence[EvalItem]) -> list[dict]:
@@ -92,8 +93,7 @@ class EvalWorker:
         for (system, seed, task), rows in groups.items():
             if system not in self.systems:
                 raise KeyError(f"unknown system {system!r}; this worker has {sorted(self.systems)}")
-            if task not in self.scorers:
-                raise KeyError(f"no scorer for task {task!r}; this worker has {sorted(self.scorers)}")
+            scorer = self.scorers.scorer(task)
             for name, other in self.systems.items():
                 if name != system and isinstance(other, LMSystem):
                     other.unload()
@@ -111,7 +111,7 @@ class EvalWorker:
             )
             seconds = (time.perf_counter() - start) / len(batch)
             scores = safe_score_batch(
-                self.scorers[task],
+                scorer,
                 [it.instance.query for it in batch],
                 [t.text for t in traces],
                 [it.instance.reference for it in batch],

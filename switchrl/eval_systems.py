@@ -17,6 +17,7 @@ import torch
 from switchrl.backends.pool import CandidatePool
 from switchrl.errors import CheckpointError, ConfigError
 from switchrl.policies import FixedSwitcher, LMSwitcher, RandomSwitcher, RoundRobinSwitcher, SwitchPolicy
+from switchrl.policies.factory import build_switcher
 from switchrl.policies.lm_switcher import METADATA_FILE
 from switchrl.policies.sb3_switcher import SB3Switcher, is_sb3_switcher_dir
 from switchrl.run_config import ResolvedRun
@@ -65,9 +66,7 @@ def resolve_systems(
         elif name in ("random", "round_robin"):
             out.append(SystemSpec(name, name))
         elif name == "untuned":
-            base = cfg.sft.base or (str(resolved.family.aligned) if resolved.family else None)
-            if base is None:
-                raise ConfigError("eval.systems: 'untuned' needs sft.base (the switcher's base model)")
+            base = resolved.switcher_base(cfg.sft.base, "sft.base (for eval.systems: untuned)")
             out.append(SystemSpec(name, name, path=base))
         elif name == "sft":
             path = cfg.eval.sft_path or cfg.sft.out_dir
@@ -121,19 +120,13 @@ def _oracle_class() -> type | None:
 class LMSystem:
     """Loads its switcher on first use (once per process or Ray actor) and reuses it for every seed."""
 
-    def __init__(self, load: Callable[[], LMSwitcher], candidate_names: Sequence[str], where: str):
-        self._load, self._names, self._where = load, list(candidate_names), where
+    def __init__(self, load: Callable[[], LMSwitcher]):
+        self._load = load
         self._switcher: LMSwitcher | None = None
 
     def __call__(self, seed: int, instances: Mapping[str, TaskInstance]) -> SwitchPolicy:
         if self._switcher is None:
-            switcher = self._load()
-            if switcher.candidate_names != self._names:
-                raise CheckpointError(
-                    f"{self._where}: the switcher was trained for candidates "
-                    f"{switcher.candidate_names}, but this run has {self._names}"
-                )
-            self._switcher = switcher
+            self._switcher = self._load()
         self._switcher.seed = seed  # decisions draw from (seed, trace key, patch index)
         return self._switcher
 
@@ -157,11 +150,10 @@ def build_systems(
     """System name -> :data:`SystemFactory`, in table order (see :func:`resolve_systems`).
 
     LM switchers (``untuned``, ``sft``, ``rl``, saved directories) load lazily on first use, on
-    ``device`` (default: the last candidate's device), with ``switcher.top_p`` / ``greedy`` of the config.
+    ``device`` (default: CUDA if available, else CPU), with ``switcher.top_p`` / ``greedy`` of the config.
     """
     n, cands = len(pool), pool.names
     sw = resolved.config.switcher
-    device = device or resolved.candidates[-1].device
     lm_kwargs = {"top_p": sw.top_p, "greedy": sw.greedy, "device": device}
     systems: dict[str, SystemFactory] = {}
     for spec in resolve_systems(resolved, names, cands, notes):
@@ -172,24 +164,24 @@ def build_systems(
         elif spec.kind == "round_robin":
             systems[spec.name] = lambda seed, inst: RoundRobinSwitcher(n)
         elif spec.kind == "untuned":
-            family_labels = getattr(resolved.family, "label_tokens", None)
-            labels = list(family_labels[:n]) if family_labels and len(family_labels) >= n else None
             load = partial(
-                LMSwitcher.from_base,
-                spec.path,
+                build_switcher,
                 cands,
-                label_tokens=labels,
+                base=spec.path,
+                label_tokens=resolved.label_tokens,
                 patch_tokens=pool.patch_tokens,
+                where="untuned",
                 **lm_kwargs,
             )
-            systems[spec.name] = LMSystem(load, cands, "untuned")
+            systems[spec.name] = LMSystem(load)
         elif spec.kind in ("rl", "path") and is_sb3_switcher_dir(spec.path):
             systems[spec.name] = lambda seed, inst, path=spec.path: SB3Switcher.from_pretrained(
                 path, seed=seed
             )
         elif spec.kind in ("sft", "rl", "path"):
+            where = spec.path or spec.name
             systems[spec.name] = LMSystem(
-                partial(LMSwitcher.from_pretrained, spec.path, **lm_kwargs), cands, spec.path or spec.name
+                partial(build_switcher, cands, saved=spec.path, where=where, **lm_kwargs)
             )
         else:  # oracle
             systems[spec.name] = _oracle_factory(pool)

@@ -10,7 +10,8 @@ from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.config import SwitcherConfig
 from switchrl.errors import ConfigError
-from switchrl.policies import FixedSwitcher, LMSwitcher, RandomSwitcher, RoundRobinSwitcher, SwitchPolicy
+from switchrl.policies import FixedSwitcher, RandomSwitcher, RoundRobinSwitcher, SwitchPolicy
+from switchrl.policies.factory import build_switcher
 from switchrl.rollout import run_switch_generation
 from switchrl.run_config import ResolvedRun, load_run_config
 
@@ -28,13 +29,14 @@ def build_policy(cfg: SwitcherConfig, candidate_names: list[str]) -> SwitchPolic
         return FixedSwitcher(n, candidate_names.index(cfg.candidate))
     if not cfg.path:
         raise ConfigError("switcher.path: an lm switcher needs a saved switcher directory")
-    switcher = LMSwitcher.from_pretrained(cfg.path, top_p=cfg.top_p, greedy=cfg.greedy, seed=cfg.seed)
-    if switcher.candidate_names != candidate_names:
-        raise ConfigError(
-            f"switcher.path: the switcher was trained for {switcher.candidate_names}, "
-            f"but the candidates are {candidate_names}"
-        )
-    return switcher
+    return build_switcher(
+        candidate_names,
+        saved=cfg.path,
+        top_p=cfg.top_p,
+        greedy=cfg.greedy,
+        seed=cfg.seed,
+        where="switcher.path",
+    )
 
 
 def parse_switcher(spec: str) -> SwitcherConfig:

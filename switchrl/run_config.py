@@ -205,6 +205,20 @@ class ResolvedRun:
             return self.config.generation
         return self.family.generation_config() if self.family else SwitchGenerationConfig()
 
+    def switcher_base(self, base: str | None, field: str) -> str:
+        """The base model of a fresh switcher: ``base`` (the config's ``field``), else the testbed's
+        aligned checkpoint."""
+        if base:
+            return base
+        if self.family is not None:
+            return str(self.family.aligned)
+        raise ConfigError(f"{field}: name the switcher's base model (a local checkpoint directory)")
+
+    @property
+    def label_tokens(self) -> list[str] | None:
+        """The switcher's label tokens: the testbed family reserves its own; ``None``: the default."""
+        return list(self.family.label_tokens) if self.family is not None else None
+
     def task_sources(self) -> list[TaskSourceConfig]:
         if self.config.tasks:
             return list(self.config.tasks)

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from test_grpo import lora_weights, make_config, rl_section
 
+from switchrl.trainers.episodes import sample_episodes
 from switchrl.trainers.ppo import EpisodeBatch, last_checkpoint, train_ppo
-from switchrl.trainers.rl import build_switcher, prepare, sample_episodes, train
+from switchrl.trainers.rl import train
+from switchrl.trainers.rl_setup import build_switcher, prepare
 
 
 def test_episode_batch_holds_trained_labels_only(tiny_family, tmp_path):

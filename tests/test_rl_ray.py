@@ -25,7 +25,9 @@ from switchrl.config import CandidateConfig  # noqa: E402
 from switchrl.executors import ExecutorConfig, ExecutorError, RayCandidatePool  # noqa: E402
 from switchrl.policies import RandomSwitcher  # noqa: E402
 from switchrl.rollout import estimate_utilities  # noqa: E402
-from switchrl.trainers.rl import build_switcher, prepare, sample_episodes, train  # noqa: E402
+from switchrl.trainers.episodes import sample_episodes  # noqa: E402
+from switchrl.trainers.rl import train  # noqa: E402
+from switchrl.trainers.rl_setup import build_switcher, prepare  # noqa: E402
 
 torch.set_num_threads(1)  # as the actors (Ray sets OMP_NUM_THREADS=1): same float results
 RAY = {"executor": "ray", "gpus_per_candidate": 0, "max_restarts": 1, "max_task_retries": 1}

@@ -12,7 +12,8 @@ from switchrl.backends.base import Trace
 from switchrl.policies.sb3_switcher import SB3Switcher, is_sb3_switcher_dir
 from switchrl.rollout import SwitchPolicy, run_switch_generation
 from switchrl.run_config import RLSection, SB3Section
-from switchrl.trainers.rl import prepare, train
+from switchrl.trainers.rl import train
+from switchrl.trainers.rl_setup import prepare
 
 
 def sb3_section(tiny_family, tmp_path) -> RLSection:

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from switchrl.backends.base import CandidateSampling
+from switchrl.utils.sampling import nucleus_keep
 
 
 @dataclass
@@ -59,9 +60,7 @@ def sample_next(
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     cdf = sorted_probs.cumsum(dim=-1)
     if sampling.top_p < 1.0:
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        keep = (cdf - sorted_probs) < sampling.top_p
-        sorted_probs = sorted_probs * keep
+        sorted_probs = sorted_probs * nucleus_keep(sorted_probs, sampling.top_p)
         cdf = sorted_probs.cumsum(dim=-1)
     target = uniforms.to(cdf.device, cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
     idx = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[-1] - 1)

@@ -23,6 +23,7 @@ from switchrl.backends.cached_lm import CachedLM, sample_next
 from switchrl.backends.transformers_backend import load_causal_lm, load_tokenizer
 from switchrl.config import StrictModel, format_validation_error
 from switchrl.errors import CheckpointError, ConfigError
+from switchrl.policies.label_tokens import add_label_tokens, label_row_modules
 from switchrl.policies.sequence import PromptFormat, SwitchSequence, default_label_tokens
 from switchrl.rollout import Decision
 from switchrl.utils.seeding import generator
@@ -52,49 +53,6 @@ class SavedSwitcherConfig(StrictModel):
 
 def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
-
-
-def add_label_tokens(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, label_tokens: Sequence[str]
-) -> list[str]:
-    """Make ``label_tokens`` special tokens of ``tokenizer`` and give ``model`` embedding rows for them.
-
-    New rows are initialised deterministically from the token string (mean of the existing rows plus
-    noise seeded by the token), so reloading the same base model reproduces them exactly. Returns
-    the tokens that were not yet special tokens.
-    """
-    special = set(tokenizer.get_added_vocab())
-    missing = [t for t in label_tokens if t not in special]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    emb = model.get_input_embeddings()
-    old = emb.weight.shape[0]
-    if len(tokenizer) > old:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():
-            tables = {id(model.get_input_embeddings().weight): model.get_input_embeddings().weight}
-            out = model.get_output_embeddings()
-            if out is not None:
-                tables.setdefault(id(out.weight), out.weight)
-            for weight in tables.values():
-                base = weight[:old].float()
-                mean, std = base.mean(0), base.std(0)
-                for row in range(old, weight.shape[0]):
-                    g = generator("switchrl-label-embedding", tokenizer.convert_ids_to_tokens(row))
-                    noise = torch.randn(weight.shape[1], generator=g)
-                    weight[row] = (mean + std * noise).to(weight.dtype)
-    return missing
-
-
-def label_row_modules(model: torch.nn.Module, label_ids: Sequence[int]) -> dict[str, list[int]]:
-    """peft ``trainable_token_indices`` for the label rows of the input embeddings and, when it is
-    not tied to them, of the LM head."""
-    names = {id(m): n for n, m in model.named_modules()}
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    modules = {names[id(inp)].rsplit(".", 1)[-1]: list(label_ids)}
-    if out is not None and out.weight is not inp.weight:
-        modules[names[id(out)].rsplit(".", 1)[-1]] = list(label_ids)
-    return modules
 
 
 class LMSwitcher:
@@ -182,10 +140,11 @@ class LMSwitcher:
         model = load_causal_lm(path, dtype, device)
         switcher = cls(model, tokenizer, candidate_names, base_model_path=str(path), **kwargs)
         if adapter is not None or lora is not None:
-            switcher._attach_adapter(adapter, lora)
+            switcher.attach_adapter(adapter, lora)
         return switcher
 
-    def _attach_adapter(self, adapter: str | None, lora: Any) -> None:
+    def attach_adapter(self, adapter: str | None, lora: Any) -> None:
+        """Wrap the model in a peft model: the saved ``adapter`` directory, or a fresh LoRA from ``lora``."""
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if adapter is not None:
@@ -246,7 +205,7 @@ class LMSwitcher:
             base_model_path=base,
             **kwargs,
         )
-        switcher._attach_adapter(str(directory), None)
+        switcher.attach_adapter(str(directory), None)
         return switcher
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
@@ -305,10 +264,17 @@ class LMSwitcher:
             actions = sample_next(logits, CandidateSampling(1.0, self.top_p), uniforms).tolist()
         out = []
         for t, a, p in zip(traces, actions, probs.tolist()):
-            if self.aligned_first_last and (not t.patches or t.remaining_tokens <= self.patch_tokens):
-                a = self.n_candidates - 1
-            out.append(Decision(int(a), tuple(p)))
+            out.append(Decision(self.n_candidates - 1 if self.forces(t) else int(a), tuple(p)))
         return out
+
+    def forces(self, trace: Trace, j: int | None = None) -> bool:
+        """Whether the ``aligned_first_last`` rule takes decision ``j`` of ``trace`` (default: the next
+        one) out of the switcher's hands: the first patch, and the one that reaches the token budget."""
+        if not self.aligned_first_last:
+            return False
+        j = len(trace.patches) if j is None else j
+        used = sum(len(p.token_ids) for p in trace.patches[:j])
+        return j == 0 or trace.max_new_tokens - used <= self.patch_tokens
 
     def release(self, keys: Sequence[str]) -> None:
         self.lm.release(keys)

@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from switchrl.testbed import corpus
 from switchrl.testbed.world import World
 from switchrl.utils.seeding import derive_seed
+from switchrl.utils.training import trainer_args
 
 
 @dataclass(frozen=True)
@@ -143,23 +144,22 @@ def _trainer_kwargs(
     world: World, stage: str, steps: int, batch: int, lr: float, tmp: str, progress: bool
 ) -> dict:
     return dict(
-        output_dir=tmp,
+        **trainer_args(
+            tmp,
+            seed=derive_seed(world.seed, stage) % (2**31),
+            data_seed=derive_seed(world.seed, stage, "data") % (2**31),
+            logging_steps=max(1, steps // 4),
+            use_cpu=True,
+            progress=progress,
+        ),
         max_steps=steps,
         per_device_train_batch_size=batch,
         learning_rate=lr,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, steps // 20),
         weight_decay=0.0,
-        logging_steps=max(1, steps // 4),
         save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=derive_seed(world.seed, stage) % (2**31),
-        data_seed=derive_seed(world.seed, stage, "data") % (2**31),
         dataloader_num_workers=0,
-        disable_tqdm=not progress,
-        bf16=False,
-        fp16=False,
     )
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,16 +48,11 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from switchrl.errors import ConfigError
 from switchrl.policies.lm_switcher import LMSwitcher
+from switchrl.rewards.router import TaskScorers
 from switchrl.tasks.base import TaskInstance
-from switchrl.trainers.rl import (
-    RLResult,
-    RLSetup,
-    TaskRewards,
-    build_switcher,
-    sample_episodes,
-    save_switcher,
-    switch_stats,
-)
+from switchrl.trainers.episodes import sample_episodes
+from switchrl.trainers.rl_setup import RLResult, RLSetup, build_switcher, save_switcher, switch_stats
+from switchrl.utils.training import trainer_args
 
 LABEL_ONLY_BIAS = -1e4  # exp(-1e4) underflows to 0: the softmax is exactly the label-restricted one
 
@@ -144,7 +140,7 @@ class ScoreReward:
 
     __name__ = "score"
 
-    def __init__(self, rewards: TaskRewards, names: Sequence[str]):
+    def __init__(self, rewards: TaskScorers, names: Sequence[str]):
         self.rewards, self.names = rewards, list(names)
 
     def __call__(
@@ -186,7 +182,12 @@ def grpo_config(setup: RLSetup, switcher: LMSwitcher) -> Any:
 
     rl = setup.rl
     return GRPOConfig(
-        output_dir=str(setup.out_dir / "trainer"),
+        **trainer_args(
+            str(setup.out_dir / "trainer"),
+            seed=rl.seed,
+            report_to=rl.report_to,
+            logging_steps=rl.logging_steps,
+        ),
         max_steps=rl.steps,
         learning_rate=rl.learning_rate,
         lr_scheduler_type="constant",
@@ -202,28 +203,18 @@ def grpo_config(setup: RLSetup, switcher: LMSwitcher) -> Any:
         disable_dropout=True,
         scale_rewards="group",
         reward_weights=[1.0] + ([rl.switch_cost] if rl.switch_cost else []),
-        logging_steps=rl.logging_steps,
         save_strategy="steps",
         save_steps=rl.save_steps,
-        report_to=[] if rl.report_to == "none" else [rl.report_to],
-        seed=rl.seed,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
         remove_unused_columns=False,
     )
 
 
 def train_grpo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
     """Train the switcher with GRPO; saves it to ``<rl.out_dir>/switcher`` and the log to ``rl_log.json``."""
-    import os
-
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    if setup.rl.report_to == "wandb":
-        os.environ.setdefault("WANDB_MODE", "offline")
+    switcher = switcher or build_switcher(setup)
+    args = grpo_config(setup, switcher)  # also applies the environment defaults GRPOTrainer reads
     from trl import GRPOTrainer
 
-    switcher = switcher or build_switcher(setup)
-    args = grpo_config(setup, switcher)
     reward_funcs: list[Callable] = [ScoreReward(setup.rewards, setup.names)]
     if setup.rl.switch_cost:
         reward_funcs.append(switch_cost)
@@ -235,7 +226,7 @@ def train_grpo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
         processing_class=switcher.tokenizer,
         rollout_func=make_rollout_func(switcher, setup),
     )
-    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     with restricted_head(switcher.model, switcher.sequence.label_ids):
         trainer.train(resume_from_checkpoint=last)
     model = switcher.model

@@ -2,7 +2,7 @@
 
 What it is, exactly:
 
-* **Rollouts**: the same episode sampler as GRPO (:func:`switchrl.trainers.rl.sample_episodes`):
+* **Rollouts**: the same episode sampler as GRPO (:func:`switchrl.trainers.episodes.sample_episodes`):
   ``rl.queries_per_step`` queries x ``rl.num_generations`` episodes, every live trace advanced in
   batched pool calls, the switcher sampling from its label distribution (``rl.top_p``,
   ``rl.temperature``). ``credit: fork`` works too.
@@ -40,13 +40,12 @@ import torch
 from tqdm.auto import tqdm
 
 from switchrl.policies.lm_switcher import LMSwitcher
-from switchrl.trainers.rl import (
-    Episode,
+from switchrl.trainers.episodes import Episode, sample_episodes
+from switchrl.trainers.rl_setup import (
     MetricsLogger,
     RLResult,
     RLSetup,
     build_switcher,
-    sample_episodes,
     save_switcher,
     switch_stats,
 )

@@ -16,40 +16,18 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from switchrl.envs.switch_env import DEFAULT_CHARSET, ObservationLayout, SwitchEnvConfig
 from switchrl.envs.vector_env import SwitchVectorEnv
 from switchrl.policies.sb3_switcher import SavedSB3SwitcherConfig, SB3Switcher
-from switchrl.rewards.base import Scorer
-from switchrl.tasks.base import TaskInstance
-from switchrl.trainers.rl import MetricsLogger, RLResult, RLSetup, TaskRewards
-
-TASK_KEY = "switchrl_task"
-
-
-class TaskDispatchScorer:
-    """One scorer for an env over several tasks: the task's own scorer, named by ``meta[TASK_KEY]``."""
-
-    def __init__(self, rewards: TaskRewards):
-        self.rewards = rewards
-
-    def __call__(self, query: str, response: str, reference: str, **meta: Any) -> float:
-        task = meta.pop(TASK_KEY)
-        return self.rewards.scorer(task)(query, response, reference, **meta)
+from switchrl.trainers.rl_setup import MetricsLogger, RLResult, RLSetup
 
 
 def env_config(setup: RLSetup) -> SwitchEnvConfig:
-    """The ``SwitchEnv`` of the run: its train instances, reward and switch cost."""
-    scorers: dict[str, Scorer] = setup.rewards.scorers
-    tasks: list[TaskInstance] = setup.instances
-    if len({id(s) for s in scorers.values()}) == 1:
-        reward: Scorer = next(iter(scorers.values()))
-    else:
-        reward = TaskDispatchScorer(setup.rewards)
-        tasks = [replace(i, meta={**i.meta, TASK_KEY: i.task}) for i in tasks]
+    """The ``SwitchEnv`` of the run: its train instances, reward (each task's scorer) and switch cost."""
+    reward, tasks = setup.rewards.for_env(setup.instances)
     return SwitchEnvConfig(
         generation=setup.resolved.generation,
         reward=reward,

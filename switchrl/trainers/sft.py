@@ -10,7 +10,6 @@ from at inference): cross-entropy to the argmax label (the paper), or, with ``so
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,11 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from switchrl.errors import ConfigError
 from switchrl.executors import ShardStore
-from switchrl.policies.lm_switcher import LMSwitcher
+from switchrl.policies.factory import LoraSettings, build_switcher
 from switchrl.policies.sequence import SwitchSequence
 from switchrl.records import SimulatedState, parse_record, read_records
-from switchrl.run_config import ResolvedRun, RunConfig, SFTSection, load_run_config
+from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
+from switchrl.utils.training import trainer_args
 
 
 def build_examples(
@@ -95,15 +95,6 @@ class SwitcherSFTTrainer(SFTTrainer):
         return (loss, out) if return_outputs else loss
 
 
-def switcher_base(resolved: ResolvedRun, section: SFTSection) -> tuple[str, list[str] | None]:
-    """The base model to put the adapter on and its label tokens (the testbed reserves its own)."""
-    if section.base:
-        return section.base, None
-    if resolved.family is not None:
-        return str(resolved.family.aligned), list(resolved.family.label_tokens)
-    raise ConfigError("sft.base: name the switcher's base model (a local checkpoint directory)")
-
-
 def train_sft(config: RunConfig, records: Sequence[SimulatedState | dict] | None = None) -> Path:
     """Train the switcher and save it (adapter + tokenizer + metadata) to ``sft.out_dir``."""
     resolved = ResolvedRun(config)
@@ -111,39 +102,32 @@ def train_sft(config: RunConfig, records: Sequence[SimulatedState | dict] | None
     if records is None:
         store = ShardStore(section.data_dir or config.simulate.out_dir, readonly=True)
         records = read_records(SimulatedState, store)
-    names = [c.name for c in resolved.candidates]
-    base, label_tokens = switcher_base(resolved, section)
-    n = len(names)
-    switcher = LMSwitcher.from_base(
-        base,
-        names,
-        label_tokens=label_tokens[:n] if label_tokens else None,
+    switcher = build_switcher(
+        [c.name for c in resolved.candidates],
+        base=resolved.switcher_base(section.base, "sft.base"),
+        label_tokens=resolved.label_tokens,
+        lora=LoraSettings(section.lora_r, section.lora_alpha, section.lora_dropout),
         patch_tokens=resolved.generation.patch_tokens,
         seed=section.seed,
-        lora={
-            "r": section.lora_r,
-            "lora_alpha": section.lora_alpha,
-            "lora_dropout": section.lora_dropout,
-            "target_modules": "all-linear",
-        },
+        where="sft.base",
     )
     dataset = build_examples(records, switcher.sequence, section.drop_all_equal)
     out = Path(section.out_dir)
     args = SFTConfig(
-        output_dir=str(out / "trainer"),
+        **trainer_args(
+            str(out / "trainer"),
+            seed=section.seed,
+            report_to=section.report_to,
+            logging_steps=max(1, len(dataset) // section.batch_size // 4),
+        ),
         num_train_epochs=section.epochs,
         max_steps=section.max_steps,
         learning_rate=section.learning_rate,
         per_device_train_batch_size=section.batch_size,
         lr_scheduler_type="constant",
-        logging_steps=max(1, len(dataset) // section.batch_size // 4),
         save_strategy="no",
-        report_to=[] if section.report_to == "none" else [section.report_to],
-        seed=section.seed,
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
     )
     trainer = SwitcherSFTTrainer(
         model=switcher.model,
@@ -168,7 +152,5 @@ def main(args) -> int:
     config = load_run_config(args.config)
     if args.report_to:
         config.sft.report_to = args.report_to
-    if config.sft.report_to == "wandb":
-        os.environ.setdefault("WANDB_MODE", "offline")
     print(f"switcher saved to {train_sft(config)}")
     return 0

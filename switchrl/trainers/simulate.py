@@ -22,6 +22,7 @@ from switchrl.executors import ShardStore, WorkerContext, WorkerSpec, run
 from switchrl.policies.baselines import RandomSwitcher
 from switchrl.records import PrefixPatch, SimulatedState
 from switchrl.rewards.base import Scorer
+from switchrl.rewards.router import TaskScorers
 from switchrl.rollout import StateUtilities, advance, estimate_utilities
 from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
 from switchrl.tasks.base import TaskInstance
@@ -62,7 +63,7 @@ class SimulateWorker:
     def __init__(
         self,
         pool: CandidatePool,
-        scorers: Mapping[str, Scorer],
+        scorers: Mapping[str, Scorer] | TaskScorers,
         k: int = 32,
         max_new_tokens: int = 512,
         seed: int = 0,
@@ -72,15 +73,9 @@ class SimulateWorker:
             raise ValueError(f"k must be > 0, got {k}")
         if states_per_batch <= 0:
             raise ValueError(f"states_per_batch must be > 0, got {states_per_batch}")
-        self.pool, self.scorers, self.k = pool, dict(scorers), k
+        self.pool, self.scorers, self.k = pool, TaskScorers(scorers), k
         self.max_new_tokens, self.seed, self.states_per_batch = max_new_tokens, seed, states_per_batch
         self.random = RandomSwitcher(len(pool), seed=seed)
-
-    def scorer_for(self, task: str) -> Scorer:
-        scorer = self.scorers.get(task, self.scorers.get("*"))
-        if scorer is None:
-            raise KeyError(f"no scorer for task {task!r}; scorers are given for {sorted(self.scorers)}")
-        return scorer
 
     def states(self, items: Sequence[StateItem]) -> list[Trace]:
         """A random-switching prefix per item: a full random response cut at a random patch boundary."""
@@ -117,7 +112,7 @@ class SimulateWorker:
                     self.pool,
                     [states[i] for i in rows],
                     [batch[i].instance.reference for i in rows],
-                    self.scorer_for(task),
+                    self.scorers.scorer(task),
                     k=self.k,
                     finisher=self.random,
                     metas=[batch[i].instance.meta for i in rows],
