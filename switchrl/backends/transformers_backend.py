@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from switchrl.backends.base import CandidateSampling, Patch, Trace
+from switchrl.backends.base import CandidateSampling, Group, Patch, Trace
 from switchrl.backends.cached_lm import CachedLM, Generation
 from switchrl.backends.fused import (
     CandidateView,
@@ -199,7 +199,7 @@ class FusedCandidates:
     The candidates' models are fused into one :class:`~switchrl.backends.fused.FusedModel` (weights
     stacked, nothing copied) and each backend's ``lm`` becomes its view of the shared
     :class:`~switchrl.backends.fused.FusedCachedLM`, so a backend used on its own behaves as before,
-    while :meth:`write_patches` lets several candidates write their rows of one step together.
+    while :meth:`write_groups` lets several candidates write their rows of one step together.
     Members must agree on sampling, stop ids and padding (one generate call serves them all).
     """
 
@@ -228,13 +228,10 @@ class FusedCandidates:
         if keys:
             self.lm.extend(keys, chunks)
 
-    def write_patches(
-        self, jobs: Sequence[tuple[TransformersBackend, Sequence[Trace], int]], patch_tokens: int, seed: int
-    ) -> list[list[Patch]]:
-        """For each ``(member, traces, author)`` job, the member's patches for ``traces``: one generate call."""
+    def write_groups(self, groups: Sequence[Group], patch_tokens: int, seed: int) -> list[list[Patch]]:
+        """Each member's patches for its group's traces (:class:`CandidateEngine`): one generate call."""
         start = time.perf_counter()
-        requests = [b._request(traces, patch_tokens, seed) for b, traces, _ in jobs]
-        index = {id(b): i for i, b in enumerate(self.members)}
+        requests = [self.members[g.member]._request(g.traces, patch_tokens, seed) for g in groups]
         owner = [(j, r) for j, req in enumerate(requests) for r in range(len(req.keys))]
 
         def merged(fns: list[RowCallback | None], default: bool) -> RowCallback | None:
@@ -249,19 +246,20 @@ class FusedCandidates:
 
         first = self.members[0]
         results = self.lm.generate(
-            [(index[id(b)], key) for (b, _, _), req in zip(jobs, requests) for key in req.keys],
+            [(g.member, key) for g, req in zip(groups, requests) for key in req.keys],
             [ids for req in requests for ids in req.new_ids],
             [n for req in requests for n in req.limits],
             first.sampling,
-            None if first.sampling.greedy else [g for req in requests for g in req.generators],
+            None if first.sampling.greedy else [gen for req in requests for gen in req.generators],
             stop_ids=first.stop_ids,
             should_stop=merged([req.should_stop for req in requests], False),
             may_stop=merged([req.may_stop for req in requests], True),
         )
         seconds = (time.perf_counter() - start) / max(1, len(results))
         out, at = [], 0
-        for (b, traces, author), req in zip(jobs, requests):
-            out.append(b._patches(traces, author, results[at : at + len(req.keys)], seconds))
+        for g, req in zip(groups, requests):
+            member = self.members[g.member]
+            out.append(member._patches(g.traces, g.author, results[at : at + len(req.keys)], seconds))
             at += len(req.keys)
         return out
 
