@@ -1,4 +1,9 @@
-"""A candidate served in-process by Hugging Face transformers, with per-trace KV-cache reuse."""
+"""Candidates served in-process by Hugging Face transformers, with per-trace KV-cache reuse.
+
+:class:`TransformersBackend` is one candidate with its own model; :func:`fuse_backends` groups those
+of one architecture into a :class:`FusedCandidates` engine (one forward pass per token for all of
+them), each member then reading its rows through a :class:`CandidateView` of the shared cache.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
@@ -14,8 +20,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from switchrl.backends.base import CandidateSampling, Group, Patch, Trace
 from switchrl.backends.cached_lm import CachedLM, Generation
 from switchrl.backends.fused import (
-    CandidateView,
     FusedCachedLM,
+    FusedModel,
     NotFusable,
     architecture_signature,
     fuse_models,
@@ -191,6 +197,49 @@ class TransformersBackend(TokenizedCandidate):
     def release(self, keys: Sequence[str]) -> None:
         self.lm.release(keys)
         super().release(keys)
+
+
+class CandidateView:
+    """Candidate ``index`` of a :class:`FusedCachedLM`, with the interface of a plain :class:`CachedLM`."""
+
+    def __init__(self, lm: FusedCachedLM, index: int):
+        self.fused, self.index = lm, index
+
+    @property
+    def model(self) -> FusedModel:
+        return self.fused.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.fused.device
+
+    def __len__(self) -> int:
+        return sum(1 for candidate, _ in self.fused._entries if candidate == self.index)
+
+    def cached_length(self, key: str) -> int:
+        return self.fused.cached_length((self.index, key))
+
+    def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
+        self.fused.fork((self.index, src_key), [(self.index, k) for k in dst_keys])
+
+    def release(self, keys: Sequence[str]) -> None:
+        self.fused.release([(self.index, k) for k in keys])
+
+    def extend(self, keys: Sequence[str], new_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        return self.fused.extend([(self.index, k) for k in keys], new_ids)
+
+    def generate(
+        self,
+        keys: Sequence[str],
+        new_ids: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        sampling: CandidateSampling,
+        generators: Sequence[torch.Generator] | None = None,
+        **kwargs: Any,
+    ) -> list[Generation]:
+        return self.fused.generate(
+            [(self.index, k) for k in keys], new_ids, max_new_tokens, sampling, generators, **kwargs
+        )
 
 
 class FusedCandidates:
