@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from switchrl.backends.base import Trace
+from switchrl.backends.base import Pool, Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.errors import ConfigError
 from switchrl.eval_metrics import CI_METHOD, format_table, summarize
@@ -71,7 +71,7 @@ class EvalWorker:
 
     def __init__(
         self,
-        pool: CandidatePool,
+        pool: Pool,
         systems: Mapping[str, SystemFactory],
         scorers: Mapping[str, Any] | TaskScorers,
         max_new_tokens: int,

@@ -14,8 +14,7 @@ from typing import Protocol, runtime_checkable
 
 from tqdm.auto import tqdm
 
-from switchrl.backends.base import Patch, Trace
-from switchrl.backends.pool import CandidatePool
+from switchrl.backends.base import Patch, Pool, Trace
 from switchrl.rewards.base import Scorer, ScoreResult, safe_score_batch
 
 
@@ -45,7 +44,7 @@ class SwitchPolicy(Protocol):
 
 
 def advance(
-    pool: CandidatePool,
+    pool: Pool,
     policy: SwitchPolicy,
     traces: Sequence[Trace],
     on_step: Callable[[list[Trace]], None] | None = None,
@@ -67,7 +66,7 @@ def advance(
 
 
 def run_switch_generation(
-    pool: CandidatePool,
+    pool: Pool,
     policy: SwitchPolicy,
     queries: Sequence[str],
     max_new_tokens: int = 512,
@@ -112,7 +111,7 @@ class StateUtilities:
 
 
 def estimate_utilities(
-    pool: CandidatePool,
+    pool: Pool,
     states: Sequence[Trace],
     references: Sequence[str],
     scorer: Scorer,
@@ -126,7 +125,7 @@ def estimate_utilities(
     then k finishes by ``finisher`` (the paper: random switching) are scored; s_i = mean score.
 
     All |states| x |C| x k finishes run as batched pool calls. Every candidate reads each state and
-    each next patch once (:meth:`CandidatePool.prefill`) before they are forked, so the finishes
+    each next patch once (:meth:`Pool.prefill`) before they are forked, so the finishes
     share that prefix instead of each reading it again. ``states`` are not modified.
 
     When candidates write the very same next patch, their continuations are the same state for a

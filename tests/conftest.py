@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from switchrl.backends.transformers_backend import load_causal_lm, load_tokenizer  # noqa: E402
+from switchrl.backends.tokens import load_tokenizer  # noqa: E402
+from switchrl.backends.transformers_backend import load_causal_lm  # noqa: E402
 
 WORDS = (
     "the a of in is and to it was on for as with by at from this that he she they we you one two three "

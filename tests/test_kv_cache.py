@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from switchrl.backends import CandidatePool, CandidateSampling, Trace
-from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm, load_tokenizer
+from switchrl.backends.tokens import load_tokenizer
+from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm
 from tests.conftest import make_word_tokenizer, save_tiny_model
 
 QUERIES = ["the town of red river", "one two three", "the answer is", "a blue bridge in the park"]

@@ -12,7 +12,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from switchrl.backends import CandidatePool, CandidateSampling, Trace
-from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm, load_tokenizer
+from switchrl.backends.tokens import load_tokenizer
+from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm
 from switchrl.backends.vllm_backend import VLLMBackend, import_vllm
 from switchrl.errors import SwitchRLError
 

@@ -1,10 +1,18 @@
-"""The vocabulary shared by every backend: sampling parameters, patches and traces."""
+"""The vocabulary shared by every backend, and the contracts between the layers that write patches.
+
+Three contracts, from the bottom up: a :class:`CandidateBackend` is one candidate and writes the
+next patch of a batch of traces; a :class:`CandidateEngine` is what a pool calls once per step for
+some of its candidates (one backend alone, or several that share a forward pass) and writes all their
+groups of the step; a :class:`Pool` is what the rollouts, environments and trainers drive: named
+candidates that take turns, local (:class:`~switchrl.backends.pool.CandidatePool`) or on Ray actors
+(:class:`~switchrl.executors.remote_pool.RayCandidatePool`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 StopReason = Literal["eos", "stop", "budget"]
 
@@ -137,10 +145,11 @@ class Trace:
 
 @runtime_checkable
 class CandidateBackend(Protocol):
-    """Something that can continue a batch of traces by one patch each.
+    """One candidate, which can continue a batch of traces by one patch each.
 
-    Implementations keep whatever per-trace state makes that cheap (a KV cache, a server-side
-    prefix cache) and must return exactly one :class:`Patch` per trace, in order.
+    ``author`` is the candidate's index in its pool, stored in each patch. Implementations keep
+    whatever per-trace state makes that cheap (a KV cache, a server-side prefix cache) and must
+    return exactly one :class:`Patch` per trace, in order.
     """
 
     name: str
@@ -157,3 +166,74 @@ class CandidateBackend(Protocol):
 
     def release(self, keys: Sequence[str]) -> None:
         """Forget the per-trace state of these traces."""
+
+
+class Group(NamedTuple):
+    """One candidate's share of a step: ``member`` of an engine writes the next patch of each of
+    ``traces``, as candidate ``author`` of the pool."""
+
+    member: int
+    author: int
+    traces: Sequence[Trace]
+
+
+@runtime_checkable
+class CandidateEngine(Protocol):
+    """Candidates (``members``) that write all their groups of one step in one call.
+
+    A pool calls each of its engines at most once per step, with one :class:`Group` per member that
+    was chosen. An unfused candidate is an engine of one member; the transformers candidates of one
+    architecture share one (:class:`~switchrl.backends.transformers_backend.FusedCandidates`: one
+    forward pass per token for all of them).
+    """
+
+    members: Sequence[CandidateBackend]
+
+    def write_groups(self, groups: Sequence[Group], patch_tokens: int, seed: int) -> list[list[Patch]]:
+        """Per group, in order, one patch per trace; at most one group per member."""
+
+    def prefill(self, traces: Sequence[Trace]) -> None:
+        """Let every member read ``traces`` as they stand (see :meth:`CandidateBackend.prefill`)."""
+
+
+@runtime_checkable
+class EngineMember(Protocol):
+    """A backend that may share an engine with other candidates: ``fused`` (None while it has its own)."""
+
+    fused: CandidateEngine | None
+
+
+@runtime_checkable
+class Pool(Protocol):
+    """The candidates that take turns writing a response, as rollouts, environments and trainers see them.
+
+    Candidate ``i`` is ``names[i]``; :meth:`step` lets the chosen candidates write one patch (of at
+    most ``patch_tokens`` tokens) per trace, seeded by (``seed``, trace key, patch index, candidate),
+    so the tokens do not depend on which pool writes them or how its traces are batched.
+    """
+
+    patch_tokens: int
+    seed: int
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def __len__(self) -> int: ...
+
+    def index(self, name: str) -> int:
+        """The index of the candidate called ``name`` (a clear error when there is none)."""
+
+    def step(self, traces: Sequence[Trace], actions: Sequence[int]) -> list[Patch]:
+        """Let candidate ``actions[i]`` write the next patch of ``traces[i]``, append it and return it."""
+
+    def prefill(self, traces: Sequence[Trace]) -> None:
+        """Let every candidate read ``traces`` as they stand, e.g. before forking them."""
+
+    def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
+        """Let traces ``dst_keys`` start from what ``src_key`` has read."""
+
+    def release(self, keys: Sequence[str]) -> None:
+        """Forget the per-trace state of these traces."""
+
+    def close(self) -> None:
+        """Free what the pool holds beyond per-trace state (e.g. its Ray actors); do not use it after."""

@@ -21,8 +21,9 @@ whose rows belong to different candidates in **one** forward pass, each row with
 Anything else (parameters on a non-leaf module, a leaf of another kind, different configs or
 buffers) makes :func:`fuse_models` raise :class:`NotFusable` with the reason; callers then keep one
 model per candidate. :class:`FusedCachedLM` is the :class:`~switchrl.backends.cached_lm.CachedLM`
-of a fused model: its caches are keyed by ``(candidate, trace key)``, and :class:`CandidateView`
-gives each candidate the plain ``CachedLM`` interface on top of it.
+of a fused model: its caches are keyed by ``(candidate, trace key)``, and
+:class:`~switchrl.backends.transformers_backend.CandidateView` gives each candidate the plain
+``CachedLM`` interface on top of it.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from switchrl.backends.base import CandidateSampling
-from switchrl.backends.cached_lm import CachedLM, Generation
+from switchrl.backends.cached_lm import CachedLM
 
 _CONFIG_IGNORED = {"_name_or_path", "name_or_path", "transformers_version", "architectures", "_commit_hash"}
 
@@ -371,46 +371,3 @@ class FusedCachedLM(CachedLM):
 
     def _hf_model(self) -> nn.Module:
         return self.model.template
-
-
-class CandidateView:
-    """Candidate ``index`` of a :class:`FusedCachedLM`, with the interface of a plain :class:`CachedLM`."""
-
-    def __init__(self, lm: FusedCachedLM, index: int):
-        self.fused, self.index = lm, index
-
-    @property
-    def model(self) -> FusedModel:
-        return self.fused.model
-
-    @property
-    def device(self) -> torch.device:
-        return self.fused.device
-
-    def __len__(self) -> int:
-        return sum(1 for candidate, _ in self.fused._entries if candidate == self.index)
-
-    def cached_length(self, key: str) -> int:
-        return self.fused.cached_length((self.index, key))
-
-    def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
-        self.fused.fork((self.index, src_key), [(self.index, k) for k in dst_keys])
-
-    def release(self, keys: Sequence[str]) -> None:
-        self.fused.release([(self.index, k) for k in keys])
-
-    def extend(self, keys: Sequence[str], new_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        return self.fused.extend([(self.index, k) for k in keys], new_ids)
-
-    def generate(
-        self,
-        keys: Sequence[str],
-        new_ids: Sequence[Sequence[int]],
-        max_new_tokens: Sequence[int],
-        sampling: CandidateSampling,
-        generators: Sequence[torch.Generator] | None = None,
-        **kwargs: Any,
-    ) -> list[Generation]:
-        return self.fused.generate(
-            [(self.index, k) for k in keys], new_ids, max_new_tokens, sampling, generators, **kwargs
-        )

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from switchrl.backends.base import CandidateSampling, Patch, StopReason, Trace
-from switchrl.backends.transformers_backend import TokenizedCandidate, load_tokenizer
+from switchrl.backends.tokens import TokenizedCandidate, load_tokenizer
 from switchrl.errors import SwitchRLError
 
 _RETRY_STATUS = {429, 502, 503, 504}

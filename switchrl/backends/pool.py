@@ -1,11 +1,19 @@
-"""The set of candidate checkpoints that take turns writing a response."""
+"""The local pool: the candidates that take turns writing a response, and the engines that run them."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
 
-from switchrl.backends.base import CandidateBackend, CandidateSampling, Patch, Trace
+from switchrl.backends.base import (
+    CandidateBackend,
+    CandidateEngine,
+    CandidateSampling,
+    EngineMember,
+    Group,
+    Patch,
+    Trace,
+)
 from switchrl.config import CandidateConfig
 from switchrl.errors import ConfigError
 
@@ -95,14 +103,28 @@ class CandidateNames:
             raise ValueError(f"no candidate named {name!r}; candidates are {self.names}") from None
 
 
+class _OwnEngine:
+    """The engine of a candidate that shares none: one call of its own per step."""
+
+    def __init__(self, backend: CandidateBackend):
+        self.members = [backend]
+
+    def write_groups(self, groups: Sequence[Group], patch_tokens: int, seed: int) -> list[list[Patch]]:
+        return [self.members[g.member].write_patches(g.traces, g.author, patch_tokens, seed) for g in groups]
+
+    def prefill(self, traces: Sequence[Trace]) -> None:
+        self.members[0].prefill(traces)
+
+
 class CandidatePool(CandidateNames):
     """Named candidates plus the patch size; :meth:`step` writes one patch per trace.
 
     With ``fuse`` (the default), transformers candidates that share an architecture (the
     checkpoints of one training pipeline) are fused into one engine
     (:class:`~switchrl.backends.transformers_backend.FusedCandidates`): a step then costs one
-    forward pass per token for all of them, however the switcher splits the batch. Other
-    candidates run one batched call each.
+    forward pass per token for all of them, however the switcher splits the batch. Every other
+    candidate is an engine of its own: one batched call each. Backends that joined an engine
+    before (e.g. in another pool over the same backends) keep it.
     """
 
     def __init__(
@@ -116,6 +138,16 @@ class CandidatePool(CandidateNames):
             from switchrl.backends.transformers_backend import fuse_backends
 
             fuse_backends(self.backends)
+        self.engines: list[CandidateEngine] = []  # each once, in the order of their first candidate
+        self._engine_of: list[tuple[int, int]] = []  # candidate -> (its engine, its member index there)
+        numbers: dict[CandidateEngine, int] = {}
+        for b in self.backends:
+            shared = b.fused if isinstance(b, EngineMember) else None
+            engine = _OwnEngine(b) if shared is None else shared
+            if engine not in numbers:
+                numbers[engine] = len(self.engines)
+                self.engines.append(engine)
+            self._engine_of.append((numbers[engine], engine.members.index(b)))
 
     @classmethod
     def from_configs(
@@ -130,42 +162,30 @@ class CandidatePool(CandidateNames):
     def step(self, traces: Sequence[Trace], actions: Sequence[int]) -> list[Patch]:
         """Let candidate ``actions[i]`` write the next patch of ``traces[i]`` and append it.
 
-        Traces are grouped per candidate; candidates of one fused engine write their groups in one
-        call, every other candidate runs one batched call. Returns the new patches in the order of
-        ``traces``.
+        Traces are grouped per candidate, and each engine writes the groups of its candidates in one
+        call. Returns the new patches in the order of ``traces``.
         """
-        groups: dict[int, list[int]] = defaultdict(list)
+        rows: dict[int, list[int]] = defaultdict(list)  # candidate -> the traces it writes
         for i, a in enumerate(check_step(traces, actions, self.names)):
-            groups[a].append(i)
-        calls: dict[int, list[int]] = defaultdict(list)  # one call per fused engine or unfused candidate
-        for a in groups:
-            engine = getattr(self.backends[a], "fused", None)
-            calls[id(engine) if engine is not None else -1 - a].append(a)
+            rows[a].append(i)
+        calls: dict[int, list[Group]] = defaultdict(list)  # engine -> its groups of this step
+        for a, rows_of_a in rows.items():
+            engine, member = self._engine_of[a]
+            calls[engine].append(Group(member, a, [traces[i] for i in rows_of_a]))
         out: list[Patch | None] = [None] * len(traces)
-        for actions_of_call in calls.values():
-            jobs = [(self.backends[a], [traces[i] for i in groups[a]], a) for a in actions_of_call]
-            engine = getattr(jobs[0][0], "fused", None)
-            if engine is not None and len(jobs) > 1:
-                written = engine.write_patches(jobs, self.patch_tokens, self.seed)
-            else:
-                written = [b.write_patches(ts, a, self.patch_tokens, self.seed) for b, ts, a in jobs]
-            for a, patches in zip(actions_of_call, written):
-                for i, patch in zip(groups[a], patches):
+        for engine, groups in calls.items():
+            written = self.engines[engine].write_groups(groups, self.patch_tokens, self.seed)
+            for group, patches in zip(groups, written):
+                for i, patch in zip(rows[group.author], patches):
                     out[i] = patch
                     traces[i].patches.append(patch)
         return out  # type: ignore[return-value]
 
     def prefill(self, traces: Sequence[Trace]) -> None:
-        """Let every candidate read ``traces`` as they stand (one call per fused engine), e.g. before
-        forking them: the forks then share that work instead of each reading the prefix again."""
-        seen: set[int] = set()
-        for b in self.backends:
-            engine = getattr(b, "fused", None)
-            if engine is None:
-                b.prefill(traces)
-            elif id(engine) not in seen:
-                seen.add(id(engine))
-                engine.prefill(traces)
+        """Let every candidate read ``traces`` as they stand (one call per engine), e.g. before forking
+        them: the forks then share that work instead of each reading the prefix again."""
+        for engine in self.engines:
+            engine.prefill(traces)
 
     def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
         for b in self.backends:
@@ -174,3 +194,6 @@ class CandidatePool(CandidateNames):
     def release(self, keys: Sequence[str]) -> None:
         for b in self.backends:
             b.release(keys)
+
+    def close(self) -> None:
+        """Nothing to free: the backends belong to whoever built them (several pools may share them)."""

@@ -1,29 +1,33 @@
-"""A candidate served in-process by Hugging Face transformers, with per-trace KV-cache reuse."""
+"""Candidates served in-process by Hugging Face transformers, with per-trace KV-cache reuse.
+
+:class:`TransformersBackend` is one candidate with its own model; :func:`fuse_backends` groups those
+of one architecture into a :class:`FusedCandidates` engine (one forward pass per token for all of
+them), each member then reading its rows through a :class:`CandidateView` of the shared cache.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from switchrl.backends.base import CandidateSampling, Patch, StopReason, Trace
+from switchrl.backends.base import CandidateSampling, Group, Patch, Trace
 from switchrl.backends.cached_lm import CachedLM, Generation
 from switchrl.backends.fused import (
-    CandidateView,
     FusedCachedLM,
+    FusedModel,
     NotFusable,
     architecture_signature,
     fuse_models,
 )
-from switchrl.errors import CheckpointError
-from switchrl.utils.seeding import derive_seed, generator
+from switchrl.backends.tokens import TokenizedCandidate, load_from_checkpoint, load_tokenizer
+from switchrl.utils.seeding import generator
 
 _DTYPES = {
     "float32": torch.float32,
@@ -31,7 +35,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-_DETOK_WINDOW = 16  # tokens of left context used to detokenize a patch (keeps word boundaries)
 logger = logging.getLogger(__name__)
 
 
@@ -47,204 +50,12 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Equal for tokenizers that map text to the same ids (then candidates exchange ids, not text)."""
-    items = sorted(tokenizer.get_vocab().items())
-    return hashlib.blake2b(repr(items).encode(), digest_size=8).hexdigest()
-
-
-def eos_ids(tokenizer: PreTrainedTokenizerBase, generation_config: object | None = None) -> frozenset[int]:
-    """Every id that ends a response for this checkpoint: the tokenizer's EOS and the generation config's."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    extra = getattr(generation_config, "eos_token_id", None)
-    if isinstance(extra, int):
-        ids.add(extra)
-    elif extra:
-        ids.update(int(i) for i in extra)
-    return frozenset(ids)
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def check_checkpoint(path: str) -> None:
-    """A local directory, or a Hugging Face Hub id (``org/name``, resolved from the hub cache)."""
-    if not Path(path).exists() and not _HUB_ID.match(path):
-        raise CheckpointError(f"checkpoint path does not exist: {path}")
-
-
-def _load(what: str, loader, path: str, **kwargs):
-    check_checkpoint(path)
-    try:
-        return loader(path, **kwargs)
-    except Exception as err:  # noqa: BLE001 - re-raised with the path named
-        where = (
-            ""
-            if Path(path).exists()
-            else " (not a local directory; as a hub id it needs the hub cache or network)"
-        )
-        raise CheckpointError(f"cannot load {what} from {path}{where}: {err}") from err
-
-
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    return _load("a tokenizer", AutoTokenizer.from_pretrained, path)
-
-
 def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu") -> torch.nn.Module:
     device = resolve_device(device)
-    model = _load(
+    model = load_from_checkpoint(
         "a causal LM", AutoModelForCausalLM.from_pretrained, path, dtype=resolve_dtype(dtype, device)
     )
     return model.to(device).eval()
-
-
-class TokenizedCandidate:
-    """What every candidate backend shares: its prompt, its token view of each trace, and patch texts.
-
-    Subclasses write tokens (in-process, through vLLM or through a server); this class turns a trace
-    into the ids the candidate reads and the ids it wrote into a :class:`Patch`.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        tokenizer: PreTrainedTokenizerBase,
-        sampling: CandidateSampling | None = None,
-        chat_template: bool = False,
-        prompt_template: str = "{query}",
-        stop_strings: Sequence[str] = (),
-        generation_config: object | None = None,
-    ):
-        if "{query}" not in prompt_template:
-            raise ValueError(
-                f"candidate {name!r}: prompt_template must contain '{{query}}', got {prompt_template!r}"
-            )
-        self.name = name
-        self.tokenizer = tokenizer
-        self.sampling = sampling or CandidateSampling()
-        self.chat_template = chat_template
-        self.prompt_template = prompt_template
-        self.stop_strings = tuple(stop_strings)
-        self.stop_ids = eos_ids(tokenizer, generation_config)
-        if not self.stop_ids:
-            raise CheckpointError(
-                f"candidate {name!r}: its tokenizer defines no EOS token (eos_token is None), so a "
-                "response could never end; set tokenizer.eos_token or generation_config.eos_token_id"
-            )
-        if chat_template and not getattr(tokenizer, "chat_template", None):
-            raise CheckpointError(
-                f"candidate {name!r}: chat_template=true but the tokenizer has no chat template"
-            )
-        self.pad_token_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
-        )
-        self.vocab = vocab_fingerprint(tokenizer)
-        self._views: dict[str, tuple[int, int, list[int]]] = {}  # key -> (patches covered, prompt len, ids)
-
-    # ------------------------------------------------------------------ token views
-    def prompt_ids(self, query: str) -> list[int]:
-        """The tokens this candidate reads before the response: its prompt for ``query``."""
-        if self.chat_template:
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": query}], add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return list(ids)
-        ids = self.tokenizer(self.prompt_template.format(query=query), add_special_tokens=True)["input_ids"]
-        return list(ids) or [self.pad_token_id]
-
-    def patch_ids(self, patch: Patch) -> list[int]:
-        """``patch`` in this candidate's tokens: the ids themselves when the vocab matches, else re-tokenized text."""
-        if patch.vocab == self.vocab:
-            return list(patch.token_ids)
-        return self.tokenizer(patch.text, add_special_tokens=False)["input_ids"]
-
-    def view(self, trace: Trace) -> list[int]:
-        """Everything this candidate reads for ``trace``: prompt + every patch, in its own tokens."""
-        return self._view(trace)[1]
-
-    def _view(self, trace: Trace) -> tuple[int, list[int]]:
-        """(prompt length, view ids) of ``trace``, extended incrementally from the last call."""
-        covered, prompt_len, ids = self._views.get(trace.key, (0, 0, None))
-        if ids is not None and covered == len(trace.patches):
-            return prompt_len, ids
-        if ids is None:
-            ids = self.prompt_ids(trace.query)
-            prompt_len = len(ids)
-        ids = list(ids)  # forks share the stored list: extend a copy
-        for patch in trace.patches[covered:]:
-            ids.extend(self.patch_ids(patch))
-        self._views[trace.key] = (len(trace.patches), prompt_len, ids)
-        return prompt_len, ids
-
-    def patch_from_ids(
-        self,
-        trace: Trace,
-        author: int,
-        token_ids: Sequence[int],
-        stop_reason: StopReason | None = None,
-        seconds: float = 0.0,
-    ) -> Patch:
-        """The :class:`Patch` that ``token_ids`` (this candidate's tokens) adds to ``trace``, with its text."""
-        prompt_len, view = self._view(trace)
-        context = view[max(prompt_len, len(view) - _DETOK_WINDOW) :]
-        return Patch(
-            author=author,
-            token_ids=list(token_ids),
-            text=self._continuation_text(context, token_ids),
-            stop_reason=stop_reason,
-            vocab=self.vocab,
-            seconds=seconds,
-        )
-
-    def _continuation_text(self, context: Sequence[int], new: Sequence[int]) -> str:
-        """The text ``new`` adds after ``context`` (decoding in context keeps spaces between words)."""
-        before = self.tokenizer.decode(list(context), skip_special_tokens=True)
-        return self.tokenizer.decode([*context, *new], skip_special_tokens=True)[len(before) :]
-
-    def _finished(
-        self, token_ids: Sequence[int], finish_reason: str | None, stop_reason: object = None
-    ) -> tuple[list[int], StopReason | None]:
-        """Written ids without a trailing EOS, and why the patch ended, from an engine's finish report.
-
-        Engines report ``finish_reason`` "stop" for both EOS and stop strings; ``stop_reason`` is the
-        matched stop string (vLLM) or None for EOS. "length" (the token limit) ends only the patch.
-        """
-        ids = [int(i) for i in token_ids]
-        reason: StopReason | None = None
-        if finish_reason == "stop":
-            reason = "stop" if isinstance(stop_reason, str) and stop_reason in self.stop_strings else "eos"
-        while ids and ids[-1] in self.stop_ids:
-            ids.pop()
-            reason = "eos"
-        return ids, reason
-
-    def _patch_seed(self, seed: int, trace: Trace) -> int:
-        """The 31-bit engine seed of ``trace``'s next patch: from (seed, trace key, patch index, candidate)."""
-        return derive_seed(seed, trace.key, len(trace.patches), self.name) % 2**31
-
-    def _patch_limits(self, traces: Sequence[Trace], patch_tokens: int) -> list[int]:
-        if patch_tokens <= 0:
-            raise ValueError(f"patch_tokens must be > 0, got {patch_tokens}")
-        return [min(patch_tokens, t.remaining_tokens) for t in traces]
-
-    def prefill(self, traces: Sequence[Trace]) -> None:
-        """Nothing to do: engines behind this class cache prefixes themselves (vLLM / server prefix caching)."""
-
-    def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
-        view = self._views.get(src_key)
-        for key in dst_keys:
-            if view is None:
-                self._views.pop(key, None)
-            else:
-                self._views[key] = view
-
-    def release(self, keys: Sequence[str]) -> None:
-        for key in keys:
-            self._views.pop(key, None)
 
 
 RowCallback = Callable[[int, list[int]], bool]
@@ -348,8 +159,7 @@ class TransformersBackend(TokenizedCandidate):
 
             def may_stop(row: int, toks: list[int]) -> bool:
                 if not allowed[row]:
-                    view = views[row]
-                    context = view[max(prompt_lens[row], len(view) - _DETOK_WINDOW) :]
+                    context = self._context(prompt_lens[row], views[row])
                     text = traces[row].text + self._continuation_text(context, toks)
                     allowed[row] = self.eos_after.search(text) is not None
                 return allowed[row]
@@ -389,13 +199,56 @@ class TransformersBackend(TokenizedCandidate):
         super().release(keys)
 
 
+class CandidateView:
+    """Candidate ``index`` of a :class:`FusedCachedLM`, with the interface of a plain :class:`CachedLM`."""
+
+    def __init__(self, lm: FusedCachedLM, index: int):
+        self.fused, self.index = lm, index
+
+    @property
+    def model(self) -> FusedModel:
+        return self.fused.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.fused.device
+
+    def __len__(self) -> int:
+        return sum(1 for candidate, _ in self.fused._entries if candidate == self.index)
+
+    def cached_length(self, key: str) -> int:
+        return self.fused.cached_length((self.index, key))
+
+    def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
+        self.fused.fork((self.index, src_key), [(self.index, k) for k in dst_keys])
+
+    def release(self, keys: Sequence[str]) -> None:
+        self.fused.release([(self.index, k) for k in keys])
+
+    def extend(self, keys: Sequence[str], new_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        return self.fused.extend([(self.index, k) for k in keys], new_ids)
+
+    def generate(
+        self,
+        keys: Sequence[str],
+        new_ids: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        sampling: CandidateSampling,
+        generators: Sequence[torch.Generator] | None = None,
+        **kwargs: Any,
+    ) -> list[Generation]:
+        return self.fused.generate(
+            [(self.index, k) for k in keys], new_ids, max_new_tokens, sampling, generators, **kwargs
+        )
+
+
 class FusedCandidates:
     """Transformers candidates of one architecture that write their patches in one forward per token.
 
     The candidates' models are fused into one :class:`~switchrl.backends.fused.FusedModel` (weights
     stacked, nothing copied) and each backend's ``lm`` becomes its view of the shared
     :class:`~switchrl.backends.fused.FusedCachedLM`, so a backend used on its own behaves as before,
-    while :meth:`write_patches` lets several candidates write their rows of one step together.
+    while :meth:`write_groups` lets several candidates write their rows of one step together.
     Members must agree on sampling, stop ids and padding (one generate call serves them all).
     """
 
@@ -424,13 +277,10 @@ class FusedCandidates:
         if keys:
             self.lm.extend(keys, chunks)
 
-    def write_patches(
-        self, jobs: Sequence[tuple[TransformersBackend, Sequence[Trace], int]], patch_tokens: int, seed: int
-    ) -> list[list[Patch]]:
-        """For each ``(member, traces, author)`` job, the member's patches for ``traces``: one generate call."""
+    def write_groups(self, groups: Sequence[Group], patch_tokens: int, seed: int) -> list[list[Patch]]:
+        """Each member's patches for its group's traces (:class:`CandidateEngine`): one generate call."""
         start = time.perf_counter()
-        requests = [b._request(traces, patch_tokens, seed) for b, traces, _ in jobs]
-        index = {id(b): i for i, b in enumerate(self.members)}
+        requests = [self.members[g.member]._request(g.traces, patch_tokens, seed) for g in groups]
         owner = [(j, r) for j, req in enumerate(requests) for r in range(len(req.keys))]
 
         def merged(fns: list[RowCallback | None], default: bool) -> RowCallback | None:
@@ -445,19 +295,20 @@ class FusedCandidates:
 
         first = self.members[0]
         results = self.lm.generate(
-            [(index[id(b)], key) for (b, _, _), req in zip(jobs, requests) for key in req.keys],
+            [(g.member, key) for g, req in zip(groups, requests) for key in req.keys],
             [ids for req in requests for ids in req.new_ids],
             [n for req in requests for n in req.limits],
             first.sampling,
-            None if first.sampling.greedy else [g for req in requests for g in req.generators],
+            None if first.sampling.greedy else [gen for req in requests for gen in req.generators],
             stop_ids=first.stop_ids,
             should_stop=merged([req.should_stop for req in requests], False),
             may_stop=merged([req.may_stop for req in requests], True),
         )
         seconds = (time.perf_counter() - start) / max(1, len(results))
         out, at = [], 0
-        for (b, traces, author), req in zip(jobs, requests):
-            out.append(b._patches(traces, author, results[at : at + len(req.keys)], seconds))
+        for g, req in zip(groups, requests):
+            member = self.members[g.member]
+            out.append(member._patches(g.traces, g.author, results[at : at + len(req.keys)], seconds))
             at += len(req.keys)
         return out
 

@@ -15,7 +15,7 @@ from typing import Any
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from switchrl.backends.base import CandidateSampling, Patch, Trace
-from switchrl.backends.transformers_backend import TokenizedCandidate, load_tokenizer
+from switchrl.backends.tokens import TokenizedCandidate, load_tokenizer
 from switchrl.errors import SwitchRLError
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from gymnasium import spaces
 from pydantic import Field, model_validator
 
-from switchrl.backends.base import Patch, Trace
+from switchrl.backends.base import Patch, Pool, Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.config import CandidateConfig, StrictModel, SwitchGenerationConfig, load_yaml, parse
 from switchrl.errors import ConfigError
@@ -203,7 +203,7 @@ class SwitchEnv(gym.Env[dict, np.int64]):
 
     Args:
         config: a :class:`SwitchEnvConfig`, a mapping, or a YAML path.
-        pool: a prebuilt :class:`CandidatePool` (e.g. shared by several envs); built from
+        pool: a prebuilt :class:`~switchrl.backends.base.Pool` (e.g. shared by several envs); built from
             ``config.candidates`` otherwise.
 
     ``reset(seed=..., options={"instance": TaskInstance | {"query": ..., "reference": ...}})`` starts an
@@ -214,9 +214,7 @@ class SwitchEnv(gym.Env[dict, np.int64]):
 
     metadata = {"render_modes": []}
 
-    def __init__(
-        self, config: SwitchEnvConfig | Mapping[str, Any] | str | Path, pool: CandidatePool | None = None
-    ):
+    def __init__(self, config: SwitchEnvConfig | Mapping[str, Any] | str | Path, pool: Pool | None = None):
         self.config = coerce_config(config)
         gen = self.config.generation
         if pool is None:

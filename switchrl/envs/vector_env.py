@@ -1,7 +1,7 @@
 """``SwitchVectorEnv``: N switched responses stepped together over one shared candidate pool.
 
 Each step groups the live traces per chosen candidate, so every candidate runs one batched call
-(:meth:`CandidatePool.step`). Observations, rewards and infos come from the same code as
+(:meth:`~switchrl.backends.base.Pool.step`). Observations, rewards and infos come from the same code as
 :class:`SwitchEnv` (one sub-env object per slot, all sharing the pool), so slot ``i`` reset with
 seed ``s + i`` gives exactly the episode of a single ``SwitchEnv`` reset with ``s + i``.
 """
@@ -18,7 +18,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array
 
-from switchrl.backends.pool import CandidatePool
+from switchrl.backends.base import Pool
 from switchrl.envs.switch_env import SwitchEnv, SwitchEnvConfig, coerce_config
 from switchrl.errors import ConfigError
 
@@ -26,7 +26,7 @@ _MODES = {AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP}
 
 
 class SwitchVectorEnv(VectorEnv):
-    """``num_envs`` switch envs sharing one :class:`CandidatePool` and batched per candidate.
+    """``num_envs`` switch envs sharing one :class:`~switchrl.backends.base.Pool` and batched per candidate.
 
     Args:
         config: as for :class:`SwitchEnv`.
@@ -46,7 +46,7 @@ class SwitchVectorEnv(VectorEnv):
         self,
         config: SwitchEnvConfig | Mapping[str, Any] | str | Path,
         num_envs: int = 1,
-        pool: CandidatePool | None = None,
+        pool: Pool | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
     ):
         if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:

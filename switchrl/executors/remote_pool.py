@@ -1,4 +1,4 @@
-"""RL rollouts on Ray: a :class:`~switchrl.backends.pool.CandidatePool` whose candidates live in Ray actors.
+"""RL rollouts on Ray: a :class:`~switchrl.backends.base.Pool` whose candidates live in Ray actors.
 
 The switcher (the policy being trained) stays in the trainer process; only the candidates move.
 Each actor holds one full candidate pool, built once from the candidate configs. Traces are routed
@@ -62,8 +62,8 @@ class _PoolReplica:
 
 
 class RayCandidatePool(CandidateNames, ClosesOnExit):
-    """Drop-in for :class:`~switchrl.backends.pool.CandidatePool` in RL rollouts, with the candidates
-    on ``executor.replicas`` Ray actors (placement, restarts and timeouts from ``executor``).
+    """A :class:`~switchrl.backends.base.Pool` for RL rollouts, like :class:`CandidatePool` but with the
+    candidates on ``executor.replicas`` Ray actors (placement, restarts and timeouts from ``executor``).
 
     ``rank`` / ``world_size`` (default: the ``RANK`` / ``WORLD_SIZE`` that ``accelerate launch`` sets)
     name the actors ``switchrl-rollout-rank{rank}-r{i}``; every rank of a multi-process trainer builds
@@ -127,7 +127,7 @@ class RayCandidatePool(CandidateNames, ClosesOnExit):
         self._route: dict[str, int] = {}  # trace key -> actor index
         self._load = [0] * len(self._actors)  # routed keys per actor
 
-    # -- the CandidatePool interface ---------------------------------------------------------------
+    # -- the Pool interface ------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
         return list(self._names)

@@ -20,7 +20,8 @@ from transformers import PreTrainedTokenizerBase
 
 from switchrl.backends.base import CandidateSampling, Trace
 from switchrl.backends.cached_lm import CachedLM, sample_next
-from switchrl.backends.transformers_backend import load_causal_lm, load_tokenizer
+from switchrl.backends.tokens import load_tokenizer
+from switchrl.backends.transformers_backend import load_causal_lm
 from switchrl.config import StrictModel, format_validation_error
 from switchrl.errors import CheckpointError, ConfigError
 from switchrl.policies.label_tokens import add_label_tokens, label_row_modules

@@ -26,7 +26,7 @@ from typing import Literal
 from transformers import PreTrainedTokenizerBase
 
 from switchrl.backends.base import Patch
-from switchrl.backends.transformers_backend import vocab_fingerprint
+from switchrl.backends.tokens import vocab_fingerprint
 from switchrl.errors import ConfigError
 
 PromptFormat = Literal["switchrl", "reference"]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from switchrl.backends.base import Trace
+from switchrl.backends.base import Pool, Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher
 from switchrl.rewards.base import Scorer, safe_score_batch
@@ -31,7 +31,7 @@ def _pct(values: Sequence[float]) -> float:
     return round(100.0 * sum(values) / len(values), 1) if values else 0.0
 
 
-def _next_patches(pool: CandidatePool, states: Sequence[Trace], tag: str) -> list[list[Trace]]:
+def _next_patches(pool: Pool, states: Sequence[Trace], tag: str) -> list[list[Trace]]:
     """For each state, one child per candidate holding that candidate's next patch (KV caches forked)."""
     n = len(pool)
     children = [[s.fork(f"{s.key}/{tag}{i}") for i in range(n)] for s in states]
@@ -50,7 +50,7 @@ class ReferencePatchOracle:
     the others); chance cannot inflate it, so it is a lower bound on what switching can reach.
     """
 
-    def __init__(self, pool: CandidatePool, reference_ids: dict[str, list[int]]):
+    def __init__(self, pool: Pool, reference_ids: dict[str, list[int]]):
         self.pool, self.reference_ids = pool, reference_ids
         self.n_candidates = len(pool)
         self.failed: set[str] = set()
@@ -79,7 +79,7 @@ class ReferencePatchOracle:
 class LabelPolicy:
     """The SFT target as a policy: at each patch, the argmax of the simulated-rollout utilities."""
 
-    def __init__(self, pool: CandidatePool, scorer: Scorer, instances: dict[str, TaskInstance], k: int):
+    def __init__(self, pool: Pool, scorer: Scorer, instances: dict[str, TaskInstance], k: int):
         self.pool, self.scorer, self.instances, self.k = pool, scorer, instances, k
         self.n_candidates = len(pool)
 

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from switchrl.backends.base import Trace
-from switchrl.backends.pool import CandidatePool
+from switchrl.backends.base import Pool, Trace
 from switchrl.policies.lm_switcher import LMSwitcher
 from switchrl.policies.sequence import EncodedSequence
 from switchrl.rollout import advance
@@ -92,7 +91,7 @@ def _to_episode(switcher: LMSwitcher, trace: Trace, branch: int) -> Episode:
     return Episode(trace.query, trace, enc, branch, trained, logprobs)
 
 
-def _decide_and_step(pool: CandidatePool, switcher: LMSwitcher, traces: list[Trace]) -> None:
+def _decide_and_step(pool: Pool, switcher: LMSwitcher, traces: list[Trace]) -> None:
     decisions = switcher.decide(traces)
     pool.step(traces, [d.action for d in decisions])
     for t, d in zip(traces, decisions):
@@ -102,7 +101,7 @@ def _decide_and_step(pool: CandidatePool, switcher: LMSwitcher, traces: list[Tra
 @torch.no_grad()
 def sample_episodes(
     switcher: LMSwitcher,
-    pool: CandidatePool,
+    pool: Pool,
     queries: Sequence[str],
     group_size: int,
     key_prefix: str,
@@ -138,7 +137,7 @@ def sample_episodes(
 
 def _forked_episodes(
     switcher: LMSwitcher,
-    pool: CandidatePool,
+    pool: Pool,
     queries: Sequence[str],
     group_size: int,
     key_prefix: str,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from switchrl.backends.base import Pool
 from switchrl.backends.pool import CandidatePool
 from switchrl.errors import ConfigError
 from switchrl.executors.remote_pool import RayCandidatePool
@@ -35,7 +36,7 @@ class RLSetup:
 
     resolved: ResolvedRun
     rl: RLSection
-    pool: CandidatePool | RayCandidatePool
+    pool: Pool
     instances: list[TaskInstance]
     rewards: TaskScorers
 
@@ -49,7 +50,7 @@ class RLSetup:
 
 
 def prepare(
-    config: RunConfig, rl: RLSection | None = None, reward: Any = None, pool: CandidatePool | None = None
+    config: RunConfig, rl: RLSection | None = None, reward: Any = None, pool: Pool | None = None
 ) -> RLSetup:
     """Resolve ``config`` for RL: candidates as a pool, the ``rl.split`` instances and their rewards.
 

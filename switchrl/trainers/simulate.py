@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from switchrl.backends.base import Trace
+from switchrl.backends.base import Pool, Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.errors import ConfigError
 from switchrl.executors import ShardStore, WorkerContext, WorkerSpec, run
@@ -62,7 +62,7 @@ class SimulateWorker:
 
     def __init__(
         self,
-        pool: CandidatePool,
+        pool: Pool,
         scorers: Mapping[str, Scorer] | TaskScorers,
         k: int = 32,
         max_new_tokens: int = 512,

@@ -1,0 +1,221 @@
+"""The tokenizer side that every candidate backend shares, whoever writes the tokens.
+
+A candidate reads a trace as token ids in its own vocabulary: its prompt for the query, then every
+patch (the ids themselves when the author shares its vocabulary, else the re-tokenized text). This
+module holds that view (:class:`TokenizedCandidate`, the base of the transformers, vLLM and OpenAI
+backends), how written ids become a :class:`~switchrl.backends.base.Patch` with its text, and how a
+checkpoint's tokenizer, EOS ids and vocabulary fingerprint are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from switchrl.backends.base import CandidateSampling, Patch, StopReason, Trace
+from switchrl.errors import CheckpointError
+from switchrl.utils.seeding import derive_seed
+
+_DETOK_WINDOW = 16  # tokens of left context used to detokenize a patch (keeps word boundaries)
+
+
+def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Equal for tokenizers that map text to the same ids (then candidates exchange ids, not text)."""
+    items = sorted(tokenizer.get_vocab().items())
+    return hashlib.blake2b(repr(items).encode(), digest_size=8).hexdigest()
+
+
+def eos_ids(tokenizer: PreTrainedTokenizerBase, generation_config: object | None = None) -> frozenset[int]:
+    """Every id that ends a response for this checkpoint: the tokenizer's EOS and the generation config's."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    extra = getattr(generation_config, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(int(i) for i in extra)
+    return frozenset(ids)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_checkpoint(path: str) -> None:
+    """A local directory, or a Hugging Face Hub id (``org/name``, resolved from the hub cache)."""
+    if not Path(path).exists() and not _HUB_ID.match(path):
+        raise CheckpointError(f"checkpoint path does not exist: {path}")
+
+
+def load_from_checkpoint(what: str, loader: Callable[..., Any], path: str, **kwargs: Any) -> Any:
+    """``loader(path, **kwargs)`` (e.g. ``AutoTokenizer.from_pretrained``), failing with a
+    :class:`CheckpointError` that names ``what`` and ``path``."""
+    check_checkpoint(path)
+    try:
+        return loader(path, **kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised with the path named
+        where = (
+            ""
+            if Path(path).exists()
+            else " (not a local directory; as a hub id it needs the hub cache or network)"
+        )
+        raise CheckpointError(f"cannot load {what} from {path}{where}: {err}") from err
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    return load_from_checkpoint("a tokenizer", AutoTokenizer.from_pretrained, path)
+
+
+class TokenizedCandidate:
+    """What every candidate backend shares: its prompt, its token view of each trace, and patch texts.
+
+    Subclasses write tokens (in-process, through vLLM or through a server); this class turns a trace
+    into the ids the candidate reads and the ids it wrote into a :class:`Patch`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        tokenizer: PreTrainedTokenizerBase,
+        sampling: CandidateSampling | None = None,
+        chat_template: bool = False,
+        prompt_template: str = "{query}",
+        stop_strings: Sequence[str] = (),
+        generation_config: object | None = None,
+    ):
+        if "{query}" not in prompt_template:
+            raise ValueError(
+                f"candidate {name!r}: prompt_template must contain '{{query}}', got {prompt_template!r}"
+            )
+        self.name = name
+        self.tokenizer = tokenizer
+        self.sampling = sampling or CandidateSampling()
+        self.chat_template = chat_template
+        self.prompt_template = prompt_template
+        self.stop_strings = tuple(stop_strings)
+        self.stop_ids = eos_ids(tokenizer, generation_config)
+        if not self.stop_ids:
+            raise CheckpointError(
+                f"candidate {name!r}: its tokenizer defines no EOS token (eos_token is None), so a "
+                "response could never end; set tokenizer.eos_token or generation_config.eos_token_id"
+            )
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise CheckpointError(
+                f"candidate {name!r}: chat_template=true but the tokenizer has no chat template"
+            )
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
+        )
+        self.vocab = vocab_fingerprint(tokenizer)
+        self._views: dict[str, tuple[int, int, list[int]]] = {}  # key -> (patches covered, prompt len, ids)
+
+    # ------------------------------------------------------------------ token views
+    def prompt_ids(self, query: str) -> list[int]:
+        """The tokens this candidate reads before the response: its prompt for ``query``."""
+        if self.chat_template:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": query}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        ids = self.tokenizer(self.prompt_template.format(query=query), add_special_tokens=True)["input_ids"]
+        return list(ids) or [self.pad_token_id]
+
+    def patch_ids(self, patch: Patch) -> list[int]:
+        """``patch`` in this candidate's tokens: the ids themselves when the vocab matches, else re-tokenized text."""
+        if patch.vocab == self.vocab:
+            return list(patch.token_ids)
+        return self.tokenizer(patch.text, add_special_tokens=False)["input_ids"]
+
+    def view(self, trace: Trace) -> list[int]:
+        """Everything this candidate reads for ``trace``: prompt + every patch, in its own tokens."""
+        return self._view(trace)[1]
+
+    def _view(self, trace: Trace) -> tuple[int, list[int]]:
+        """(prompt length, view ids) of ``trace``, extended incrementally from the last call."""
+        covered, prompt_len, ids = self._views.get(trace.key, (0, 0, None))
+        if ids is not None and covered == len(trace.patches):
+            return prompt_len, ids
+        if ids is None:
+            ids = self.prompt_ids(trace.query)
+            prompt_len = len(ids)
+        ids = list(ids)  # forks share the stored list: extend a copy
+        for patch in trace.patches[covered:]:
+            ids.extend(self.patch_ids(patch))
+        self._views[trace.key] = (len(trace.patches), prompt_len, ids)
+        return prompt_len, ids
+
+    def patch_from_ids(
+        self,
+        trace: Trace,
+        author: int,
+        token_ids: Sequence[int],
+        stop_reason: StopReason | None = None,
+        seconds: float = 0.0,
+    ) -> Patch:
+        """The :class:`Patch` that ``token_ids`` (this candidate's tokens) adds to ``trace``, with its text."""
+        return Patch(
+            author=author,
+            token_ids=list(token_ids),
+            text=self._continuation_text(self._context(*self._view(trace)), token_ids),
+            stop_reason=stop_reason,
+            vocab=self.vocab,
+            seconds=seconds,
+        )
+
+    @staticmethod
+    def _context(prompt_len: int, view: Sequence[int]) -> Sequence[int]:
+        """The last tokens of the response so far (at most ``_DETOK_WINDOW``), decoded before new ones."""
+        return view[max(prompt_len, len(view) - _DETOK_WINDOW) :]
+
+    def _continuation_text(self, context: Sequence[int], new: Sequence[int]) -> str:
+        """The text ``new`` adds after ``context`` (decoding in context keeps spaces between words)."""
+        before = self.tokenizer.decode(list(context), skip_special_tokens=True)
+        return self.tokenizer.decode([*context, *new], skip_special_tokens=True)[len(before) :]
+
+    def _finished(
+        self, token_ids: Sequence[int], finish_reason: str | None, stop_reason: object = None
+    ) -> tuple[list[int], StopReason | None]:
+        """Written ids without a trailing EOS, and why the patch ended, from an engine's finish report.
+
+        Engines report ``finish_reason`` "stop" for both EOS and stop strings; ``stop_reason`` is the
+        matched stop string (vLLM) or None for EOS. "length" (the token limit) ends only the patch.
+        """
+        ids = [int(i) for i in token_ids]
+        reason: StopReason | None = None
+        if finish_reason == "stop":
+            reason = "stop" if isinstance(stop_reason, str) and stop_reason in self.stop_strings else "eos"
+        while ids and ids[-1] in self.stop_ids:
+            ids.pop()
+            reason = "eos"
+        return ids, reason
+
+    def _patch_seed(self, seed: int, trace: Trace) -> int:
+        """The 31-bit engine seed of ``trace``'s next patch: from (seed, trace key, patch index, candidate)."""
+        return derive_seed(seed, trace.key, len(trace.patches), self.name) % 2**31
+
+    def _patch_limits(self, traces: Sequence[Trace], patch_tokens: int) -> list[int]:
+        if patch_tokens <= 0:
+            raise ValueError(f"patch_tokens must be > 0, got {patch_tokens}")
+        return [min(patch_tokens, t.remaining_tokens) for t in traces]
+
+    def prefill(self, traces: Sequence[Trace]) -> None:
+        """Nothing to do: engines behind this class cache prefixes themselves (vLLM / server prefix caching)."""
+
+    def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
+        view = self._views.get(src_key)
+        for key in dst_keys:
+            if view is None:
+                self._views.pop(key, None)
+            else:
+                self._views[key] = view
+
+    def release(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._views.pop(key, None)
