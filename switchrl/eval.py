@@ -33,7 +33,7 @@ from switchrl.records import EvalResponse, ResponsePatch, read_records
 from switchrl.rewards.base import ScoreResult, safe_score_batch
 from switchrl.rewards.router import TaskScorers
 from switchrl.rollout import run_switch_generation
-from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
+from switchrl.run_config import ResolvedRun, RunConfig, load_config
 from switchrl.tasks.base import TaskInstance
 
 logger = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ def evaluate(
 
 def main(args: argparse.Namespace) -> int:
     """``switchrl eval --config X [--executor local|ray] [--ray-address A]``."""
-    config = load_run_config(args.config)
+    config = load_config(args.config)
     executor = config.executor.overridden(
         executor=getattr(args, "executor", None), ray_address=getattr(args, "ray_address", None)
     )

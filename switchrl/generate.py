@@ -13,7 +13,7 @@ from switchrl.errors import ConfigError
 from switchrl.policies import FixedSwitcher, RandomSwitcher, RoundRobinSwitcher, SwitchPolicy
 from switchrl.policies.factory import build_switcher
 from switchrl.rollout import run_switch_generation
-from switchrl.run_config import ResolvedRun, load_run_config
+from switchrl.run_config import ResolvedRun, load_config
 
 
 def build_policy(cfg: SwitcherConfig, candidate_names: list[str]) -> SwitchPolicy:
@@ -58,7 +58,7 @@ def render(trace: Trace, names: list[str]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load_run_config(args.config)
+    config = load_config(args.config)
     resolved = ResolvedRun(config)
     if args.switcher:
         config.switcher = parse_switcher(args.switcher)

@@ -1,7 +1,7 @@
 """The YAML run config shared by ``switchrl generate | simulate | sft | eval | rl`` and its resolution.
 
 A config names its candidates (or ``testbed: {seed: S}`` for the built-in family), the tasks, the
-reward and one section per command. :func:`load_run_config` validates the whole file up front so a
+reward and one section per command. :func:`load_config` validates the whole file up front so a
 typo fails in a second, naming the key and the file, not after an hour of simulation.
 """
 
@@ -180,7 +180,7 @@ class RunConfig(StrictModel):
         return self
 
 
-def load_run_config(path: str | Path) -> RunConfig:
+def load_config(path: str | Path) -> RunConfig:
     return load_yaml(path, RunConfig)
 
 

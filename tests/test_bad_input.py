@@ -9,7 +9,7 @@ from switchrl.backends.transformers_backend import TransformersBackend
 from switchrl.cli import main
 from switchrl.config import CandidateConfig, SwitchGenerationConfig
 from switchrl.errors import CheckpointError, ConfigError
-from switchrl.run_config import load_run_config
+from switchrl.run_config import load_config
 from tests.conftest import make_word_tokenizer, save_tiny_model
 
 
@@ -57,7 +57,7 @@ def test_unknown_config_key_names_key_and_file(tmp_path, capsys):
     bad = tmp_path / "run.yaml"
     bad.write_text("testbed: {seed: 0}\nsimulate:\n  kk: 3\n")
     with pytest.raises(ConfigError, match=r"run\.yaml: simulate\.kk: unknown key"):
-        load_run_config(bad)
+        load_config(bad)
     assert main(["simulate", "--config", str(bad)]) == 2
     assert "simulate.kk: unknown key" in capsys.readouterr().err
 
@@ -66,7 +66,7 @@ def test_config_needs_candidates(tmp_path):
     bad = tmp_path / "run.yaml"
     bad.write_text("generation: {patch_tokens: 3}\n")
     with pytest.raises(ConfigError, match="either 'candidates'"):
-        load_run_config(bad)
+        load_config(bad)
 
 
 def test_hub_id_without_cache_is_one_clear_error(monkeypatch):

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from switchrl.cli import main
-from switchrl.run_config import RunConfig, load_run_config
+from switchrl.run_config import RunConfig, load_config
 from switchrl.trainers.simulate import simulate
 
 CRASH_ENV = "SWITCHRL_TEST_CRASH_AFTER"  # process-wide: the resolver imports this module under another name
@@ -59,10 +59,10 @@ def _with_out(config: RunConfig, out) -> RunConfig:
 
 
 def test_resume_after_crash_gives_the_same_records(config_file, tmp_path):
-    reference = simulate(_with_out(load_run_config(config_file), tmp_path / "full"), progress=False).records()
+    reference = simulate(_with_out(load_config(config_file), tmp_path / "full"), progress=False).records()
     assert len(reference) == 8 and len({r["id"] for r in reference}) == 8
 
-    crashed = _with_out(load_run_config(config_file), tmp_path / "crashed")
+    crashed = _with_out(load_config(config_file), tmp_path / "crashed")
     os.environ[CRASH_ENV] = str(
         2 * 3 * 3 + 5
     )  # inside the second shard (a shard: 2 states x 3 candidates x k=3)
@@ -88,8 +88,8 @@ def test_cli_simulate_prints_a_summary(config_file, capsys):
 @pytest.mark.slow
 def test_ray_simulate_writes_the_records_of_local(config_file, tmp_path):
     ray = pytest.importorskip("ray")
-    local = simulate(_with_out(load_run_config(config_file), tmp_path / "local"), progress=False).records()
-    config = _with_out(load_run_config(config_file), tmp_path / "ray")
+    local = simulate(_with_out(load_config(config_file), tmp_path / "local"), progress=False).records()
+    config = _with_out(load_config(config_file), tmp_path / "ray")
     config.executor = config.executor.model_copy(
         update={"executor": "ray", "replicas": 2, "num_cpus_per_replica": 1}
     )

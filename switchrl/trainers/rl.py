@@ -15,7 +15,7 @@ from typing import Any
 
 from switchrl.errors import ConfigError
 from switchrl.executors.remote_pool import RayCandidatePool
-from switchrl.run_config import RLSection, RunConfig, load_run_config
+from switchrl.run_config import RLSection, RunConfig, load_config
 from switchrl.trainers.rl_setup import RLResult, RLSetup, prepare
 
 ALGORITHMS: dict[str, str] = {
@@ -57,7 +57,7 @@ def train(
 def main(args: Any) -> int:
     """``switchrl rl --config X --algo grpo|ppo|sb3-ppo [--reward SPEC ...] [--report-to ...]
     [--executor local|ray] [--ray-address A]``."""
-    config = load_run_config(args.config)
+    config = load_config(args.config)
     config.executor = config.executor.overridden(
         executor=getattr(args, "executor", None), ray_address=getattr(args, "ray_address", None)
     )

@@ -24,7 +24,7 @@ from switchrl.executors import ShardStore
 from switchrl.policies.factory import LoraSettings, build_switcher
 from switchrl.policies.sequence import SwitchSequence
 from switchrl.records import SimulatedState, parse_record, read_records
-from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
+from switchrl.run_config import ResolvedRun, RunConfig, load_config
 from switchrl.utils.training import trainer_args
 
 
@@ -149,7 +149,7 @@ def train_sft(config: RunConfig, records: Sequence[SimulatedState | dict] | None
 
 def main(args) -> int:
     """``switchrl sft --config X [--report-to none|wandb|tensorboard]``."""
-    config = load_run_config(args.config)
+    config = load_config(args.config)
     if args.report_to:
         config.sft.report_to = args.report_to
     print(f"switcher saved to {train_sft(config)}")

@@ -24,7 +24,7 @@ from switchrl.records import PrefixPatch, SimulatedState
 from switchrl.rewards.base import Scorer
 from switchrl.rewards.router import TaskScorers
 from switchrl.rollout import StateUtilities, advance, estimate_utilities
-from switchrl.run_config import ResolvedRun, RunConfig, load_run_config
+from switchrl.run_config import ResolvedRun, RunConfig, load_config
 from switchrl.tasks.base import TaskInstance
 from switchrl.utils.seeding import generator
 
@@ -217,7 +217,7 @@ def summarize(records: Sequence[dict]) -> dict:
 
 def main(args) -> int:
     """``switchrl simulate --config X [--executor local|ray] [--ray-address A]``."""
-    config = load_run_config(args.config)
+    config = load_config(args.config)
     config.executor = config.executor.overridden(executor=args.executor, ray_address=args.ray_address)
     store = simulate(config)
     print(json.dumps({"out_dir": str(store.out_dir), **summarize(store.records())}, indent=2))
