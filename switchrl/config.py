@@ -10,6 +10,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from switchrl.errors import ConfigError
 
+__all__ = [
+    "CandidateConfig",
+    "StrictModel",
+    "SwitchGenerationConfig",
+    "SwitcherConfig",
+    "TaskSourceConfig",
+    "format_validation_error",
+    "load_yaml",
+    "parse",
+]
+
+
 M = TypeVar("M", bound=BaseModel)
 
 

@@ -21,6 +21,16 @@ from switchrl.errors import CheckpointError
 from switchrl.executors import ShardStore
 from switchrl.executors.base import RECORD_ID_KEY
 
+__all__ = [
+    "EvalResponse",
+    "PrefixPatch",
+    "ResponsePatch",
+    "SimulatedState",
+    "parse_record",
+    "read_records",
+]
+
+
 PROB_DIGITS = 6  # switcher probabilities in records; float noise across devices/threads is below this
 
 R = TypeVar("R", bound=BaseModel)

@@ -17,6 +17,15 @@ from tqdm.auto import tqdm
 from switchrl.backends.base import Patch, Pool, Trace
 from switchrl.rewards.base import Scorer, ScoreResult, safe_score_batch
 
+__all__ = [
+    "Decision",
+    "StateUtilities",
+    "SwitchPolicy",
+    "advance",
+    "estimate_utilities",
+    "run_switch_generation",
+]
+
 
 @dataclass(frozen=True)
 class Decision:

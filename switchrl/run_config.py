@@ -29,6 +29,20 @@ from switchrl.tasks.base import TaskInstance
 ReportTo = Literal["none", "wandb", "tensorboard"]
 
 
+__all__ = [
+    "EvalSection",
+    "PPOSection",
+    "RLSection",
+    "ResolvedRun",
+    "RunConfig",
+    "SB3Section",
+    "SFTSection",
+    "SimulateSection",
+    "TestbedSection",
+    "load_config",
+]
+
+
 class TestbedSection(StrictModel):
     """Use the built-in testbed family (built on first use) as candidates and task source."""
 
