@@ -4,6 +4,7 @@ signatures), and a local pool builds its engines once: fused candidates share on
 from __future__ import annotations
 
 import inspect
+import itertools
 from types import SimpleNamespace
 
 from switchrl.backends import CandidateEngine, CandidatePool, EngineMember, Pool, Trace
@@ -72,6 +73,7 @@ class _FakeCluster:
 
 def test_ray_pool_satisfies_the_protocol(monkeypatch):
     monkeypatch.setattr(remote_pool, "RayActors", _FakeCluster)
+    monkeypatch.setattr(remote_pool, "_pools", itertools.count())  # leave the real pools' actor names alone
     candidates = [CandidateConfig(name=n, path=f"/nowhere/{n}") for n in ("a", "b")]
     with RayCandidatePool(candidates, patch_tokens=3, seed=1, rank=0, world_size=1) as pool:
         _check_satisfies(pool)
