@@ -18,6 +18,7 @@ from switchrl.executors.base import (
 )
 from switchrl.executors.driver import make_executor, run
 from switchrl.executors.local import LocalExecutor
+from switchrl.executors.outdir import writable_dir
 from switchrl.executors.remote_pool import RayCandidatePool
 from switchrl.executors.shards import ShardInfo, ShardStore
 
@@ -35,4 +36,5 @@ __all__ = [
     "WorkerSpec",
     "make_executor",
     "run",
+    "writable_dir",
 ]

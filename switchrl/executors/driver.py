@@ -48,6 +48,8 @@ def run(
     progress: bool = True,
     desc: str = "work",
     rates: Mapping[str, Callable[[list[dict]], float]] | None = None,
+    overwrite: bool = False,
+    repair: bool = False,
 ) -> ShardStore:
     """Process every item not yet committed in ``out_dir``; return the store of all records.
 
@@ -56,7 +58,8 @@ def run(
     after a crash resumes from the manifest. ``fingerprint`` (e.g. the run config) must match the
     one stored in ``out_dir``. ``rates`` adds per-second counters to the progress bar, e.g.
     ``{"finishes": lambda recs: sum(r["k"] for r in recs)}``. The returned store lists records in
-    the order of ``items``.
+    the order of ``items``. ``overwrite`` starts over in ``out_dir``; ``repair`` drops committed
+    shards that fail their sha256 so that only their items are recomputed (see :class:`ShardStore`).
     """
     if not isinstance(worker_spec, WorkerSpec):
         raise TypeError(f"worker_spec must be a WorkerSpec, got {type(worker_spec).__name__}")
@@ -66,7 +69,7 @@ def run(
     if len(set(ids)) != len(ids):
         dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
         raise ValueError(f"work item ids must be unique; repeated: {dupes[:5]}")
-    store = ShardStore(out_dir, fingerprint=fingerprint, order=ids)
+    store = ShardStore(out_dir, fingerprint=fingerprint, order=ids, overwrite=overwrite, repair=repair)
     owned = not hasattr(executor, "map_chunks")
     runner: Executor = make_executor(executor) if owned else executor  # type: ignore[arg-type]
     try:
