@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config(p, required=name != "report")
         if name in ("simulate", "eval"):
             _add_executor(p)
+            again = p.add_mutually_exclusive_group()
+            again.add_argument("--overwrite", action="store_true", help="start over in an existing out_dir")
+            again.add_argument("--repair", action="store_true", help="recompute only corrupted shards' items")
         if name == "report":
             p.add_argument("run_dir", help="an eval output directory")
         if name == "sft":

@@ -185,12 +185,15 @@ def evaluate(
     executor: ExecutorConfig | Mapping | str | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    repair: bool = False,
 ) -> EvalResult:
     """Run every system of ``config.eval`` on every test instance for every seed; write the outputs.
 
     ``executor`` overrides the config's (``"local"``, ``"ray"`` or an :class:`ExecutorConfig`);
     ``out_dir`` overrides ``eval.out_dir``. Responses already committed in ``out_dir/responses``
-    by an interrupted run with the same settings are kept, not written again.
+    by an interrupted run with the same settings are kept, not written again; ``overwrite`` starts
+    over, ``repair`` recomputes only the responses of corrupted shards.
     """
     resolved = config if isinstance(config, ResolvedRun) else ResolvedRun(config)
     cfg = resolved.config
@@ -235,6 +238,8 @@ def evaluate(
         progress=progress,
         desc="eval",
         rates={"tokens": lambda recs: sum(r["num_tokens"] for r in recs)},
+        overwrite=overwrite,
+        repair=repair,
     )
     responses = read_records(EvalResponse, store)
     records = [r.model_dump(mode="json") for r in responses]
@@ -258,12 +263,17 @@ def evaluate(
 
 
 def main(args: argparse.Namespace) -> int:
-    """``switchrl eval --config X [--executor local|ray] [--ray-address A]``."""
+    """``switchrl eval --config X [--executor local|ray] [--ray-address A] [--overwrite|--repair]``."""
     config = load_config(args.config)
     executor = config.executor.overridden(
         executor=getattr(args, "executor", None), ray_address=getattr(args, "ray_address", None)
     )
-    result = evaluate(config, executor=executor)
+    result = evaluate(
+        config,
+        executor=executor,
+        overwrite=getattr(args, "overwrite", False),
+        repair=getattr(args, "repair", False),
+    )
     print(result.table)
     print(
         f"wrote {result.out_dir / 'results.json'}, {result.out_dir / 'table.md'}, "

@@ -20,7 +20,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from switchrl.errors import ConfigError
-from switchrl.executors import ShardStore
+from switchrl.executors import ShardStore, writable_dir
 from switchrl.policies.factory import LoraSettings, build_switcher
 from switchrl.policies.sequence import SwitchSequence
 from switchrl.records import SimulatedState, parse_record, read_records
@@ -99,6 +99,7 @@ def train_sft(config: RunConfig, records: Sequence[SimulatedState | dict] | None
     """Train the switcher and save it (adapter + tokenizer + metadata) to ``sft.out_dir``."""
     resolved = ResolvedRun(config)
     section = config.sft
+    out = writable_dir(section.out_dir, "sft.out_dir")  # before training, not at the save
     if records is None:
         store = ShardStore(section.data_dir or config.simulate.out_dir, readonly=True)
         records = read_records(SimulatedState, store)
@@ -112,7 +113,6 @@ def train_sft(config: RunConfig, records: Sequence[SimulatedState | dict] | None
         where="sft.base",
     )
     dataset = build_examples(records, switcher.sequence, section.drop_all_equal)
-    out = Path(section.out_dir)
     args = SFTConfig(
         **trainer_args(
             str(out / "trainer"),

@@ -170,8 +170,13 @@ def build_worker(config: dict, context: WorkerContext) -> SimulateWorker:
     )
 
 
-def simulate(config: RunConfig, progress: bool = True) -> ShardStore:
-    """Label ``states_per_query`` states of every training query; resumable in ``simulate.out_dir``."""
+def simulate(
+    config: RunConfig, progress: bool = True, overwrite: bool = False, repair: bool = False
+) -> ShardStore:
+    """Label ``states_per_query`` states of every training query; resumable in ``simulate.out_dir``.
+
+    ``overwrite`` starts over in ``simulate.out_dir``; ``repair`` recomputes only corrupted shards' states.
+    """
     resolved = ResolvedRun(config)
     sim = config.simulate
     instances = [i for items in resolved.instances(sim.split, sim.limit).values() for i in items]
@@ -198,6 +203,8 @@ def simulate(config: RunConfig, progress: bool = True) -> ShardStore:
         progress=progress,
         desc="simulate",
         rates={"finishes": lambda recs: sum(sum(r["counts"]) for r in recs)},
+        overwrite=overwrite,
+        repair=repair,
     )
 
 
@@ -216,9 +223,11 @@ def summarize(records: Sequence[dict]) -> dict:
 
 
 def main(args) -> int:
-    """``switchrl simulate --config X [--executor local|ray] [--ray-address A]``."""
+    """``switchrl simulate --config X [--executor local|ray] [--ray-address A] [--overwrite|--repair]``."""
     config = load_config(args.config)
     config.executor = config.executor.overridden(executor=args.executor, ray_address=args.ray_address)
-    store = simulate(config)
+    store = simulate(
+        config, overwrite=getattr(args, "overwrite", False), repair=getattr(args, "repair", False)
+    )
     print(json.dumps({"out_dir": str(store.out_dir), **summarize(store.records())}, indent=2))
     return 0
