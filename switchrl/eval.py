@@ -27,7 +27,7 @@ from switchrl.backends.pool import CandidatePool
 from switchrl.errors import ConfigError
 from switchrl.eval_metrics import CI_METHOD, format_table, summarize
 from switchrl.eval_systems import LM_KINDS, LMSystem, SystemFactory, build_systems, resolve_systems
-from switchrl.executors import ExecutorConfig, WorkerContext, WorkerSpec, run
+from switchrl.executors import ExecutorConfig, WorkerContext, WorkerSpec, run, writable_dir
 from switchrl.executors.shards import atomic_write
 from switchrl.records import EvalResponse, ResponsePatch, read_records
 from switchrl.rewards.base import ScoreResult, safe_score_batch
@@ -228,6 +228,7 @@ def evaluate(
         "switcher": run_dump["switcher"],
         "switchers": {s.name: _dir_signature(s.path) for s in specs if s.path},
     }
+    writable_dir(out, "eval.out_dir" if out_dir is None else "out_dir")
     store = run(
         items,
         spec,

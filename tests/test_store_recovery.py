@@ -306,6 +306,23 @@ def test_cli_eval_passes_overwrite_and_repair(monkeypatch, config):
     assert main(["eval", "--config", good, "--repair"]) == 2 and seen == {"overwrite": False, "repair": True}
 
 
+def test_cli_names_the_config_key_of_an_out_dir_under_a_file(config, capsys):
+    (config.dir / "file").write_text("x")
+    cfg = config(
+        "under.yaml",
+        config.family,
+        simulate={"k": 2, "out_dir": str(config.dir / "file" / "sim")},
+        eval={"systems": ["random"], "seeds": [0], "out_dir": str(config.dir / "file" / "eval")},
+    )
+    assert main(["simulate", "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: simulate.out_dir {config.dir}/file/sim cannot be a directory: {config.dir}/file is a" in err
+    )
+    assert main(["eval", "--config", cfg]) == 2
+    assert f"error: eval.out_dir {config.dir}/file/eval cannot be a directory" in capsys.readouterr().err
+
+
 def _ro_mount_works(where: Path) -> bool:
     if shutil.which("unshare") is None:
         return False
@@ -347,7 +364,7 @@ def test_cli_on_a_real_read_only_filesystem(config):
     )
     assert done.returncode == 22, done.stderr[-2000:]  # both exit 2, with a message, no traceback
     assert "Traceback" not in done.stderr
-    assert f"switchrl simulate: error: out_dir {ro}/sim is on a read-only filesystem" in done.stderr
+    assert f"switchrl simulate: error: simulate.out_dir {ro}/sim is on a read-only filesystem" in done.stderr
     assert f"switchrl sft: error: sft.out_dir {ro}/sft is on a read-only filesystem" in done.stderr
 
 

@@ -18,7 +18,7 @@ import torch
 from switchrl.backends.base import Pool, Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.errors import ConfigError
-from switchrl.executors import ShardStore, WorkerContext, WorkerSpec, run
+from switchrl.executors import ShardStore, WorkerContext, WorkerSpec, run, writable_dir
 from switchrl.policies.baselines import RandomSwitcher
 from switchrl.records import PrefixPatch, SimulatedState
 from switchrl.rewards.base import Scorer
@@ -193,6 +193,7 @@ def simulate(
         "generation": resolved.generation.model_dump(mode="json"),
         "simulate": sim.model_dump(mode="json", exclude={"out_dir", "chunk_size", "states_per_batch"}),
     }
+    writable_dir(sim.out_dir, "simulate.out_dir")
     return run(
         items,
         spec,
