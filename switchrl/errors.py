@@ -13,3 +13,7 @@ class ConfigError(SwitchRLError, ValueError):
 
 class CheckpointError(SwitchRLError, ValueError):
     """A checkpoint path or tokenizer cannot be used as a candidate or switcher."""
+
+
+class ScorerFailureError(SwitchRLError):
+    """A scorer failed on more samples than the run's ``max_scorer_failure_rate`` allows."""

@@ -31,6 +31,7 @@ from switchrl.executors import ExecutorConfig, WorkerContext, WorkerSpec, run
 from switchrl.executors.shards import atomic_write
 from switchrl.records import EvalResponse, ResponsePatch, read_records
 from switchrl.rewards.base import ScoreResult, safe_score_batch
+from switchrl.rewards.provenance import FailureTally
 from switchrl.rewards.router import TaskScorers
 from switchrl.rollout import run_switch_generation
 from switchrl.run_config import ResolvedRun, RunConfig, load_config
@@ -215,14 +216,10 @@ def evaluate(
         {"run": run_dump, "systems": list(ev.systems), "tasks": tasks},
         num_models=len(candidate_names) + any(s.kind in LM_KINDS for s in specs),
     )
+    scorers = TaskScorers(resolved.scorers(tasks))
     fingerprint = {
-        "eval": run_dump["eval"],
-        "candidates": [c.model_dump(mode="json") for c in resolved.candidates],
-        "generation": resolved.generation.model_dump(mode="json"),
-        "reward": run_dump["reward"],
-        "tasks": run_dump["tasks"],
-        "testbed": run_dump["testbed"],
-        "switcher": run_dump["switcher"],
+        **resolved.fingerprint(scorers),
+        "eval": {k: v for k, v in run_dump["eval"].items() if k not in ("out_dir", "batch_size")},
         "switchers": {s.name: _dir_signature(s.path) for s in specs if s.path},
     }
     store = run(
@@ -254,6 +251,10 @@ def evaluate(
     atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
     atomic_write(out / "table.md", table.encode())
     store.export_jsonl(out / "responses.jsonl")
+    tally = FailureTally()
+    for r in records:
+        tally.add(scorers.label(r["task"]), 1, [r["error"]] if r["error"] else [])
+    tally.check(cfg.max_scorer_failure_rate, f"eval ({out})")
     return result
 
 
