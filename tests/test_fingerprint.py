@@ -137,3 +137,20 @@ def test_eval_rerun_after_the_scorer_or_a_reference_changed_stops(tiny_family, t
     tasks.write_text(tasks.read_text().replace('"reference": "red"', '"reference": "town"'))
     with pytest.raises(CheckpointError, match=r"differs in: tasks\b"):
         evaluate(cfg, progress=False)
+
+
+def test_cli_names_what_changed_and_the_two_ways_out(tiny_family, tmp_path, capsys):
+    import yaml
+
+    from switchrl.cli import main
+
+    write_tasks(tmp_path / "tasks.jsonl")
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump(simulate_config(tiny_family, tmp_path, "token_f1").model_dump(mode="json"))
+    )
+    assert main(["simulate", "--config", str(path)]) == 0
+    write_tasks(tmp_path / "tasks.jsonl", reference="the red river")
+    assert main(["simulate", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "differs in: tasks" in err and "--overwrite" in err and "new out_dir" in err
