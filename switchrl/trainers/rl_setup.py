@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -136,7 +137,9 @@ def claim_out_dir(setup: RLSetup, algo: str) -> None:
     resumable = [p for pattern in RESUMABLE for p in out.glob(pattern)] if out.is_dir() else []
     if not resumable:  # nothing to resume (a fresh run, or a start that failed): this run's fingerprint
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(fingerprint, indent=1))
+        tmp = out / f".{FINGERPRINT_FILE}.{os.getpid()}.tmp"  # every process of a launch writes the same
+        tmp.write_text(json.dumps(fingerprint, indent=1))
+        tmp.replace(path)
         return
     if path.is_file():
         try:
