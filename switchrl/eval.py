@@ -13,7 +13,6 @@ locally, on Ray actors and after a resume. Responses are committed as shards thr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
@@ -36,6 +35,7 @@ from switchrl.rewards.router import TaskScorers
 from switchrl.rollout import run_switch_generation
 from switchrl.run_config import ResolvedRun, RunConfig, load_config
 from switchrl.tasks.base import TaskInstance
+from switchrl.utils.files import dir_signature
 
 logger = logging.getLogger(__name__)
 
@@ -173,14 +173,6 @@ class EvalResult:
     table: str = ""
 
 
-def _dir_signature(path: str) -> str:
-    """A cheap content signature of a switcher directory (names, sizes, mtimes) for the resume fingerprint."""
-    root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-    text = "\n".join(f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def evaluate(
     config: RunConfig | ResolvedRun,
     executor: ExecutorConfig | Mapping | str | None = None,
@@ -220,7 +212,7 @@ def evaluate(
     fingerprint = {
         **resolved.fingerprint(scorers),
         "eval": {k: v for k, v in run_dump["eval"].items() if k not in ("out_dir", "batch_size")},
-        "switchers": {s.name: _dir_signature(s.path) for s in specs if s.path},
+        "switchers": {s.name: dir_signature(s.path) for s in specs if s.path},
     }
     store = run(
         items,

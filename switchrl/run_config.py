@@ -27,6 +27,7 @@ from switchrl.rewards.registry import RewardConfig
 from switchrl.rewards.router import TaskScorers
 from switchrl.tasks.base import TaskInstance
 from switchrl.tasks.provenance import file_sha256
+from switchrl.utils.files import dir_signature
 
 ReportTo = Literal["none", "wandb", "tensorboard"]
 
@@ -277,13 +278,15 @@ class ResolvedRun:
         return out
 
     def fingerprint(self, scorers: TaskScorers | dict[str, Scorer]) -> dict:
-        """What every command's records depend on (each adds its own section): candidates, generation,
-        switcher, the reward spec and each task's scorer source, and each task source's content (a
-        JSONL file's sha256; the testbed's world seed). Resume refuses a run whose fingerprint differs."""
+        """What every command's records depend on (each adds its own section): candidates (and a signature
+        of each local checkpoint directory), generation, switcher, the reward spec and each task's
+        scorer source, and each task source's content (a JSONL file's sha256; the testbed's world
+        seed). Resume refuses a run whose fingerprint differs."""
         dump = self.config.model_dump(mode="json", include={"testbed", "switcher", "reward"})
         family_seed = self.family.seed if self.family is not None else None
         return {
             "candidates": [c.model_dump(mode="json") for c in self.candidates],
+            "checkpoints": {c.name: dir_signature(c.path) for c in self.candidates},
             "generation": self.generation.model_dump(mode="json"),
             "testbed": dump["testbed"],
             "switcher": dump["switcher"],

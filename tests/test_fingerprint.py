@@ -154,3 +154,17 @@ def test_cli_names_what_changed_and_the_two_ways_out(tiny_family, tmp_path, caps
     assert main(["simulate", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "differs in: tasks" in err and "--overwrite" in err and "new out_dir" in err
+
+
+def test_simulate_rerun_after_a_checkpoint_was_replaced_stops_naming_checkpoints(tiny_family, tmp_path):
+    import os
+    import shutil
+
+    write_tasks(tmp_path / "tasks.jsonl")
+    own = shutil.copytree(tiny_family[0], tmp_path / "m0")
+    config = simulate_config([own, *tiny_family[1:]], tmp_path, "token_f1")
+    simulate(config, progress=False)
+    weights = next(own.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "retrained"
+    with pytest.raises(CheckpointError, match=r"differs in: checkpoints\b"):
+        simulate(config, progress=False)

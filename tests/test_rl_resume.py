@@ -25,7 +25,7 @@ def test_rl_rerun_with_another_lr_or_base_is_refused_and_overwrite_starts_over(t
     assert (Path(rl.out_dir) / FINGERPRINT_FILE).is_file()
     with pytest.raises(ConfigError, match=r"differs in: rl.learning_rate\).*--overwrite.*new rl.out_dir"):
         train(config, "grpo", rl=rl.model_copy(update={"learning_rate": 1e-3, "steps": 2}))
-    with pytest.raises(ConfigError, match=r"differs in: start.base\)"):
+    with pytest.raises(ConfigError, match=r"differs in: start.base\b"):
         train(config, "grpo", rl=rl.model_copy(update={"base": str(tiny_family[2])}))
     with pytest.raises(ConfigError, match=r"differs in: algo, rl.ppo\)|differs in: algo"):
         train(config, "ppo", rl=rl)

@@ -36,6 +36,7 @@ from switchrl.rewards.router import TaskScorers
 from switchrl.run_config import ResolvedRun, RLSection, RunConfig
 from switchrl.tasks.base import TaskInstance
 from switchrl.utils.environment import offline_defaults
+from switchrl.utils.files import dir_signature
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def run_fingerprint(setup: RLSetup, algo: str) -> dict:
     if algo in ALGO_SECTION:
         own = getattr(rl, ALGO_SECTION[algo]).model_dump(mode="json")
         section[ALGO_SECTION[algo]] = {k: v for k, v in own.items() if k != "total_timesteps"}
-    start = {"init": rl.init} if rl.init else {"base": setup.resolved.switcher_base(rl.base, "rl.base")}
+    start_dir = rl.init or setup.resolved.switcher_base(rl.base, "rl.base")
+    start = {"init" if rl.init else "base": start_dir, "signature": dir_signature(start_dir)}
     spec = setup.reward_spec
     override = None if spec is None else json.loads(json.dumps(spec, default=scorer_label))  # no addresses
     return {
