@@ -63,3 +63,28 @@ def test_partial_trl_checkpoint_is_skipped_with_a_warning(tiny_family, tmp_path,
     assert any("checkpoint-2 is incomplete" in r.getMessage() for r in caplog.records)
     assert [h["step"] for h in again.history] == [1, 2] and again.history[:1] == first.history
     assert (trainer / "checkpoint-2" / "trainer_state.json").is_file()  # step 2 saved again, complete
+
+
+def test_half_written_checkpoints_are_skipped_by_every_trainer(tmp_path, caplog):
+    """The checkpoint finders of GRPO (TRL) and SB3 pass over what a kill during a save leaves."""
+    import zipfile
+
+    from switchrl.trainers.rl_setup import last_complete_checkpoint
+    from switchrl.trainers.sb3 import last_checkpoint as sb3_last
+
+    trl = tmp_path / "trainer"
+    for n in (1, 2, 10):
+        (trl / f"checkpoint-{n}").mkdir(parents=True)
+    for n in (1, 2):
+        (trl / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    with caplog.at_level("WARNING"):
+        assert last_complete_checkpoint(trl) == trl / "checkpoint-2"
+        assert last_complete_checkpoint(tmp_path / "none") is None
+        sb3 = tmp_path / "checkpoints"
+        sb3.mkdir()
+        with zipfile.ZipFile(sb3 / "sb3_ppo_64_steps.zip", "w") as z:
+            z.writestr("data", "{}")
+        (sb3 / "sb3_ppo_128_steps.zip").write_bytes(b"PK\x03\x04 cut short")
+        assert sb3_last(sb3) == sb3 / "sb3_ppo_64_steps.zip"
+    assert any("checkpoint-10 is incomplete" in r.getMessage() for r in caplog.records)
+    assert any("sb3_ppo_128_steps.zip is incomplete" in r.getMessage() for r in caplog.records)

@@ -14,7 +14,9 @@ reward is the task score at the end of the episode minus ``rl.switch_cost`` per 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from switchrl.envs.vector_env import SwitchVectorEnv
 from switchrl.policies.sb3_switcher import SavedSB3SwitcherConfig, SB3Switcher
 from switchrl.rewards.provenance import FailureTally
 from switchrl.trainers.rl_setup import MetricsLogger, RLResult, RLSetup, check_failures, claim_out_dir
+
+log = logging.getLogger(__name__)
 
 
 def env_config(setup: RLSetup) -> SwitchEnvConfig:
@@ -83,12 +87,17 @@ def _metrics_callback(
 
 
 def last_checkpoint(directory: Path) -> Path | None:
-    found = [
+    """The newest ``sb3_ppo_N_steps.zip`` that is a whole zip; one a kill cut short is skipped."""
+    found = sorted(
         (int(m.group(1)), p)
         for p in directory.glob("sb3_ppo_*_steps.zip")
         if (m := re.fullmatch(r"sb3_ppo_(\d+)_steps\.zip", p.name))
-    ]
-    return max(found)[1] if found else None
+    )
+    for _, path in reversed(found):
+        if zipfile.is_zipfile(path):
+            return path
+        log.warning("%s is incomplete (a save was interrupted): skipped", path)
+    return None
 
 
 def train_sb3(setup: RLSetup) -> RLResult:
