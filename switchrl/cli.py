@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", choices=["grpo", "ppo", "sb3-ppo"], required=True)
     p.add_argument("--reward", action="append", help="a scorer: builtin name or module:function (repeatable)")
     p.add_argument("--report-to", choices=["none", "wandb", "tensorboard"], default=None)
+    p.add_argument("--overwrite", action="store_true", help="delete rl.out_dir's previous run and start over")
     _add_executor(p)
 
     sub.add_parser(
@@ -103,13 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from switchrl.errors import SwitchRLError
+    from switchrl.errors import CheckpointError, SwitchRLError, with_restart_hint
     from switchrl.utils.environment import offline_defaults
 
     offline_defaults()
     try:
         return int(importlib.import_module(COMMANDS[args.command]).main(args) or 0)
     except SwitchRLError as err:
+        err = with_restart_hint(err) if isinstance(err, CheckpointError) else err
         print(f"switchrl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -13,7 +13,6 @@ locally, on Ray actors and after a resume. Responses are committed as shards thr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
@@ -31,10 +30,12 @@ from switchrl.executors import ExecutorConfig, WorkerContext, WorkerSpec, run, w
 from switchrl.executors.shards import atomic_write
 from switchrl.records import EvalResponse, ResponsePatch, read_records
 from switchrl.rewards.base import ScoreResult, safe_score_batch
+from switchrl.rewards.provenance import FailureTally
 from switchrl.rewards.router import TaskScorers
 from switchrl.rollout import run_switch_generation
 from switchrl.run_config import ResolvedRun, RunConfig, load_config
 from switchrl.tasks.base import TaskInstance
+from switchrl.utils.files import dir_signature
 
 logger = logging.getLogger(__name__)
 
@@ -172,14 +173,6 @@ class EvalResult:
     table: str = ""
 
 
-def _dir_signature(path: str) -> str:
-    """A cheap content signature of a switcher directory (names, sizes, mtimes) for the resume fingerprint."""
-    root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-    text = "\n".join(f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def evaluate(
     config: RunConfig | ResolvedRun,
     executor: ExecutorConfig | Mapping | str | None = None,
@@ -218,15 +211,11 @@ def evaluate(
         {"run": run_dump, "systems": list(ev.systems), "tasks": tasks},
         num_models=len(candidate_names) + any(s.kind in LM_KINDS for s in specs),
     )
+    scorers = TaskScorers(resolved.scorers(tasks))
     fingerprint = {
-        "eval": run_dump["eval"],
-        "candidates": [c.model_dump(mode="json") for c in resolved.candidates],
-        "generation": resolved.generation.model_dump(mode="json"),
-        "reward": run_dump["reward"],
-        "tasks": run_dump["tasks"],
-        "testbed": run_dump["testbed"],
-        "switcher": run_dump["switcher"],
-        "switchers": {s.name: _dir_signature(s.path) for s in specs if s.path},
+        **resolved.fingerprint(scorers),
+        "eval": {k: v for k, v in run_dump["eval"].items() if k not in ("out_dir", "batch_size")},
+        "switchers": {s.name: dir_signature(s.path) for s in specs if s.path},
     }
     writable_dir(out, "eval.out_dir" if out_dir is None else "out_dir")
     store = run(
@@ -260,6 +249,10 @@ def evaluate(
     atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
     atomic_write(out / "table.md", table.encode())
     store.export_jsonl(out / "responses.jsonl")
+    tally = FailureTally()
+    for r in records:
+        tally.add(scorers.label(r["task"]), 1, [r["error"]] if r["error"] else [])
+    tally.check(cfg.max_scorer_failure_rate, f"eval ({out})")
     return result
 
 

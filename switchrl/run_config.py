@@ -24,7 +24,10 @@ from switchrl.errors import ConfigError
 from switchrl.executors.base import ExecutorConfig
 from switchrl.rewards.base import Scorer
 from switchrl.rewards.registry import RewardConfig
+from switchrl.rewards.router import TaskScorers
 from switchrl.tasks.base import TaskInstance
+from switchrl.tasks.provenance import file_sha256
+from switchrl.utils.files import dir_signature
 
 ReportTo = Literal["none", "wandb", "tensorboard"]
 
@@ -178,6 +181,13 @@ class RunConfig(StrictModel):
     reward: RewardConfig | None = Field(
         None, description="default: each task's own scorer (testbed) or exact_match"
     )
+    max_scorer_failure_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="simulate, eval and rl exit non-zero (after writing their records) when a scorer "
+        "fails on more than this share of its samples; 1.0 disables the check",
+    )
     switcher: SwitcherConfig = Field(default_factory=SwitcherConfig)
     simulate: SimulateSection = Field(default_factory=SimulateSection)
     sft: SFTSection = Field(default_factory=SFTSection)
@@ -266,6 +276,29 @@ class ResolvedRun:
             for inst in items[:cap]:
                 out.setdefault(inst.task, []).append(inst)
         return out
+
+    def fingerprint(self, scorers: TaskScorers | dict[str, Scorer]) -> dict:
+        """What every command's records depend on (each adds its own section): candidates (and a signature
+        of each local checkpoint directory), generation, switcher, the reward spec and each task's
+        scorer source, and each task source's content (a JSONL file's sha256; the testbed's world
+        seed). Resume refuses a run whose fingerprint differs."""
+        dump = self.config.model_dump(mode="json", include={"testbed", "switcher", "reward"})
+        family_seed = self.family.seed if self.family is not None else None
+        return {
+            "candidates": [c.model_dump(mode="json") for c in self.candidates],
+            "checkpoints": {c.name: dir_signature(c.path) for c in self.candidates},
+            "generation": self.generation.model_dump(mode="json"),
+            "testbed": dump["testbed"],
+            "switcher": dump["switcher"],
+            "reward": {"spec": dump["reward"], "scorers": TaskScorers(scorers).fingerprint()},
+            "tasks": [
+                {
+                    **src.model_dump(mode="json"),
+                    "content": family_seed if src.source == "testbed" else file_sha256(src.path or ""),
+                }
+                for src in self.task_sources()
+            ],
+        }
 
     def scorers(self, tasks: list[str]) -> dict[str, Scorer]:
         """The reward of each task: the config's ``reward`` for all, else the task's own scorer."""

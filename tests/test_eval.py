@@ -72,6 +72,7 @@ def make_config(
         generation=SwitchGenerationConfig(patch_tokens=2, max_new_tokens=6, seed=3),
         tasks=[TaskSourceConfig(source="jsonl", path=str(tasks))],
         reward=write_scorer(root),
+        max_scorer_failure_rate=1.0,  # the scorer fails on 1 of the 5 queries (20%) on purpose
         sft={"base": str(tiny_family[2])},
         eval=EvalSection(
             systems=list(systems),

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from switchrl.errors import ConfigError
 from switchrl.rewards.base import Scorer, ScoreResult, safe_score_batch
+from switchrl.rewards.provenance import FailureTally, scorer_label, scorer_source_hash
 
 ANY_TASK = "*"
 TASK_META_KEY = "switchrl_task"
@@ -37,6 +38,20 @@ class TaskScorers:
         if not scorers:
             raise ConfigError("reward: no scorer for any task")
         self.scorers: dict[str, Scorer] = scorers
+        self.tally = FailureTally()  # every sample :meth:`results` scored, per scorer
+
+    def label(self, task: str) -> str:
+        """The readable name of ``task``'s scorer (for failure messages)."""
+        return scorer_label(self.scorer(task))
+
+    def fingerprint(self, tasks: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
+        """Task -> the name and source hash of its scorer (:func:`~switchrl.rewards.provenance.
+        scorer_source_hash`): what a resumed run's scores depend on."""
+        names = sorted(tasks if tasks is not None else self.scorers)
+        return {
+            t: {"scorer": scorer_label(self.scorer(t)), "source": scorer_source_hash(self.scorer(t))}
+            for t in names
+        }
 
     def scorer(self, task: str) -> Scorer:
         """The scorer of ``task``; a :class:`ConfigError` naming the known tasks if there is none."""
@@ -59,6 +74,7 @@ class TaskScorers:
             )
             for k, r in zip(rows, scored):
                 out[k] = r
+            self.tally.add(self.label(task), len(rows), [r.error for r in scored if r.failed])
         return out  # type: ignore[return-value]
 
     def score(self, instances: Sequence[Scorable], responses: Sequence[str]) -> tuple[list[float], int]:

@@ -31,7 +31,8 @@ Rewards: one TRL reward function per run: the task scorer on the final response 
 ``switch_cost`` (weight ``rl.switch_cost``, value ``-num_switches``) when a switch cost is set; the
 switch rate and each candidate's share of patches are logged with ``log_metric``. TRL logs the
 reward, KL (``rl.beta`` > 0), entropy of the switch distribution and clip ratios per step.
-Checkpoints are TRL's own (``save_steps``); a rerun resumes from the last one.
+Checkpoints are TRL's own (``save_steps``); a rerun resumes from the last complete one, and refuses
+when ``rl.out_dir`` was written with another configuration (:func:`~switchrl.trainers.rl_setup.claim_out_dir`).
 """
 
 from __future__ import annotations
@@ -44,14 +45,22 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers.trainer_utils import get_last_checkpoint
 
 from switchrl.errors import ConfigError
 from switchrl.policies.lm_switcher import LMSwitcher
 from switchrl.rewards.router import TaskScorers
 from switchrl.tasks.base import TaskInstance
 from switchrl.trainers.episodes import sample_episodes
-from switchrl.trainers.rl_setup import RLResult, RLSetup, build_switcher, save_switcher, switch_stats
+from switchrl.trainers.rl_setup import (
+    RLResult,
+    RLSetup,
+    build_switcher,
+    check_failures,
+    claim_out_dir,
+    last_complete_checkpoint,
+    save_switcher,
+    switch_stats,
+)
 from switchrl.utils.training import trainer_args
 
 LABEL_ONLY_BIAS = -1e4  # exp(-1e4) underflows to 0: the softmax is exactly the label-restricted one
@@ -211,6 +220,7 @@ def grpo_config(setup: RLSetup, switcher: LMSwitcher) -> Any:
 
 def train_grpo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
     """Train the switcher with GRPO; saves it to ``<rl.out_dir>/switcher`` and the log to ``rl_log.json``."""
+    claim_out_dir(setup, "grpo")
     switcher = switcher or build_switcher(setup)
     args = grpo_config(setup, switcher)  # also applies the environment defaults GRPOTrainer reads
     from trl import GRPOTrainer
@@ -226,7 +236,7 @@ def train_grpo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
         processing_class=switcher.tokenizer,
         rollout_func=make_rollout_func(switcher, setup),
     )
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    last = last_complete_checkpoint(Path(args.output_dir))
     with restricted_head(switcher.model, switcher.sequence.label_ids):
         trainer.train(resume_from_checkpoint=last)
     model = switcher.model
@@ -244,4 +254,5 @@ def train_grpo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
             json.dumps({"algo": "grpo", "credit": setup.rl.credit, "history": history}, indent=2)
         )
     trainer.accelerator.wait_for_everyone()
+    check_failures(setup)
     return RLResult(setup.out_dir, policy_dir, history)

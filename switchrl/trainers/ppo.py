@@ -46,6 +46,8 @@ from switchrl.trainers.rl_setup import (
     RLResult,
     RLSetup,
     build_switcher,
+    check_failures,
+    claim_out_dir,
     save_switcher,
     switch_stats,
 )
@@ -206,6 +208,7 @@ def last_checkpoint(out_dir: Path) -> Path | None:
 def train_ppo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
     """Train the switcher with PPO; saves it to ``<rl.out_dir>/switcher`` and the log to ``rl_log.json``."""
     rl, out = setup.rl, setup.out_dir
+    claim_out_dir(setup, "ppo")
     switcher = switcher or build_switcher(setup)
     switcher.model.eval()
     learner = PPOLearner(switcher, setup)
@@ -255,4 +258,5 @@ def train_ppo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
     (out / "rl_log.json").write_text(
         json.dumps({"algo": "ppo", "credit": rl.credit, "history": history}, indent=2)
     )
+    check_failures(setup)
     return RLResult(out, policy_dir, history)

@@ -16,7 +16,7 @@ from typing import Any
 from switchrl.errors import ConfigError
 from switchrl.executors.remote_pool import RayCandidatePool
 from switchrl.run_config import RLSection, RunConfig, load_config
-from switchrl.trainers.rl_setup import RLResult, RLSetup, prepare
+from switchrl.trainers.rl_setup import RLResult, RLSetup, prepare, remove_run
 
 ALGORITHMS: dict[str, str] = {
     "grpo": "switchrl.trainers.grpo:train_grpo",
@@ -40,12 +40,16 @@ def train(
     rl: RLSection | None = None,
     reward: Any = None,
     report_to: str | None = None,
+    overwrite: bool = False,
 ) -> RLResult:
-    """Run ``algo`` (grpo | ppo | sb3-ppo) on ``config``; see each trainer module."""
+    """Run ``algo`` (grpo | ppo | sb3-ppo) on ``config``; see each trainer module. A rerun in the same
+    ``rl.out_dir`` resumes only the same configuration; ``overwrite=True`` deletes the old run first."""
     run = algorithm(algo)
     rl = (rl or config.rl).model_copy()
     if report_to is not None:
         rl.report_to = report_to
+    if overwrite:
+        remove_run(rl.out_dir)
     setup = prepare(config, rl, reward)
     try:
         return run(setup)
@@ -56,12 +60,18 @@ def train(
 
 def main(args: Any) -> int:
     """``switchrl rl --config X --algo grpo|ppo|sb3-ppo [--reward SPEC ...] [--report-to ...]
-    [--executor local|ray] [--ray-address A]``."""
+    [--executor local|ray] [--ray-address A] [--overwrite]``."""
     config = load_config(args.config)
     config.executor = config.executor.overridden(
         executor=getattr(args, "executor", None), ray_address=getattr(args, "ray_address", None)
     )
-    result = train(config, args.algo, reward=args.reward or None, report_to=args.report_to)
+    result = train(
+        config,
+        args.algo,
+        reward=args.reward or None,
+        report_to=args.report_to,
+        overwrite=bool(getattr(args, "overwrite", False)),
+    )
     print(f"{args.algo}: policy saved to {result.policy_dir}")
     if result.history:
         last = result.history[-1]

@@ -3,7 +3,10 @@
 :func:`prepare` resolves a run config for RL (the candidate pool, local or on Ray; the ``rl.split``
 instances; each task's scorer), :func:`build_switcher` makes the switcher to train (through the one
 factory :func:`switchrl.policies.factory.build_switcher`), and :class:`MetricsLogger`,
-:func:`switch_stats` and :class:`RLResult` are how every algorithm reports. The algorithms
+:func:`switch_stats` and :class:`RLResult` are how every algorithm reports. :func:`claim_out_dir` writes
+the run's fingerprint into ``rl.out_dir`` and refuses to resume another configuration,
+:func:`last_complete_checkpoint` skips a checkpoint a kill left half-written, and :func:`check_failures`
+enforces ``max_scorer_failure_rate``. The algorithms
 (:mod:`~switchrl.trainers.grpo`, :mod:`~switchrl.trainers.ppo`, :mod:`~switchrl.trainers.sb3`) build
 on this module and :mod:`~switchrl.trainers.episodes`; :mod:`~switchrl.trainers.rl` dispatches to them.
 """
@@ -11,6 +14,10 @@ on this module and :mod:`~switchrl.trainers.episodes`; :mod:`~switchrl.trainers.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +30,23 @@ from switchrl.executors.remote_pool import RayCandidatePool
 from switchrl.policies.factory import LoraSettings
 from switchrl.policies.factory import build_switcher as make_switcher
 from switchrl.policies.lm_switcher import LMSwitcher
+from switchrl.rewards.provenance import scorer_label
 from switchrl.rewards.registry import resolve_reward
 from switchrl.rewards.router import TaskScorers
 from switchrl.run_config import ResolvedRun, RLSection, RunConfig
 from switchrl.tasks.base import TaskInstance
 from switchrl.utils.environment import offline_defaults
+from switchrl.utils.files import dir_signature
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "switchrl_run.json"
+NO_EFFECT = {"out_dir", "steps", "save_steps", "logging_steps", "report_to", "ppo", "sb3"}
+"""rl fields that cannot change what a resumed run computes: where it writes, how far it goes (a rerun
+with more ``steps`` continues), how often it saves or logs; the other algorithms' sections."""
+ALGO_SECTION = {"ppo": "ppo", "sb3-ppo": "sb3"}
+RESUMABLE = ("trainer/checkpoint-*", "checkpoint-*", "checkpoints/*", "switcher")
+"""What a rerun in ``rl.out_dir`` would resume from or keep (GRPO, PPO, SB3 checkpoints; the policy)."""
 
 
 @dataclass
@@ -39,6 +58,7 @@ class RLSetup:
     pool: Pool
     instances: list[TaskInstance]
     rewards: TaskScorers
+    reward_spec: Any = None  # the reward override (the CLI's --reward), part of the run's fingerprint
 
     @property
     def names(self) -> list[str]:
@@ -83,7 +103,110 @@ def prepare(
         )
     elif pool is None:
         pool = CandidatePool.from_configs(resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
-    return RLSetup(resolved, rl, pool, instances, TaskScorers(scorers))
+    return RLSetup(resolved, rl, pool, instances, TaskScorers(scorers), reward_spec=reward)
+
+
+def run_fingerprint(setup: RLSetup, algo: str) -> dict:
+    """What the checkpoints in ``rl.out_dir`` depend on: the rl section (less :data:`NO_EFFECT`; the
+    algorithm's own section), the algorithm, the switcher's start, and the run's candidates, reward
+    (spec and scorer sources) and tasks (content hashes)."""
+    rl = setup.rl
+    section = rl.model_dump(mode="json", exclude=NO_EFFECT | {"init", "base"})  # both: in "start"
+    if algo in ALGO_SECTION:
+        own = getattr(rl, ALGO_SECTION[algo]).model_dump(mode="json")
+        section[ALGO_SECTION[algo]] = {k: v for k, v in own.items() if k != "total_timesteps"}
+    start_dir = rl.init or setup.resolved.switcher_base(rl.base, "rl.base")
+    start = {"init" if rl.init else "base": start_dir, "signature": dir_signature(start_dir)}
+    spec = setup.reward_spec
+    override = None if spec is None else json.loads(json.dumps(spec, default=scorer_label))  # no addresses
+    return {
+        "algo": algo,
+        "rl": section,
+        "start": start,
+        "reward_override": override,
+        **setup.resolved.fingerprint(setup.rewards),
+    }
+
+
+def claim_out_dir(setup: RLSetup, algo: str) -> None:
+    """Write the run's fingerprint into ``rl.out_dir``; refuse (:class:`ConfigError` naming the changed
+    keys) to resume checkpoints written with a different one."""
+    out = setup.out_dir
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"rl.out_dir {out} exists and is not a directory")
+    fingerprint = json.loads(json.dumps(run_fingerprint(setup, algo)))
+    path = out / FINGERPRINT_FILE
+    resumable = [p for pattern in RESUMABLE for p in out.glob(pattern)] if out.is_dir() else []
+    if not resumable:  # nothing to resume (a fresh run, or a start that failed): this run's fingerprint
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{FINGERPRINT_FILE}.{os.getpid()}.tmp"  # every process of a launch writes the same
+        tmp.write_text(json.dumps(fingerprint, indent=1))
+        tmp.replace(path)
+        return
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        changed = _changed(old, fingerprint)
+        if changed:
+            raise ConfigError(
+                f"rl.out_dir {out} holds a run with a different configuration (differs in: "
+                f"{', '.join(changed)}); rerun with `switchrl rl --overwrite` to start over, "
+                "or set a new rl.out_dir"
+            )
+        return
+    raise ConfigError(
+        f"rl.out_dir {out} holds checkpoints but no {FINGERPRINT_FILE} (a run of an older version?); "
+        "rerun with `switchrl rl --overwrite` to start over, or set a new rl.out_dir"
+    )
+
+
+def _changed(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where ``old`` and ``new`` differ (two levels deep at most)."""
+    if old == new:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict) and prefix.count(".") < 2:
+        return [
+            k
+            for key in sorted(old.keys() | new.keys())
+            for k in _changed(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
+    return [prefix.rstrip(".") or "(all)"]
+
+
+def remove_run(out_dir: str | Path) -> None:
+    """``switchrl rl --overwrite``: delete a previous run's ``rl.out_dir``."""
+    out = Path(out_dir)
+    if out.is_dir():
+        logger.warning("rl --overwrite: removing %s", out)
+        shutil.rmtree(out)
+    elif out.exists():
+        raise ConfigError(f"rl.out_dir {out} exists and is not a directory")
+
+
+def last_complete_checkpoint(directory: Path) -> Path | None:
+    """The TRL/Transformers ``checkpoint-N`` with the largest N that holds ``trainer_state.json`` (the
+    last file a save writes); newer ones a kill left half-written are skipped with a warning."""
+    if not directory.is_dir():
+        return None
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in directory.iterdir()
+        if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+    )
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").is_file():
+            return path
+        logger.warning("%s is incomplete (no trainer_state.json; a save was interrupted): skipped", path)
+    return None
+
+
+def check_failures(setup: RLSetup) -> None:
+    """Raise when a scorer failed on more episodes than ``max_scorer_failure_rate`` allows (call after
+    saving what the run has)."""
+    rate = setup.resolved.config.max_scorer_failure_rate
+    setup.rewards.tally.check(rate, f"rl ({setup.out_dir})")
 
 
 def build_switcher(setup: RLSetup) -> LMSwitcher:

@@ -14,7 +14,9 @@ reward is the task score at the end of the episode minus ``rl.switch_cost`` per 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,10 @@ from typing import Any
 from switchrl.envs.switch_env import DEFAULT_CHARSET, ObservationLayout, SwitchEnvConfig
 from switchrl.envs.vector_env import SwitchVectorEnv
 from switchrl.policies.sb3_switcher import SavedSB3SwitcherConfig, SB3Switcher
-from switchrl.trainers.rl_setup import MetricsLogger, RLResult, RLSetup
+from switchrl.rewards.provenance import FailureTally
+from switchrl.trainers.rl_setup import MetricsLogger, RLResult, RLSetup, check_failures, claim_out_dir
+
+log = logging.getLogger(__name__)
 
 
 def env_config(setup: RLSetup) -> SwitchEnvConfig:
@@ -37,7 +42,9 @@ def env_config(setup: RLSetup) -> SwitchEnvConfig:
     )
 
 
-def _metrics_callback(logger: MetricsLogger, names: list[str], history: list[dict]) -> Any:
+def _metrics_callback(
+    logger: MetricsLogger, names: list[str], history: list[dict], tally: FailureTally, scorer: str
+) -> Any:
     from stable_baselines3.common.callbacks import BaseCallback
 
     class SwitchMetrics(BaseCallback):
@@ -56,6 +63,7 @@ def _metrics_callback(logger: MetricsLogger, names: list[str], history: list[dic
                 self.switched += bool(info["switched"])
                 if "score" in info:
                     self.scores.append(float(info["score"]))
+                    tally.add(scorer, 1, [info["score_error"]] if info.get("score_error") else [])
                     self.rewards.append(float(info["episode"]["r"]) if "episode" in info else float(reward))
             return True
 
@@ -79,12 +87,17 @@ def _metrics_callback(logger: MetricsLogger, names: list[str], history: list[dic
 
 
 def last_checkpoint(directory: Path) -> Path | None:
-    found = [
+    """The newest ``sb3_ppo_N_steps.zip`` that is a whole zip; one a kill cut short is skipped."""
+    found = sorted(
         (int(m.group(1)), p)
         for p in directory.glob("sb3_ppo_*_steps.zip")
         if (m := re.fullmatch(r"sb3_ppo_(\d+)_steps\.zip", p.name))
-    ]
-    return max(found)[1] if found else None
+    )
+    for _, path in reversed(found):
+        if zipfile.is_zipfile(path):
+            return path
+        log.warning("%s is incomplete (a save was interrupted): skipped", path)
+    return None
 
 
 def train_sb3(setup: RLSetup) -> RLResult:
@@ -97,6 +110,7 @@ def train_sb3(setup: RLSetup) -> RLResult:
     from switchrl.envs.sb3_vec_env import SB3SwitchVecEnv
 
     rl, opts, out = setup.rl, setup.rl.sb3, setup.out_dir
+    claim_out_dir(setup, "sb3-ppo")
     config = env_config(setup)
     venv = SwitchVectorEnv(config, num_envs=opts.num_envs, pool=setup.pool, autoreset_mode="SameStep")
     features = SB3SwitchVecEnv(venv, opts.n_features, opts.history)
@@ -125,7 +139,7 @@ def train_sb3(setup: RLSetup) -> RLResult:
     history: list[dict] = []
     callbacks = CallbackList(
         [
-            _metrics_callback(logger, setup.names, history),
+            _metrics_callback(logger, setup.names, history, setup.rewards.tally, _scorer_label(setup)),
             CheckpointCallback(
                 save_freq=opts.n_steps * rl.save_steps, save_path=str(checkpoints), name_prefix="sb3_ppo"
             ),
@@ -155,4 +169,11 @@ def train_sb3(setup: RLSetup) -> RLResult:
     )
     policy_dir = SB3Switcher(model, meta, seed=rl.seed).save_pretrained(out / "switcher")
     (out / "rl_log.json").write_text(json.dumps({"algo": "sb3-ppo", "history": history}, indent=2))
+    check_failures(setup)
     return RLResult(out, policy_dir, history)
+
+
+def _scorer_label(setup: RLSetup) -> str:
+    """The scorer's name in a failure message (the env sees one reward; several tasks: all of them)."""
+    labels = sorted({setup.rewards.label(i.task) for i in setup.instances})
+    return labels[0] if len(labels) == 1 else f"reward ({', '.join(labels)})"

@@ -22,6 +22,7 @@ from switchrl.executors import ShardStore, WorkerContext, WorkerSpec, run, writa
 from switchrl.policies.baselines import RandomSwitcher
 from switchrl.records import PrefixPatch, SimulatedState
 from switchrl.rewards.base import Scorer
+from switchrl.rewards.provenance import FailureTally
 from switchrl.rewards.router import TaskScorers
 from switchrl.rollout import StateUtilities, advance, estimate_utilities
 from switchrl.run_config import ResolvedRun, RunConfig, load_config
@@ -188,13 +189,13 @@ def simulate(
         {"run": config.model_dump(mode="json")},
         num_models=len(resolved.candidates),
     )
+    scorers = TaskScorers(resolved.scorers(sorted({i.task for i in instances})))
     fingerprint = {
-        "candidates": [c.model_dump(mode="json") for c in resolved.candidates],
-        "generation": resolved.generation.model_dump(mode="json"),
+        **resolved.fingerprint(scorers),
         "simulate": sim.model_dump(mode="json", exclude={"out_dir", "chunk_size", "states_per_batch"}),
     }
     writable_dir(sim.out_dir, "simulate.out_dir")
-    return run(
+    store = run(
         items,
         spec,
         sim.out_dir,
@@ -207,6 +208,17 @@ def simulate(
         overwrite=overwrite,
         repair=repair,
     )
+    check_failures(store.records(), scorers, config.max_scorer_failure_rate, f"simulate ({sim.out_dir})")
+    return store
+
+
+def check_failures(records: Sequence[dict], scorers: TaskScorers, max_rate: float, where: str) -> None:
+    """Raise :class:`~switchrl.errors.ScorerFailureError` when a scorer failed on more than ``max_rate``
+    of the finishes it scored (the records are committed already)."""
+    tally = FailureTally()
+    for r in records:
+        tally.add(scorers.label(r["task"]), sum(r["counts"]), r["errors"][:1], failed=r["failures"])
+    tally.check(max_rate, where)
 
 
 def summarize(records: Sequence[dict]) -> dict:
