@@ -74,6 +74,8 @@ def format_validation_error(err: ValidationError, source: str | None = None) -> 
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "value_error":  # our own validators' messages, without pydantic's "Value error, "
+            msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}")
     prefix = f"{source}: " if source else ""
     return prefix + "; ".join(parts)

@@ -128,7 +128,7 @@ def test_empty_query_is_rejected(pool):
     env = SwitchEnv(make_config(), pool=pool)
     with pytest.raises(ValueError, match="query must be a non-empty string"):
         env.reset(options={"instance": {"query": "  ", "reference": "x"}})
-    with pytest.raises(ConfigError, match="tasks.0: Value error, task instance 'a': query must be"):
+    with pytest.raises(ConfigError, match="tasks.0: task instance 'a': query must be"):
         coerce_config({"reward": words_overlap, "tasks": [{"id": "a", "query": "", "reference": "b"}]})
 
 
