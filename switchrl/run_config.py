@@ -204,6 +204,11 @@ class ResolvedRun:
     def __init__(self, config: RunConfig):
         self.config = config
         self.family = None
+        from switchrl.tasks.loaders import check_task_file
+
+        for i, src in enumerate(config.tasks):  # a missing task file fails here, before any model loads
+            if src.source == "jsonl" and src.path:
+                check_task_file(src.path, f"tasks.{i}.path")
         if config.testbed is not None:
             from switchrl.testbed import build_family
 

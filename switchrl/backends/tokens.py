@@ -52,6 +52,19 @@ def check_checkpoint(path: str) -> None:
         raise CheckpointError(f"checkpoint path does not exist: {path}")
 
 
+def check_model_dir(path: str) -> None:
+    """A checkpoint that holds a model: a hub id, or a local directory with a ``config.json``."""
+    check_checkpoint(path)
+    local = Path(path)
+    if local.is_file():
+        raise CheckpointError(f"checkpoint path {path} is a file; give the checkpoint's directory")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise CheckpointError(
+            f"checkpoint directory {path} has no config.json, so it holds no saved model; point the path "
+            "at a directory written by save_pretrained (config.json, weights, tokenizer files)"
+        )
+
+
 def load_from_checkpoint(what: str, loader: Callable[..., Any], path: str, **kwargs: Any) -> Any:
     """``loader(path, **kwargs)`` (e.g. ``AutoTokenizer.from_pretrained``), failing with a
     :class:`CheckpointError` that names ``what`` and ``path``."""
