@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from switchrl.errors import ConfigError
 
@@ -122,5 +122,18 @@ class TaskSourceConfig(StrictModel):
     source: Literal["jsonl", "testbed"] = "jsonl"
     path: str | None = Field(None, description="jsonl: the task file")
     task: str | None = Field(None, description="task name (testbed: recall | arithmetic | compositional)")
-    split: str = "test"
+    split: str = Field(
+        "test",
+        description="the split of rows without a 'split' key (a row's own key wins); testbed: only this split",
+    )
     limit: int | None = Field(None, gt=0)
+    allow_overlap: bool = Field(
+        False,
+        description="rows without a 'split' key feed every split (train and test): an intended overlap",
+    )
+
+    @model_validator(mode="after")
+    def _one_split_rule(self) -> TaskSourceConfig:
+        if self.allow_overlap and "split" in self.model_fields_set:
+            raise ValueError("give either 'split' (rows without a key belong to it) or 'allow_overlap: true'")
+        return self

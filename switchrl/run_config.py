@@ -252,7 +252,9 @@ class ResolvedRun:
         from switchrl.tasks import load_jsonl
 
         out: dict[str, list[TaskInstance]] = {}
-        for src in self.task_sources():
+        for n, src in enumerate(self.task_sources()):
+            if src.source == "testbed" and "split" in src.model_fields_set and src.split != split:
+                continue  # the source names its split: it gives nothing to another one
             if src.source == "testbed":
                 if self.family is None:
                     raise ConfigError("tasks: source 'testbed' needs 'testbed: {seed: N}' in the config")
@@ -264,9 +266,7 @@ class ResolvedRun:
             else:
                 if not src.path:
                     raise ConfigError("tasks: a jsonl source needs 'path'")
-                items = [
-                    i for i in load_jsonl(src.path, task=src.task) if i.meta.get("split", split) == split
-                ]
+                items = _split_rows(load_jsonl(src.path, task=src.task), src, split, f"tasks.{n}")
             cap = min(x for x in (src.limit, limit, len(items)) if x is not None)
             for inst in items[:cap]:
                 out.setdefault(inst.task, []).append(inst)
@@ -281,3 +281,22 @@ class ResolvedRun:
 
         known = {"recall", "arithmetic", "compositional"}
         return {t: (self.family.scorer(t) if self.family and t in known else exact_match) for t in tasks}
+
+
+def _split_rows(
+    items: list[TaskInstance], src: TaskSourceConfig, split: str, where: str
+) -> list[TaskInstance]:
+    """The rows of ``split``: a row's own ``split`` key, else the source's ``split``; with
+    ``allow_overlap``, rows without a key are in every split. Rows without a key and no ``split`` on the
+    source count as ``test`` (the default); reading them for another split is an error (train/test overlap)."""
+    unsplit = sum("split" not in i.meta for i in items)
+    named = "split" in src.model_fields_set
+    if unsplit and not named and not src.allow_overlap and split != src.split:
+        raise ConfigError(
+            f"{where} ({src.path}): {unsplit} row(s) have no 'split' key and the source sets no 'split', "
+            f"so they are {src.split!r} rows (eval's); reading them for split {split!r} would train on the "
+            f"queries eval tests on. Set 'split: {split}' on this source (and give eval its own file), add "
+            "a 'split' key to each row, or set 'allow_overlap: true' on the source if the overlap is intended"
+        )
+    own = split if src.allow_overlap else src.split
+    return [i for i in items if i.meta.get("split", own) == split]
