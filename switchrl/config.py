@@ -66,6 +66,11 @@ class SwitchGenerationConfig(StrictModel):
     patch_tokens: int = Field(50, gt=0, description="tokens per patch (the paper: 50)")
     max_new_tokens: int = Field(512, gt=0, description="token budget of one response")
     seed: int = 0
+    truncate: Literal["error", "left"] = Field(
+        "error",
+        description="a prompt + max_new_tokens longer than a candidate's positions: error (refuse, naming "
+        "the trace) or left (keep the prompt's last tokens)",
+    )
 
 
 def format_validation_error(err: ValidationError, source: str | None = None) -> str:

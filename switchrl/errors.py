@@ -13,3 +13,7 @@ class ConfigError(SwitchRLError, ValueError):
 
 class CheckpointError(SwitchRLError, ValueError):
     """A checkpoint path or tokenizer cannot be used as a candidate or switcher."""
+
+
+class PromptTooLongError(SwitchRLError, ValueError):
+    """A query's prompt plus the token budget does not fit a candidate's positions (names trace and limit)."""

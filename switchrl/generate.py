@@ -77,7 +77,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("give --query TEXT (repeatable) or --jsonl FILE")
     gen = resolved.generation
-    pool = CandidatePool.from_configs(resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
+    pool = CandidatePool.from_configs(
+        resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed, truncate=gen.truncate
+    )
     policy = build_policy(config.switcher, pool.names)
     traces = run_switch_generation(
         pool, policy, queries, gen.max_new_tokens, keys=keys, progress=len(queries) > 8

@@ -217,3 +217,75 @@ def test_validating_a_config_imports_no_module(tmp_path, monkeypatch):
     sys.modules.pop("side_effect_mod", None)
     with pytest.raises(ConfigError, match=r"reward 'not a module:s': expected 'package.module:function'"):
         parse(RewardConfig, "not a module:s")
+
+
+# ----------------------------------------------------------------------------- over-long queries
+
+LONG_QUERY = " ".join(["the town river bridge"] * 150)  # 600 words: over the tiny models' 512 positions
+
+
+@pytest.mark.parametrize("member", [0, 1], ids=["llama", "gpt2"])
+def test_over_long_query_is_refused_naming_trace_length_and_limit(tiny_family, member):
+    from switchrl.errors import SwitchRLError
+
+    backend = TransformersBackend.from_pretrained("a", str(tiny_family[member]))
+    pool = CandidatePool([backend], patch_tokens=2)
+    trace = Trace(key="long/q7", query=LONG_QUERY, max_new_tokens=8)
+    with pytest.raises(
+        SwitchRLError,
+        match=r"trace 'long/q7'.*\d+-token prompt plus max_new_tokens=8 = "
+        r"\d+ positions, over its limit of 512.*truncate: left",
+    ):
+        pool.step([trace], [0])
+    assert backend.max_positions == 512
+    # in range: prompt + budget exactly at the limit still runs
+    n = len(backend.prompt_ids("the town"))
+    fits = Trace(key="fits", query="the town", max_new_tokens=512 - n)
+    assert pool.step([fits], [0])[0].token_ids
+
+
+@pytest.mark.parametrize("member", [0, 1], ids=["llama", "gpt2"])
+def test_over_long_query_truncated_from_the_left(tiny_family, member):
+    backend = TransformersBackend.from_pretrained("a", str(tiny_family[member]))
+    pool = CandidatePool([backend], patch_tokens=2, truncate="left")
+    trace = Trace(key="long", query=LONG_QUERY, max_new_tokens=8)
+    (patch,) = pool.step([trace], [0])
+    full = backend.prompt_ids(LONG_QUERY)
+    assert backend.view(trace)[: 512 - 8] == full[-(512 - 8) :]  # the prompt's last 504 tokens
+    assert patch.token_ids
+    with pytest.raises(ConfigError, match="generation.truncate"):
+        CandidatePool([backend], patch_tokens=2, truncate="right")
+
+
+def test_over_long_query_through_the_cli_exits_2(tiny_family, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"candidates: [{{name: a, path: {tiny_family[1]}}}]\n"
+        "generation: {patch_tokens: 2, max_new_tokens: 4}\n"
+    )
+    assert main(["generate", "--config", str(cfg), "--query", LONG_QUERY, "--switcher", "fixed:a"]) == 2
+    err = capsys.readouterr().err
+    assert "trace 'q0'" in err and "over its limit of 512" in err and "Traceback" not in err
+    cfg.write_text(cfg.read_text().replace("max_new_tokens: 4}", "max_new_tokens: 4, truncate: left}"))
+    assert main(["generate", "--config", str(cfg), "--query", LONG_QUERY, "--switcher", "fixed:a"]) == 0
+
+
+def test_over_long_query_same_rule_for_vllm_and_openai(tiny_family):
+    """vLLM: the engine's max_model_len; OpenAI-compatible: the checkpoint's positions. Refused before
+    any request (no engine or server runs here)."""
+    from types import SimpleNamespace
+
+    from switchrl.backends.openai_backend import OpenAIBackend
+    from switchrl.backends.tokens import load_tokenizer
+    from switchrl.backends.vllm_backend import VLLMBackend
+    from switchrl.errors import PromptTooLongError
+
+    engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=64))
+    fake = SimpleNamespace(generate=lambda *a, **k: pytest.fail("no request expected"), llm_engine=engine)
+    vllm = VLLMBackend("v", fake, load_tokenizer(str(tiny_family[0])), params_factory=dict)
+    served = OpenAIBackend.from_pretrained("o", str(tiny_family[0]), "http://127.0.0.1:9/v1", "tiny")
+    assert (vllm.max_positions, served.max_positions) == (64, 512)
+    for backend in (vllm, served):
+        trace = Trace(key=f"{backend.name}/long", query=LONG_QUERY, max_new_tokens=8)
+        with pytest.raises(PromptTooLongError, match=rf"trace '{backend.name}/long'.*over its limit"):
+            CandidatePool([backend], patch_tokens=2).step([trace], [0])

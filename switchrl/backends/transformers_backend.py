@@ -103,6 +103,7 @@ class TransformersBackend(TokenizedCandidate):
             getattr(model, "generation_config", None),
         )
         self.eos_after = re.compile(eos_after) if eos_after else None
+        self.max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.model = (
             model  # this candidate's own model (its weights become views of a fused stack when fused)
         )

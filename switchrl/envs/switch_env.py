@@ -249,7 +249,7 @@ class SwitchEnv(gym.Env[dict, np.int64]):
             if not self.config.candidates:
                 raise ConfigError("candidates: give at least one candidate, or pass a prebuilt pool=")
             pool = CandidatePool.from_configs(
-                self.config.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed
+                self.config.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed, truncate=gen.truncate
             )
         else:
             names = [c.name for c in self.config.candidates]
