@@ -25,6 +25,7 @@ import inspect
 import math
 import os
 import re
+import reprlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ def _checked(obj: Any, spec: str) -> Scorer:
             raise ConfigError(f"reward {spec!r}: cannot instantiate class without arguments: {err}") from err
     if not callable(obj):
         raise ConfigError(
-            f"reward {spec!r}: {obj!r} is not callable (got {type(obj).__name__}); a scorer "
+            f"reward {spec!r}: {reprlib.repr(obj)} is not callable (got {type(obj).__name__}); a scorer "
             "is a function (query, response, reference, **meta) -> float"
         )
     return obj
