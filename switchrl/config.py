@@ -127,9 +127,10 @@ class TaskSourceConfig(StrictModel):
     source: Literal["jsonl", "testbed"] = "jsonl"
     path: str | None = Field(None, description="jsonl: the task file")
     task: str | None = Field(None, description="task name (testbed: recall | arithmetic | compositional)")
-    split: str = Field(
-        "test",
-        description="the split of rows without a 'split' key (a row's own key wins); testbed: only this split",
+    split: str | None = Field(
+        None,
+        description="the split of rows without a 'split' key (a row's own key wins; unset: they are test "
+        "rows, and reading them for training is an error); testbed: only this split",
     )
     limit: int | None = Field(None, gt=0)
     allow_overlap: bool = Field(
@@ -139,6 +140,6 @@ class TaskSourceConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_split_rule(self) -> TaskSourceConfig:
-        if self.allow_overlap and "split" in self.model_fields_set:
+        if self.allow_overlap and self.split is not None:
             raise ValueError("give either 'split' (rows without a key belong to it) or 'allow_overlap: true'")
         return self

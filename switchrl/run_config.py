@@ -253,7 +253,7 @@ class ResolvedRun:
 
         out: dict[str, list[TaskInstance]] = {}
         for n, src in enumerate(self.task_sources()):
-            if src.source == "testbed" and "split" in src.model_fields_set and src.split != split:
+            if src.source == "testbed" and src.split is not None and src.split != split:
                 continue  # the source names its split: it gives nothing to another one
             if src.source == "testbed":
                 if self.family is None:
@@ -288,15 +288,14 @@ def _split_rows(
 ) -> list[TaskInstance]:
     """The rows of ``split``: a row's own ``split`` key, else the source's ``split``; with
     ``allow_overlap``, rows without a key are in every split. Rows without a key and no ``split`` on the
-    source count as ``test`` (the default); reading them for another split is an error (train/test overlap)."""
+    source count as ``test``; reading them for another split is an error (train/test overlap)."""
     unsplit = sum("split" not in i.meta for i in items)
-    named = "split" in src.model_fields_set
-    if unsplit and not named and not src.allow_overlap and split != src.split:
+    if unsplit and src.split is None and not src.allow_overlap and split != "test":
         raise ConfigError(
             f"{where} ({src.path}): {unsplit} row(s) have no 'split' key and the source sets no 'split', "
-            f"so they are {src.split!r} rows (eval's); reading them for split {split!r} would train on the "
+            f"so they are 'test' rows (eval's); reading them for split {split!r} would train on the "
             f"queries eval tests on. Set 'split: {split}' on this source (and give eval its own file), add "
             "a 'split' key to each row, or set 'allow_overlap: true' on the source if the overlap is intended"
         )
-    own = split if src.allow_overlap else src.split
+    own = split if src.allow_overlap else (src.split or "test")
     return [i for i in items if i.meta.get("split", own) == split]

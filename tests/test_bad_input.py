@@ -169,15 +169,26 @@ ROWS = [{"id": f"q{i}", "query": f"query {i}", "reference": "r"} for i in range(
 
 
 def test_unsplit_task_file_cannot_feed_train_and_test(tmp_path):
+    from switchrl.run_config import ResolvedRun, RunConfig
+
     run = _split_config(tmp_path, ROWS)
     assert _ids(run.instances("test")) == ["q0", "q1", "q2"]  # eval: the rows are test rows (the default)
+    again = ResolvedRun(RunConfig.model_validate(run.config.model_dump(mode="json")))
+    assert _ids(again.instances("test")) == ["q0", "q1", "q2"]
+    with pytest.raises(ConfigError, match="no 'split' key"):
+        again.instances("train")
     with pytest.raises(ConfigError, match=r"tasks\.0 .*3 row\(s\) have no 'split' key.*allow_overlap: true"):
         run.instances("train")  # simulate / rl would train on eval's queries
 
 
 def test_allow_overlap_says_it_is_intended(tmp_path):
+    from switchrl.run_config import ResolvedRun, RunConfig
+
     run = _split_config(tmp_path, ROWS, allow_overlap=True)
     assert _ids(run.instances("train")) == _ids(run.instances("test")) == ["q0", "q1", "q2"]
+    # workers re-read the config from its JSON dump: the same rows
+    again = ResolvedRun(RunConfig.model_validate(run.config.model_dump(mode="json")))
+    assert _ids(again.instances("train")) == ["q0", "q1", "q2"]
     with pytest.raises(ValueError, match="either 'split'"):
         _split_config(tmp_path, ROWS, allow_overlap=True, split="train")
 
