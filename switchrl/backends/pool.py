@@ -20,9 +20,10 @@ from switchrl.errors import ConfigError
 
 def build_backend(cfg: CandidateConfig) -> CandidateBackend:
     """Instantiate the backend named by ``cfg.backend`` for one candidate."""
-    from switchrl.backends.tokens import check_model_dir
+    if cfg.backend != "openai":  # an openai candidate's path may hold only the tokenizer
+        from switchrl.backends.tokens import check_model_dir
 
-    check_model_dir(cfg.path)
+        check_model_dir(cfg.path)
     sampling = CandidateSampling(cfg.temperature, cfg.top_p, cfg.top_k)
     if cfg.backend == "transformers":
         from switchrl.backends.transformers_backend import TransformersBackend
