@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from switchrl.errors import ConfigError
 
@@ -66,6 +66,11 @@ class SwitchGenerationConfig(StrictModel):
     patch_tokens: int = Field(50, gt=0, description="tokens per patch (the paper: 50)")
     max_new_tokens: int = Field(512, gt=0, description="token budget of one response")
     seed: int = 0
+    truncate: Literal["error", "left"] = Field(
+        "error",
+        description="a prompt + max_new_tokens longer than a candidate's positions: error (refuse, naming "
+        "the trace) or left (keep the prompt's last tokens)",
+    )
 
 
 def format_validation_error(err: ValidationError, source: str | None = None) -> str:
@@ -74,6 +79,8 @@ def format_validation_error(err: ValidationError, source: str | None = None) -> 
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "value_error":  # our own validators' messages, without pydantic's "Value error, "
+            msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}")
     prefix = f"{source}: " if source else ""
     return prefix + "; ".join(parts)
@@ -120,5 +127,19 @@ class TaskSourceConfig(StrictModel):
     source: Literal["jsonl", "testbed"] = "jsonl"
     path: str | None = Field(None, description="jsonl: the task file")
     task: str | None = Field(None, description="task name (testbed: recall | arithmetic | compositional)")
-    split: str = "test"
+    split: str | None = Field(
+        None,
+        description="the split of rows without a 'split' key (a row's own key wins; unset: they are test "
+        "rows, and reading them for training is an error); testbed: only this split",
+    )
     limit: int | None = Field(None, gt=0)
+    allow_overlap: bool = Field(
+        False,
+        description="rows without a 'split' key feed every split (train and test): an intended overlap",
+    )
+
+    @model_validator(mode="after")
+    def _one_split_rule(self) -> TaskSourceConfig:
+        if self.allow_overlap and self.split is not None:
+            raise ValueError("give either 'split' (rows without a key belong to it) or 'allow_overlap: true'")
+        return self

@@ -29,3 +29,7 @@ def with_restart_hint(err: CheckpointError) -> CheckpointError:
     if "different configuration" not in text or "--overwrite" in text:
         return err
     return CheckpointError(f"{text.removesuffix('; use a new out_dir to start over')}; {RESTART_HINT}")
+
+
+class PromptTooLongError(SwitchRLError, ValueError):
+    """A query's prompt plus the token budget does not fit a candidate's positions (names trace and limit)."""

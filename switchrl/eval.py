@@ -150,7 +150,9 @@ def make_worker(config: dict, context: WorkerContext) -> EvalWorker:
     if devices:
         candidates = [c.model_copy(update={"device": d}) for c, d in zip(candidates, devices)]
     gen = resolved.generation
-    pool = CandidatePool.from_configs(candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
+    pool = CandidatePool.from_configs(
+        candidates, patch_tokens=gen.patch_tokens, seed=gen.seed, truncate=gen.truncate
+    )
     switcher_device = devices[min(len(candidates), len(devices) - 1)] if devices else None
     systems = build_systems(resolved, pool, config["systems"], device=switcher_device)
     return EvalWorker(

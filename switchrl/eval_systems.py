@@ -17,7 +17,7 @@ import torch
 from switchrl.backends.pool import CandidatePool
 from switchrl.errors import CheckpointError, ConfigError
 from switchrl.policies import FixedSwitcher, LMSwitcher, RandomSwitcher, RoundRobinSwitcher, SwitchPolicy
-from switchrl.policies.factory import build_switcher
+from switchrl.policies.factory import build_switcher, looks_like_path
 from switchrl.policies.lm_switcher import METADATA_FILE
 from switchrl.policies.sb3_switcher import SB3Switcher, is_sb3_switcher_dir
 from switchrl.run_config import ResolvedRun
@@ -84,6 +84,11 @@ def resolve_systems(
         elif Path(name).is_dir():
             path = _switcher_dir(name, "eval.systems")
             out.append(SystemSpec(Path(path).name, "path", path=path))
+        elif looks_like_path(name):
+            raise ConfigError(
+                f"eval.systems: switcher directory {name!r} does not exist (or is not a directory); "
+                f"fix the path, or name a system: {', '.join(SYSTEM_KINDS)}"
+            )
         else:
             raise ConfigError(
                 f"eval.systems: unknown system {name!r}; expected one of {', '.join(SYSTEM_KINDS)} "
@@ -101,6 +106,11 @@ def resolve_systems(
 
 
 def _switcher_dir(path: str, field_name: str) -> str:
+    if not Path(path).is_dir():
+        raise CheckpointError(
+            f"{field_name}: switcher directory {path} does not exist; train one with `switchrl sft` "
+            "(or `switchrl rl`) or fix the path"
+        )
     if not ((Path(path) / METADATA_FILE).is_file() or is_sb3_switcher_dir(path)):
         raise CheckpointError(
             f"{field_name}: {path} is not a saved switcher (no {METADATA_FILE}); "

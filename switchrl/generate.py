@@ -11,7 +11,7 @@ from switchrl.backends.pool import CandidatePool
 from switchrl.config import SwitcherConfig
 from switchrl.errors import ConfigError
 from switchrl.policies import FixedSwitcher, RandomSwitcher, RoundRobinSwitcher, SwitchPolicy
-from switchrl.policies.factory import build_switcher
+from switchrl.policies.factory import build_switcher, looks_like_path
 from switchrl.rollout import run_switch_generation
 from switchrl.run_config import ResolvedRun, load_config
 
@@ -47,6 +47,11 @@ def parse_switcher(spec: str) -> SwitcherConfig:
         return SwitcherConfig(type="fixed", candidate=spec.split(":", 1)[1])
     if Path(spec).is_dir():
         return SwitcherConfig(type="lm", path=spec)
+    if looks_like_path(spec):
+        raise ConfigError(
+            f"--switcher: {spec!r} does not exist (or is not a directory); give a switcher directory "
+            "written by `switchrl sft` / `switchrl rl`, or random, round_robin, fixed:NAME"
+        )
     raise ConfigError(
         f"--switcher: expected random, round_robin, fixed:NAME or a switcher directory, got {spec!r}"
     )
@@ -72,7 +77,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("give --query TEXT (repeatable) or --jsonl FILE")
     gen = resolved.generation
-    pool = CandidatePool.from_configs(resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
+    pool = CandidatePool.from_configs(
+        resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed, truncate=gen.truncate
+    )
     policy = build_policy(config.switcher, pool.names)
     traces = run_switch_generation(
         pool, policy, queries, gen.max_new_tokens, keys=keys, progress=len(queries) > 8

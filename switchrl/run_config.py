@@ -214,6 +214,11 @@ class ResolvedRun:
     def __init__(self, config: RunConfig):
         self.config = config
         self.family = None
+        from switchrl.tasks.loaders import check_task_file
+
+        for i, src in enumerate(config.tasks):  # a missing task file fails here, before any model loads
+            if src.source == "jsonl" and src.path:
+                check_task_file(src.path, f"tasks.{i}.path")
         if config.testbed is not None:
             from switchrl.testbed import build_family
 
@@ -257,7 +262,9 @@ class ResolvedRun:
         from switchrl.tasks import load_jsonl
 
         out: dict[str, list[TaskInstance]] = {}
-        for src in self.task_sources():
+        for n, src in enumerate(self.task_sources()):
+            if src.source == "testbed" and src.split is not None and src.split != split:
+                continue  # the source names its split: it gives nothing to another one
             if src.source == "testbed":
                 if self.family is None:
                     raise ConfigError("tasks: source 'testbed' needs 'testbed: {seed: N}' in the config")
@@ -269,9 +276,7 @@ class ResolvedRun:
             else:
                 if not src.path:
                     raise ConfigError("tasks: a jsonl source needs 'path'")
-                items = [
-                    i for i in load_jsonl(src.path, task=src.task) if i.meta.get("split", split) == split
-                ]
+                items = _split_rows(load_jsonl(src.path, task=src.task), src, split, f"tasks.{n}")
             cap = min(x for x in (src.limit, limit, len(items)) if x is not None)
             for inst in items[:cap]:
                 out.setdefault(inst.task, []).append(inst)
@@ -309,3 +314,21 @@ class ResolvedRun:
 
         known = {"recall", "arithmetic", "compositional"}
         return {t: (self.family.scorer(t) if self.family and t in known else exact_match) for t in tasks}
+
+
+def _split_rows(
+    items: list[TaskInstance], src: TaskSourceConfig, split: str, where: str
+) -> list[TaskInstance]:
+    """The rows of ``split``: a row's own ``split`` key, else the source's ``split``; with
+    ``allow_overlap``, rows without a key are in every split. Rows without a key and no ``split`` on the
+    source count as ``test``; reading them for another split is an error (train/test overlap)."""
+    unsplit = sum("split" not in i.meta for i in items)
+    if unsplit and src.split is None and not src.allow_overlap and split != "test":
+        raise ConfigError(
+            f"{where} ({src.path}): {unsplit} row(s) have no 'split' key and the source sets no 'split', "
+            f"so they are 'test' rows (eval's); reading them for split {split!r} would train on the "
+            f"queries eval tests on. Set 'split: {split}' on this source (and give eval its own file), add "
+            "a 'split' key to each row, or set 'allow_overlap: true' on the source if the overlap is intended"
+        )
+    own = split if src.allow_overlap else (src.split or "test")
+    return [i for i in items if i.meta.get("split", own) == split]

@@ -128,7 +128,7 @@ def test_empty_query_is_rejected(pool):
     env = SwitchEnv(make_config(), pool=pool)
     with pytest.raises(ValueError, match="query must be a non-empty string"):
         env.reset(options={"instance": {"query": "  ", "reference": "x"}})
-    with pytest.raises(ConfigError, match="tasks.0: Value error, task instance 'a': query must be"):
+    with pytest.raises(ConfigError, match="tasks.0: task instance 'a': query must be"):
         coerce_config({"reward": words_overlap, "tasks": [{"id": "a", "query": "", "reference": "b"}]})
 
 
@@ -168,3 +168,25 @@ def test_make_from_yaml(tmp_path, tiny_family):
     _, _, _, _, info = env.step(np.int64(1))
     assert info["author_name"] == "m1" and info["patch_tokens"] <= 2
     env.close()
+
+
+def test_two_envs_on_one_pool_same_seed_get_distinct_keys(pool):
+    """Two envs sharing a pool, reset with one seed: distinct trace keys, both step, same records again."""
+
+    def run(actions=(0, 1, 2)):
+        a, b = SwitchEnv(make_config(), pool=pool), SwitchEnv(make_config(), pool=pool)
+        _, info_a = a.reset(seed=7)
+        _, info_b = b.reset(seed=7)
+        assert info_a["trace_key"] != info_b["trace_key"] and info_b["trace_key"].startswith(
+            info_a["trace_key"]
+        )
+        out = []
+        for act in actions:
+            for env in (a, b):
+                obs, *_, info = env.step(act)
+                out.append((info["trace_key"], obs["trace"]))
+        a.close(), b.close()
+        return out
+
+    first = run()
+    assert first == run()  # same seeds, same order: same keys and same tokens

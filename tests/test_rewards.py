@@ -376,7 +376,7 @@ def test_reward_config_forms(repo_on_path):
         ({"scorers": [{"scorer": "numeric", "wieght": 1}]}, r"reward: scorers.0.wieght: unknown key"),
         (
             {"scorers": ["nope_scorer"]},
-            r"reward: scorers.0.scorer: Value error, reward 'nope_scorer': unknown scorer",
+            r"reward: scorers.0.scorer: reward 'nope_scorer': unknown scorer",
         ),
         ({"scorers": []}, r"reward: scorers: List should have at least 1 item"),
         ({"scorers": [{"scorer": "numeric", "weight": "nan"}]}, r"scorers.0.weight"),

@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerBase
 
 from switchrl.backends.base import CandidateSampling, Patch, StopReason, Trace
 from switchrl.backends.tokens import TokenizedCandidate, load_tokenizer
@@ -95,9 +95,14 @@ class OpenAIBackend(TokenizedCandidate):
             generation_config = GenerationConfig.from_pretrained(path)
         except OSError:
             generation_config = None
-        return cls(
+        backend = cls(
             name, base_url, served_model or path, tokenizer, generation_config=generation_config, **kwargs
         )
+        try:  # the checkpoint's positions (the server may serve fewer; then its own error applies)
+            backend.max_positions = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+        except Exception:  # noqa: BLE001 - a tokenizer-only directory: no limit known here
+            backend.max_positions = None
+        return backend
 
     # ------------------------------------------------------------------ requests
     def _body(self, prompts: list[list[int]], max_tokens: int, seed: int | None) -> dict:

@@ -20,6 +20,10 @@ from switchrl.errors import ConfigError
 
 def build_backend(cfg: CandidateConfig) -> CandidateBackend:
     """Instantiate the backend named by ``cfg.backend`` for one candidate."""
+    if cfg.backend != "openai":  # an openai candidate's path may hold only the tokenizer
+        from switchrl.backends.tokens import check_model_dir
+
+        check_model_dir(cfg.path)
     sampling = CandidateSampling(cfg.temperature, cfg.top_p, cfg.top_k)
     if cfg.backend == "transformers":
         from switchrl.backends.transformers_backend import TransformersBackend
@@ -128,10 +132,21 @@ class CandidatePool(CandidateNames):
     """
 
     def __init__(
-        self, backends: Sequence[CandidateBackend], patch_tokens: int = 50, seed: int = 0, fuse: bool = True
+        self,
+        backends: Sequence[CandidateBackend],
+        patch_tokens: int = 50,
+        seed: int = 0,
+        fuse: bool = True,
+        truncate: str | None = None,
     ):
         check_pool(backends, patch_tokens)
         self.backends = list(backends)
+        if truncate is not None:  # generation.truncate: what a prompt too long for a candidate does
+            if truncate not in ("error", "left"):
+                raise ConfigError(f"generation.truncate: expected 'error' or 'left', got {truncate!r}")
+            for b in self.backends:
+                if hasattr(b, "truncate"):
+                    b.truncate = truncate
         self.patch_tokens = patch_tokens
         self.seed = seed
         if fuse:
@@ -151,9 +166,15 @@ class CandidatePool(CandidateNames):
 
     @classmethod
     def from_configs(
-        cls, configs: Sequence[CandidateConfig], patch_tokens: int = 50, seed: int = 0, fuse: bool = True
+        cls,
+        configs: Sequence[CandidateConfig],
+        patch_tokens: int = 50,
+        seed: int = 0,
+        fuse: bool = True,
+        truncate: str | None = None,
     ) -> CandidatePool:
-        return cls([build_backend(c) for c in configs], patch_tokens=patch_tokens, seed=seed, fuse=fuse)
+        backends = [build_backend(c) for c in configs]
+        return cls(backends, patch_tokens=patch_tokens, seed=seed, fuse=fuse, truncate=truncate)
 
     @property
     def names(self) -> list[str]:

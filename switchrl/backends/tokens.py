@@ -18,7 +18,7 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from switchrl.backends.base import CandidateSampling, Patch, StopReason, Trace
-from switchrl.errors import CheckpointError
+from switchrl.errors import CheckpointError, PromptTooLongError
 from switchrl.utils.seeding import derive_seed
 
 _DETOK_WINDOW = 16  # tokens of left context used to detokenize a patch (keeps word boundaries)
@@ -50,6 +50,19 @@ def check_checkpoint(path: str) -> None:
     """A local directory, or a Hugging Face Hub id (``org/name``, resolved from the hub cache)."""
     if not Path(path).exists() and not _HUB_ID.match(path):
         raise CheckpointError(f"checkpoint path does not exist: {path}")
+
+
+def check_model_dir(path: str) -> None:
+    """A checkpoint that holds a model: a hub id, or a local directory with a ``config.json``."""
+    check_checkpoint(path)
+    local = Path(path)
+    if local.is_file():
+        raise CheckpointError(f"checkpoint path {path} is a file; give the checkpoint's directory")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise CheckpointError(
+            f"checkpoint directory {path} has no config.json, so it holds no saved model; point the path "
+            "at a directory written by save_pretrained (config.json, weights, tokenizer files)"
+        )
 
 
 def load_from_checkpoint(what: str, loader: Callable[..., Any], path: str, **kwargs: Any) -> Any:
@@ -112,6 +125,8 @@ class TokenizedCandidate:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         )
         self.vocab = vocab_fingerprint(tokenizer)
+        self.max_positions: int | None = None  # positions the candidate can read (set by each backend)
+        self.truncate = "error"  # over-long prompts: "error" or "left" (generation.truncate, set by the pool)
         self._views: dict[str, tuple[int, int, list[int]]] = {}  # key -> (patches covered, prompt len, ids)
 
     # ------------------------------------------------------------------ token views
@@ -126,6 +141,28 @@ class TokenizedCandidate:
             return list(ids)
         ids = self.tokenizer(self.prompt_template.format(query=query), add_special_tokens=True)["input_ids"]
         return list(ids) or [self.pad_token_id]
+
+    def fit_prompt(self, trace: Trace, ids: list[int]) -> list[int]:
+        """``ids`` (the prompt of ``trace``) if it and the token budget fit :attr:`max_positions`; else
+        its last tokens with ``truncate="left"``, or a :class:`PromptTooLongError` naming trace and limit.
+
+        Checked once per trace, where its prompt is tokenised; the same rule for every backend."""
+        limit, budget = self.max_positions, trace.max_new_tokens
+        if limit is None or len(ids) + budget <= limit:
+            return ids
+        keep = limit - budget
+        if self.truncate == "left" and keep > 0:
+            return ids[-keep:]
+        fix = (
+            f"lower generation.max_new_tokens below {limit}"
+            if keep <= 0
+            else "shorten the query, lower generation.max_new_tokens, or set 'generation: {truncate: left}' "
+            f"to keep the prompt's last {keep} tokens"
+        )
+        raise PromptTooLongError(
+            f"trace {trace.key!r}: candidate {self.name!r} would read a {len(ids)}-token prompt plus "
+            f"max_new_tokens={budget} = {len(ids) + budget} positions, over its limit of {limit}; {fix}"
+        )
 
     def patch_ids(self, patch: Patch) -> list[int]:
         """``patch`` in this candidate's tokens: the ids themselves when the vocab matches, else re-tokenized text."""
@@ -143,7 +180,7 @@ class TokenizedCandidate:
         if ids is not None and covered == len(trace.patches):
             return prompt_len, ids
         if ids is None:
-            ids = self.prompt_ids(trace.query)
+            ids = self.fit_prompt(trace, self.prompt_ids(trace.query))
             prompt_len = len(ids)
         ids = list(ids)  # forks share the stored list: extend a copy
         for patch in trace.patches[covered:]:

@@ -26,7 +26,7 @@ from switchrl.backends.fused import (
     architecture_signature,
     fuse_models,
 )
-from switchrl.backends.tokens import TokenizedCandidate, load_from_checkpoint, load_tokenizer
+from switchrl.backends.tokens import TokenizedCandidate, check_model_dir, load_from_checkpoint, load_tokenizer
 from switchrl.utils.seeding import generator
 
 _DTYPES = {
@@ -52,6 +52,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu") -> torch.nn.Module:
     device = resolve_device(device)
+    check_model_dir(path)
     model = load_from_checkpoint(
         "a causal LM", AutoModelForCausalLM.from_pretrained, path, dtype=resolve_dtype(dtype, device)
     )
@@ -102,6 +103,7 @@ class TransformersBackend(TokenizedCandidate):
             getattr(model, "generation_config", None),
         )
         self.eos_after = re.compile(eos_after) if eos_after else None
+        self.max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.model = (
             model  # this candidate's own model (its weights become views of a fused stack when fused)
         )

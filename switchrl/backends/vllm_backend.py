@@ -58,6 +58,9 @@ class VLLMBackend(TokenizedCandidate):
         if not callable(getattr(llm, "generate", None)):
             raise TypeError(f"candidate {name!r}: llm must have a generate(prompts, sampling_params) method")
         self.llm = llm
+        engine_config = getattr(getattr(llm, "llm_engine", None), "model_config", None)
+        limit = getattr(engine_config, "max_model_len", None)  # the engine's own limit
+        self.max_positions = limit if isinstance(limit, int) else None
         self.params_factory = params_factory or import_vllm().SamplingParams
 
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,32 @@ class ObservationLayout:
         }
 
 
+_LIVE_KEYS: weakref.WeakKeyDictionary[Any, weakref.WeakValueDictionary[str, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_LIVE_BY_ID: dict[int, weakref.WeakValueDictionary[str, Any]] = {}
+
+
+def _live_keys(pool: Pool) -> weakref.WeakValueDictionary[str, Any]:
+    """Trace key -> the env on ``pool`` that holds it (reset, not yet released, not garbage)."""
+    try:
+        return _LIVE_KEYS.setdefault(pool, weakref.WeakValueDictionary())
+    except TypeError:  # a pool that cannot be weakly referenced or hashed: key it by identity
+        return _LIVE_BY_ID.setdefault(id(pool), weakref.WeakValueDictionary())
+
+
+def _claim_key(pool: Pool, key: str, env: Any) -> str:
+    """``key``, or ``key/1``, ``key/2``, ... if another live env on ``pool`` holds it (two envs reset with
+    the same seed): keys stay unique among the pool's live traces, and the same resets give the same keys."""
+    live = _live_keys(pool)
+    claimed, n = key, 0
+    while live.get(claimed) is not None:
+        n += 1
+        claimed = f"{key}/{n}"
+    live[claimed] = env
+    return claimed
+
+
 class SwitchEnv(gym.Env[dict, np.int64]):
     """One switched response per episode; each step one candidate writes one patch.
 
@@ -209,7 +236,8 @@ class SwitchEnv(gym.Env[dict, np.int64]):
     ``reset(seed=..., options={"instance": TaskInstance | {"query": ..., "reference": ...}})`` starts an
     episode; without an instance one is drawn from ``config.tasks`` with ``np_random``. The trace key
     (which seeds the candidates' sampling) is drawn from ``np_random`` too, so the same seed gives the
-    same episode.
+    same episode. Envs sharing a pool never share a live key: if another env on the pool holds the
+    drawn key (same seed), this one takes ``<key>/1`` (``/2``, ...), in the order the envs reset.
     """
 
     metadata = {"render_modes": []}
@@ -221,7 +249,7 @@ class SwitchEnv(gym.Env[dict, np.int64]):
             if not self.config.candidates:
                 raise ConfigError("candidates: give at least one candidate, or pass a prebuilt pool=")
             pool = CandidatePool.from_configs(
-                self.config.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed
+                self.config.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed, truncate=gen.truncate
             )
         else:
             names = [c.name for c in self.config.candidates]
@@ -241,6 +269,7 @@ class SwitchEnv(gym.Env[dict, np.int64]):
         self.trace: Trace | None = None
         self._over = False
         self._episode = 0
+        self._key: str | None = None  # the trace key this env holds in the pool (until released)
 
     # ------------------------------------------------------------------ gymnasium API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
@@ -256,7 +285,8 @@ class SwitchEnv(gym.Env[dict, np.int64]):
             instance = self.config.tasks[int(self.np_random.integers(len(self.config.tasks)))]
         else:
             raise ValueError("no task source: set config.tasks or pass reset(options={'instance': ...})")
-        key = f"{instance.id}/{int(self.np_random.integers(2**63)):016x}"
+        key = _claim_key(self.pool, f"{instance.id}/{int(self.np_random.integers(2**63)):016x}", self)
+        self._key = key
         self.instance = instance
         self.trace = Trace(
             key=key,
@@ -344,6 +374,10 @@ class SwitchEnv(gym.Env[dict, np.int64]):
         }
 
     def _release(self) -> None:
-        """Free the pool's per-trace state of the current episode (its KV caches)."""
-        if self.trace is not None:
-            self.pool.release([self.trace.key])
+        """Free the pool's per-trace state of the current episode (its KV caches), once."""
+        key, self._key = self._key, None
+        if key is not None:
+            self.pool.release([key])
+            live = _live_keys(self.pool)
+            if live.get(key) is self:
+                del live[key]

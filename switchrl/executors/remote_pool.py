@@ -38,11 +38,20 @@ _pools = itertools.count()  # tells apart the actor names of several pools in on
 class _PoolReplica:
     """One actor: a candidate pool built once, writing patches for the traces routed to it."""
 
-    def __init__(self, candidates: list[dict], patch_tokens: int, seed: int, devices: tuple[str, ...]):
+    def __init__(
+        self,
+        candidates: list[dict],
+        patch_tokens: int,
+        seed: int,
+        devices: tuple[str, ...],
+        truncate: str | None = None,
+    ):
         configs = [CandidateConfig.model_validate(c) for c in candidates]
         if devices:
             configs = [c.model_copy(update={"device": d}) for c, d in zip(configs, devices)]
-        self.pool = CandidatePool.from_configs(configs, patch_tokens=patch_tokens, seed=seed)
+        self.pool = CandidatePool.from_configs(
+            configs, patch_tokens=patch_tokens, seed=seed, truncate=truncate
+        )
 
     def names(self) -> list[str]:
         return self.pool.names
@@ -78,6 +87,7 @@ class RayCandidatePool(CandidateNames, ClosesOnExit):
         executor: ExecutorConfig | Mapping | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        truncate: str | None = None,
     ):
         names = check_pool(candidates, patch_tokens)
         config = (
@@ -104,7 +114,7 @@ class RayCandidatePool(CandidateNames, ClosesOnExit):
         actors = self._cluster.start_actors(
             _PoolReplica,
             len(candidates),
-            lambda i, devices: (dumped, patch_tokens, seed, devices),
+            lambda i, devices: (dumped, patch_tokens, seed, devices, truncate),
             name=name,
             share=world_size,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +61,11 @@ def make_adapter_trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
+def looks_like_path(spec: str) -> bool:
+    """Whether ``spec`` (a switcher named on the command line or in a config) is meant as a path."""
+    return "/" in spec or "\\" in spec or spec.startswith((".", "~"))
+
+
 def build_switcher(
     candidate_names: Sequence[str],
     *,
@@ -99,6 +105,11 @@ def build_switcher(
     if saved is not None:
         if lora is not None:
             raise ConfigError(f"{where}: a saved switcher keeps its adapter; a fresh lora needs a base")
+        if not Path(saved).is_dir():
+            raise CheckpointError(
+                f"{where}: switcher directory {saved} does not exist; give a directory written by "
+                "`switchrl sft` / `switchrl rl`"
+            )
         switcher = LMSwitcher.from_pretrained(saved, device=device, dtype=dtype, seed=seed, **settings)
         if switcher.candidate_names != names:
             raise CheckpointError(

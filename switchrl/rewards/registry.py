@@ -24,6 +24,8 @@ import importlib
 import inspect
 import math
 import os
+import re
+import reprlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from switchrl.rewards.base import Scorer
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "check_scorer_spec",
     "RewardConfig",
     "RewardTermConfig",
     "WeightedScorer",
@@ -114,7 +117,7 @@ def _checked(obj: Any, spec: str) -> Scorer:
             raise ConfigError(f"reward {spec!r}: cannot instantiate class without arguments: {err}") from err
     if not callable(obj):
         raise ConfigError(
-            f"reward {spec!r}: {obj!r} is not callable (got {type(obj).__name__}); a scorer "
+            f"reward {spec!r}: {reprlib.repr(obj)} is not callable (got {type(obj).__name__}); a scorer "
             "is a function (query, response, reference, **meta) -> float"
         )
     return obj
@@ -154,6 +157,28 @@ def _from_path(spec: str) -> Scorer:
             raise ConfigError(f"reward {spec!r}: module {module.strip()!r} has no attribute {attr.strip()!r}")
         obj = getattr(obj, part)
     return _checked(obj, spec)
+
+
+_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def check_scorer_spec(spec: str) -> None:
+    """Check ``spec`` without importing anything: a known name (built-in, registered, entry point) or
+    a well-formed ``package.module:function``. The module is imported later, when a run needs it."""
+    spec = spec.strip()
+    if ":" in spec:
+        module, _, attr = spec.partition(":")
+        if not _DOTTED.match(module.strip()) or not _DOTTED.match(attr.strip()):
+            raise ConfigError(
+                f"reward {spec!r}: expected 'package.module:function' (dotted Python names), e.g. "
+                "'my_pkg.rewards:brevity'"
+            )
+        return
+    if spec not in _REGISTRY and spec not in _entry_points():
+        raise ConfigError(
+            f"reward {spec!r}: unknown scorer; known names: {', '.join(list_scorers())}. Give a Python "
+            f"function as 'package.module:function' or declare an entry point in group {ENTRY_POINT_GROUP!r}"
+        )
 
 
 def resolve_scorer(spec: str | Scorer) -> Scorer:
@@ -232,8 +257,8 @@ class RewardTermConfig(StrictModel):
 
     @field_validator("scorer")
     @classmethod
-    def _resolvable(cls, v: str) -> str:
-        resolve_scorer(v)
+    def _well_formed(cls, v: str) -> str:
+        check_scorer_spec(v)
         return v
 
 
@@ -241,7 +266,8 @@ class RewardConfig(StrictModel):
     """The reward of a run. Accepts a single spec (``"numeric"``), one ``{scorer, weight, kwargs}``
     item, a list of specs or such items, or ``{"scorers": ...}``. ``build()`` gives the :class:`Scorer`.
 
-    Scorer specs are resolved while validating, so a bad one is a ``ConfigError`` naming its key.
+    Validating checks each spec's form only (a known name, or ``module:function`` syntax) and imports
+    nothing; ``build()`` imports the modules named, so a config is trusted like code.
     """
 
     scorers: list[RewardTermConfig] = Field(min_length=1)

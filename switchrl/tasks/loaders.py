@@ -26,7 +26,14 @@ from typing import Any
 from switchrl.errors import SwitchRLError
 from switchrl.tasks.base import TaskInstance
 
-__all__ = ["TaskFileError", "load_hf_dataset", "load_jsonl", "save_jsonl"]
+__all__ = [
+    "TaskFileError",
+    "TaskFileNotFound",
+    "check_task_file",
+    "load_hf_dataset",
+    "load_jsonl",
+    "save_jsonl",
+]
 
 _FIELDS = ("id", "query", "reference", "task")
 _HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -34,6 +41,24 @@ _HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "p
 
 class TaskFileError(SwitchRLError, ValueError):
     """A task file or dataset row is malformed; the message names the file and line (or row)."""
+
+
+class TaskFileNotFound(TaskFileError, FileNotFoundError):
+    """A task file that does not exist (also a ``FileNotFoundError``, as it was before)."""
+
+
+def check_task_file(path: str | os.PathLike[str], where: str | None = None) -> Path:
+    """``path`` as a :class:`Path` if it is a file, else :class:`TaskFileNotFound` naming it and the fix
+    (``where``: the config key to name, e.g. ``tasks.0.path``)."""
+    path = Path(path)
+    if not path.is_file():
+        what = "a directory, not a file" if path.is_dir() else "no such file"
+        prefix = f"{where}: " if where else ""
+        raise TaskFileNotFound(
+            f"{prefix}task file not found: {path} ({what}); fix the path (a relative path is read from "
+            f"{os.getcwd()})"
+        )
+    return path
 
 
 class _Reader:
@@ -103,12 +128,11 @@ def load_jsonl(
 ) -> list[TaskInstance]:
     """Read a JSONL task file (format in the module docstring).
 
-    Raises ``FileNotFoundError`` for a missing file and :class:`TaskFileError` naming ``file:line``
-    for bad JSON, a missing or non-string field, an empty query, a duplicate id, or a file with no records.
+    Raises :class:`TaskFileError` naming the file (a missing file: :class:`TaskFileNotFound`, also a
+    ``FileNotFoundError``) or ``file:line`` for bad JSON, a missing or non-string field, an empty query,
+    a duplicate id, or a file with no records.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"task file not found: {path}")
+    path = check_task_file(path)
     reader = _Reader(task, query_field, reference_field, id_field)
     instances = []
     with path.open(encoding="utf-8") as f:

@@ -99,10 +99,16 @@ def prepare(
     gen = resolved.generation
     if pool is None and config.executor.executor == "ray":
         pool = RayCandidatePool(
-            resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed, executor=config.executor
+            resolved.candidates,
+            patch_tokens=gen.patch_tokens,
+            seed=gen.seed,
+            executor=config.executor,
+            truncate=gen.truncate,
         )
     elif pool is None:
-        pool = CandidatePool.from_configs(resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
+        pool = CandidatePool.from_configs(
+            resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed, truncate=gen.truncate
+        )
     return RLSetup(resolved, rl, pool, instances, TaskScorers(scorers), reward_spec=reward)
 
 

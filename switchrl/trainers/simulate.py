@@ -158,7 +158,9 @@ def build_worker(config: dict, context: WorkerContext) -> SimulateWorker:
     if context.devices:
         candidates = [c.model_copy(update={"device": d}) for c, d in zip(candidates, context.devices)]
     gen = resolved.generation
-    pool = CandidatePool.from_configs(candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
+    pool = CandidatePool.from_configs(
+        candidates, patch_tokens=gen.patch_tokens, seed=gen.seed, truncate=gen.truncate
+    )
     sim = run_cfg.simulate
     tasks = list(resolved.instances(sim.split, sim.limit))
     return SimulateWorker(
