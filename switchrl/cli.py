@@ -29,7 +29,7 @@ def _cmd_testbed(args: argparse.Namespace) -> int:
         took = ", ".join(f"{k} {v:.0f} s" for k, v in family.build_seconds.items()) or "reused"
         print(f"testbed family (seed {family.seed}) at {family.root} ({took})")
         return 0
-    metrics = check_family(family, n=args.n, n_label=args.n_label, k=args.k)
+    metrics = check_family(family, n=args.n, n_label=args.n_label, k=args.k, n_schedule=args.n_schedule)
     print(format_check(metrics))
     if args.json:
         with open(args.json, "w") as f:
@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             tp.add_argument("--n", type=int, default=300, help="test queries per task")
             tp.add_argument("--n-label", type=int, default=60, help="queries for the label policy")
-            tp.add_argument("--k", type=int, default=32, help="random finishes per candidate and state")
+            tp.add_argument(
+                "--k", type=int, default=8, help="random finishes per candidate and state (label schedule)"
+            )
+            tp.add_argument(
+                "--n-schedule", type=int, default=40, help="training queries for the label schedule"
+            )
             tp.add_argument("--json", help="also write the metrics as JSON here")
         tp.set_defaults(func=_cmd_testbed)
 
