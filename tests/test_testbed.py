@@ -260,6 +260,8 @@ def test_check_wires_the_label_schedule_and_provenance(tiny_family):
     names = {"pretrained", "finetuned", "aligned"}
     assert set(ls["schedule"]) <= names and ls["default"] in names
     assert "label schedule >= best single + 15" in metrics["targets"]
+    assert set(metrics["margins"]) == set(metrics["targets"])
+    assert all((metrics["margins"][t] >= 0) == ok for t, ok in metrics["targets"].items())
     assert not any("decisive" in name for name in metrics["targets"])
     assert metrics["built"] == tiny_family.provenance and metrics["checked"]["torch_threads"] == 1
     text = format_check(metrics)

@@ -2,7 +2,16 @@
 
 Every number comes from the library's own rollout machinery (:func:`run_switch_generation`,
 :func:`estimate_utilities`) over one :class:`CandidatePool` of the three checkpoints, with greedy
-candidates: randomness comes only from the switching. Accuracies are percentages.
+candidates: randomness comes only from the switching. Accuracies are percentages; each target
+also reports its margin (how far past its threshold the measure is).
+
+The label schedule replaced "decisive states with unequal utilities >= 60%", which did not predict
+what matters: world seed 7 built on an Intel Xeon had 42.5% yet its demo SFT switcher reached 95.5
+against a best single of 45.0. Whether utilities differ says nothing about whether their argmax is
+the same from one query to the next, which is what a switcher must learn. The label schedule takes
+the SFT switcher's own labels (the demo's simulate settings) and keeps only what any switcher can
+learn from them, a candidate per patch index; if that table beats the best single model on held-out
+queries, the labels carry a consistent signal.
 """
 
 from __future__ import annotations
@@ -327,16 +336,18 @@ def check_family(
         "checked": checked,
     }
     rec, ari = single["recall"], single["arithmetic"]
-    metrics["targets"] = {
-        "recall: pretrained >= aligned + 20": rec["pretrained"] >= rec["aligned"] + 20,
-        "arithmetic: aligned >= pretrained + 20": ari["aligned"] >= ari["pretrained"] + 20,
-        "compositional: best single <= 50": best_single <= 50,
-        "compositional: oracle >= 85": metrics["oracle_compositional"] >= 85,
-        "compositional: random >= 15 and >= best single / 2": metrics["random_compositional"]
-        >= max(15.0, best_single / 2),
-        "label schedule >= best single + 15": metrics["label_schedule"]["accuracy"] >= best_single + 15,
-        "label policy >= best single + 15": metrics["label_policy"]["accuracy"] >= best_on_label + 15,
+    random_ = metrics["random_compositional"]
+    margins = {  # how far each measure is past its threshold (negative: missed)
+        "recall: pretrained >= aligned + 20": rec["pretrained"] - rec["aligned"] - 20,
+        "arithmetic: aligned >= pretrained + 20": ari["aligned"] - ari["pretrained"] - 20,
+        "compositional: best single <= 50": 50 - best_single,
+        "compositional: oracle >= 85": metrics["oracle_compositional"] - 85,
+        "compositional: random >= 15 and >= best single / 2": min(random_ - 15, random_ - best_single / 2),
+        "label schedule >= best single + 15": metrics["label_schedule"]["accuracy"] - best_single - 15,
+        "label policy >= best single + 15": metrics["label_policy"]["accuracy"] - best_on_label - 15,
     }
+    metrics["margins"] = {name: round(m, 1) for name, m in margins.items()}
+    metrics["targets"] = {name: m >= 0 for name, m in margins.items()}
     metrics["ok"] = all(metrics["targets"].values())
     return metrics
 
@@ -374,6 +385,10 @@ def format_check(metrics: dict) -> str:
         f"      {lp['accuracy']:6.1f}  vs best single ({lp['best_single_name']}) {lp['best_single']:.1f}",
         "",
     ]
-    lines += [f"[{'ok' if ok else 'FAIL'}] {name}" for name, ok in metrics["targets"].items()]
+    margins = metrics.get("margins", {})
+    lines += [
+        f"[{'ok' if ok else 'FAIL'}] {name}" + (f"  (margin {margins[name]:+.1f})" if name in margins else "")
+        for name, ok in metrics["targets"].items()
+    ]
     lines.append(f"took {metrics['seconds']:.0f} s")
     return "\n".join(lines)
