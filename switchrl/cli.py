@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--k", type=int, default=8, help="random finishes per candidate and state (label schedule)"
             )
             tp.add_argument(
-                "--n-schedule", type=int, default=40, help="training queries for the label schedule"
+                "--n-schedule", type=int, default=120, help="training queries for the label schedule"
             )
             tp.add_argument("--json", help="also write the metrics as JSON here")
         tp.set_defaults(func=_cmd_testbed)

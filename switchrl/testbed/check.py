@@ -199,6 +199,7 @@ def label_schedule(
         "states": len(states),
         "decisive": len(decisive),
         "labelled": round(sum(totals)),
+        "votes": {p: [round(v, 2) for v in votes[p]] for p in sorted(votes)},
     }
 
 
@@ -221,7 +222,7 @@ def check_family(
     n_label: int = 60,
     k: int = 8,
     k_label: int = 16,
-    n_schedule: int = 40,
+    n_schedule: int = 120,
     progress: bool = True,
 ) -> dict:
     """Measure every number of the testbed's phenomenon on the test split; see :func:`format_check`.
