@@ -200,6 +200,8 @@ def test_build_records_provenance_and_the_pretraining_stopping_rule(tiny_family)
     assert pre["steps"] == TINY.pretrain_steps + TINY.pretrain_max_extra_steps == 4
     assert len(pre["fact_patch_recall"]) == 1 + TINY.pretrain_max_extra_steps // TINY.pretrain_chunk
     assert set(marker["stages"]) == {"pretrained", "finetuned", "aligned"}
+    sft = marker["stages"]["finetuned"]  # below the recall ceiling at once: the first, gentlest rate
+    assert sft["lr"] == TINY.sft_lrs[0] and [t["lr"] for t in sft["tried"]] == [TINY.sft_lrs[0]]
     loaded = TestbedFamily.load(tiny_family.root)
     assert loaded.provenance == prov and loaded.stage_info == marker["stages"]
 

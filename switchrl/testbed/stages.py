@@ -44,7 +44,10 @@ class StageConfig:
     (``pretrain_recall_target``; :func:`pretrain`): seed 0 there reached 98.9% after 600 extra steps
     (58.8, 68.1, 83.2, 85.9, 90.6, 93.9, 98.9 per 100 steps at half the peak rate; at the final rate
     the first 300 gave only 76.6%). Facts learned that long survive SFT at lr 1e-3 (finetuned
-    fact-patch recall 52.2%: no alignment tax; 400 steps: 61.4%), so SFT runs at lr 2e-3 (33.9%).
+    fact-patch recall 52.2%: no alignment tax; 400 steps: 61.4%; lr 2e-3: 33.9%), but lr 2e-3 took
+    seed 1 to 20.4% and its random switching to 25.0 (from 33.5), below the check's margin. Forgetting
+    depends on the rate (not the steps) and on the seed, so SFT has a stopping rule too: the first
+    rate of ``sft_lrs`` whose finetuned model keeps at most ``sft_recall_ceiling`` % (:func:`finetune`).
     """
 
     hidden_size: int = 128
@@ -62,7 +65,8 @@ class StageConfig:
     pretrain_max_extra_steps: int = 1000
     sft_steps: int = 200
     sft_batch: int = 64
-    sft_lr: float = 2e-3
+    sft_lrs: tuple[float, ...] = (1e-3, 1.5e-3, 2e-3)
+    sft_recall_ceiling: float = 40.0
     dpo_steps: int = 60
     dpo_batch: int = 32
     dpo_lr: float = 1e-4
@@ -240,22 +244,38 @@ def finetune(
     settings: StageConfig,
     progress: bool = True,
 ) -> dict:
-    """TRL ``SFTTrainer`` on prompt/completion pairs in the one answer format (loss on completions)."""
+    """TRL ``SFTTrainer`` on prompt/completion pairs in the one answer format (loss on completions).
+
+    The alignment tax as a stopping rule: SFT runs at the first rate of ``sft_lrs`` and, while the
+    finetuned model still writes both fact patches of more than ``sft_recall_ceiling`` % of the
+    validation compositional queries (it remembers too many outside facts for the tax), again from
+    the pretrained model at the next rate. Returns the rate kept and every try's recall.
+    """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     s = settings
     data = Dataset.from_list(corpus.sft_examples(world, s.sft_steps * s.sft_batch // 4))
-    model = LlamaForCausalLM.from_pretrained(base)
-    with tempfile.TemporaryDirectory() as tmp, _quiet_trl():
-        args = SFTConfig(
-            **_trainer_kwargs(world, "sft", s.sft_steps, s.sft_batch, s.sft_lr, tmp, progress),
-            max_length=128,
-            completion_only_loss=True,
-        )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-        trainer.train()
-    info = {"steps": s.sft_steps, "fact_patch_recall": fact_patch_recall(trainer.model, tokenizer, world)}
+    tried: list[dict] = []
+    for lr in s.sft_lrs:  # the gentlest rate that leaves the alignment tax
+        model = LlamaForCausalLM.from_pretrained(base)
+        with tempfile.TemporaryDirectory() as tmp, _quiet_trl():
+            args = SFTConfig(
+                **_trainer_kwargs(world, "sft", s.sft_steps, s.sft_batch, lr, tmp, progress),
+                max_length=128,
+                completion_only_loss=True,
+            )
+            trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+            trainer.train()
+        tried.append({"lr": lr, "fact_patch_recall": fact_patch_recall(trainer.model, tokenizer, world)})
+        if tried[-1]["fact_patch_recall"] <= s.sft_recall_ceiling:
+            break
+    info = {
+        "steps": s.sft_steps,
+        "lr": lr,
+        "fact_patch_recall": tried[-1]["fact_patch_recall"],
+        "tried": tried,
+    }
     _save(trainer.model.eval(), tokenizer, out, info)
     return info
 
