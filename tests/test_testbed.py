@@ -164,13 +164,13 @@ TINY = StageConfig(
 
 
 @pytest.fixture(scope="module")
-def tiny_family(tmp_path_factory) -> TestbedFamily:
+def tiny_testbed(tmp_path_factory) -> TestbedFamily:
     """The whole pipeline with a handful of steps: the mechanics, not the phenomenon."""
     return build_family(3, out=tmp_path_factory.mktemp("tiny") / "fam", progress=False, settings=TINY)
 
 
-def test_tiny_build_writes_loadable_checkpoints_and_is_reused(tiny_family):
-    family = tiny_family
+def test_tiny_build_writes_loadable_checkpoints_and_is_reused(tiny_testbed):
+    family = tiny_testbed
     for path in (family.pretrained, family.finetuned, family.aligned):
         assert isinstance(AutoModelForCausalLM.from_pretrained(path), object)
         assert AutoTokenizer.from_pretrained(path).get_vocab() == build_tokenizer(World(3)).get_vocab()
@@ -187,8 +187,8 @@ def test_tiny_build_writes_loadable_checkpoints_and_is_reused(tiny_family):
         build_family(4, out=family.root, progress=False)
 
 
-def test_build_records_provenance_and_the_pretraining_stopping_rule(tiny_family):
-    marker = json.loads((tiny_family.root / "testbed.json").read_text())
+def test_build_records_provenance_and_the_pretraining_stopping_rule(tiny_testbed):
+    marker = json.loads((tiny_testbed.root / "testbed.json").read_text())
     prov = marker["provenance"]
     assert {"torch", "transformers", "trl", "peft", "python"} <= set(prov["versions"])
     assert all(prov["versions"][k] for k in ("torch", "transformers", "trl", "peft"))
@@ -202,15 +202,15 @@ def test_build_records_provenance_and_the_pretraining_stopping_rule(tiny_family)
     assert set(marker["stages"]) == {"pretrained", "finetuned", "aligned"}
     sft = marker["stages"]["finetuned"]  # below the recall ceiling at once: the first, gentlest rate
     assert sft["lr"] == TINY.sft_lrs[0] and [t["lr"] for t in sft["tried"]] == [TINY.sft_lrs[0]]
-    loaded = TestbedFamily.load(tiny_family.root)
+    loaded = TestbedFamily.load(tiny_testbed.root)
     assert loaded.provenance == prov and loaded.stage_info == marker["stages"]
 
 
-def test_families_without_provenance_still_load(tiny_family, tmp_path):
+def test_families_without_provenance_still_load(tiny_testbed, tmp_path):
     import shutil
 
     old = tmp_path / "old"
-    shutil.copytree(tiny_family.root, old)
+    shutil.copytree(tiny_testbed.root, old)
     marker = json.loads((old / "testbed.json").read_text())
     for key in ("provenance", "stages"):
         del marker[key]
@@ -255,8 +255,8 @@ def test_schedule_switcher_follows_its_table():
     assert [d.action for d in switcher.decide(traces)] == [0, 2, 1, 2, 2]
 
 
-def test_check_wires_the_label_schedule_and_provenance(tiny_family):
-    metrics = check_family(tiny_family, n=3, n_label=1, k=2, k_label=2, n_schedule=2, progress=False)
+def test_check_wires_the_label_schedule_and_provenance(tiny_testbed):
+    metrics = check_family(tiny_testbed, n=3, n_label=1, k=2, k_label=2, n_schedule=2, progress=False)
     ls = metrics["label_schedule"]
     assert ls["k"] == 2 and ls["queries"] == 2 and ls["states"] >= 2
     names = {"pretrained", "finetuned", "aligned"}
@@ -265,11 +265,11 @@ def test_check_wires_the_label_schedule_and_provenance(tiny_family):
     assert set(metrics["margins"]) == set(metrics["targets"])
     assert all((metrics["margins"][t] >= 0) == ok for t, ok in metrics["targets"].items())
     assert not any("decisive" in name for name in metrics["targets"])
-    assert metrics["built"] == tiny_family.provenance and metrics["checked"]["torch_threads"] == 1
+    assert metrics["built"] == tiny_testbed.provenance and metrics["checked"]["torch_threads"] == 1
     text = format_check(metrics)
     assert text.startswith("built: ") and "label schedule" in text and "pretraining: 4 steps" in text
     with pytest.raises(ValueError, match="n_schedule"):
-        check_family(tiny_family, n_schedule=0, progress=False)
+        check_family(tiny_testbed, n_schedule=0, progress=False)
 
 
 # ------------------------------------------------------------------------- the phenomenon (slow)
