@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             tp.add_argument("--n", type=int, default=300, help="test queries per task")
             tp.add_argument("--n-label", type=int, default=60, help="queries for the label policy")
-            tp.add_argument("--k", type=int, default=32, help="random finishes per candidate and state")
+            tp.add_argument(
+                "--k", type=int, default=8, help="random finishes per candidate and state (label schedule)"
+            )
+            tp.add_argument(
+                "--n-schedule", type=int, default=120, help="training queries for the label schedule"
+            )
             tp.add_argument("--json", help="also write the metrics as JSON here")
 
     p = sub.add_parser("demo", help="the paper's recipe on the testbed family: prints the comparison table")

@@ -252,7 +252,7 @@ def config(tmp_path, tiny_family):
         cfg = {
             "candidates": [{"name": f"c{i}", "path": str(p)} for i, p in enumerate(paths)],
             "generation": {"patch_tokens": 2, "max_new_tokens": 4, "seed": 3},
-            "tasks": [{"source": "jsonl", "path": str(tasks)}],
+            "tasks": [{"source": "jsonl", "path": str(tasks), "allow_overlap": True}],  # simulate and eval
             "reward": {"scorers": [{"scorer": "rouge_l"}]},
             "simulate": {"k": 2, "states_per_query": 2, "chunk_size": 2, "out_dir": str(tmp_path / "sim")},
             **sections,

@@ -6,12 +6,17 @@ import itertools
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from switchrl.backends.base import Trace
 from switchrl.errors import CheckpointError
 from switchrl.testbed import LABEL_TOKENS, StageConfig, TestbedFamily, World, build_family
-from switchrl.testbed.check import check_family, format_check
-from switchrl.testbed.corpus import dpo_pairs, pretraining_documents, sft_examples
+from switchrl.testbed.check import ScheduleSwitcher, check_family, format_check
+from switchrl.testbed.corpus import PROMPT_TEMPLATE, dpo_pairs, pretraining_documents, sft_examples
+from switchrl.testbed.provenance import _cpuinfo, format_provenance, provenance
+from switchrl.testbed.recall import fact_patch_positions
+from switchrl.testbed.stages import _batches
 from switchrl.testbed.tasks import SPLITS, TASKS, ExactAnswerScorer, StepScorer, make_scorer, make_tasks
 from switchrl.testbed.tokenizer import build_tokenizer
 
@@ -142,35 +147,129 @@ def test_build_family_validates_and_load_names_missing_family(tmp_path):
         TestbedFamily.load(tmp_path)
 
 
-def test_tiny_build_writes_loadable_checkpoints_and_is_reused(tmp_path):
+TINY = StageConfig(
+    hidden_size=16,
+    layers=1,
+    heads=2,
+    intermediate_size=32,
+    pretrain_steps=2,
+    pretrain_batch=2,
+    pretrain_chunk=1,
+    pretrain_max_extra_steps=2,
+    sft_steps=1,
+    sft_batch=4,
+    dpo_steps=1,
+    dpo_batch=4,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_testbed(tmp_path_factory) -> TestbedFamily:
     """The whole pipeline with a handful of steps: the mechanics, not the phenomenon."""
-    tiny = StageConfig(
-        hidden_size=16,
-        layers=1,
-        heads=2,
-        intermediate_size=32,
-        pretrain_steps=2,
-        pretrain_batch=2,
-        sft_steps=1,
-        sft_batch=4,
-        dpo_steps=1,
-        dpo_batch=4,
-    )
-    family = build_family(3, out=tmp_path / "fam", progress=False, settings=tiny)
+    return build_family(3, out=tmp_path_factory.mktemp("tiny") / "fam", progress=False, settings=TINY)
+
+
+def test_tiny_build_writes_loadable_checkpoints_and_is_reused(tiny_testbed):
+    family = tiny_testbed
     for path in (family.pretrained, family.finetuned, family.aligned):
         assert isinstance(AutoModelForCausalLM.from_pretrained(path), object)
         assert AutoTokenizer.from_pretrained(path).get_vocab() == build_tokenizer(World(3)).get_vocab()
     marker = json.loads((family.root / "testbed.json").read_text())
     assert marker["seed"] == 3 and set(marker["build_seconds"]) == {"pretrained", "finetuned", "aligned"}
     stamp = (family.aligned / "model.safetensors").stat().st_mtime_ns
-    again = build_family(3, out=tmp_path / "fam", progress=False, settings=tiny)
+    again = build_family(3, out=family.root, progress=False, settings=TINY)
     assert (again.aligned / "model.safetensors").stat().st_mtime_ns == stamp
     assert [c.name for c in again.candidate_configs()] == ["pretrained", "finetuned", "aligned"]
     assert len({c.prompt_template for c in again.candidate_configs()}) == 1
     assert again.generation_config().patch_tokens == 3
     assert again.label_tokens == list(LABEL_TOKENS)
     with pytest.raises(CheckpointError, match="seed"):
-        build_family(4, out=tmp_path / "fam", progress=False)
+        build_family(4, out=family.root, progress=False)
+
+
+def test_build_records_provenance_and_the_pretraining_stopping_rule(tiny_testbed):
+    marker = json.loads((tiny_testbed.root / "testbed.json").read_text())
+    prov = marker["provenance"]
+    assert {"torch", "transformers", "trl", "peft", "python"} <= set(prov["versions"])
+    assert all(prov["versions"][k] for k in ("torch", "transformers", "trl", "peft"))
+    assert {"model", "isa_flags", "torch_cpu_capability", "logical_cpus"} <= set(prov["cpu"])
+    assert prov["torch_threads"] == 1  # the build's own setting, not the process default
+    assert {"date", "load_average_1min", "load_average_1min_end", "platform"} <= set(prov)
+    assert marker["settings"]["pretrain_recall_target"] == TINY.pretrain_recall_target
+    pre = marker["stages"]["pretrained"]  # the tiny model never reaches the target: the cap stops it
+    assert pre["steps"] == TINY.pretrain_steps + TINY.pretrain_max_extra_steps == 4
+    assert len(pre["fact_patch_recall"]) == 1 + TINY.pretrain_max_extra_steps // TINY.pretrain_chunk
+    assert set(marker["stages"]) == {"pretrained", "finetuned", "aligned"}
+    sft = marker["stages"]["finetuned"]  # below the recall ceiling at once: the first, gentlest rate
+    assert sft["lr"] == TINY.sft_lrs[0] and [t["lr"] for t in sft["tried"]] == [TINY.sft_lrs[0]]
+    loaded = TestbedFamily.load(tiny_testbed.root)
+    assert loaded.provenance == prov and loaded.stage_info == marker["stages"]
+
+
+def test_families_without_provenance_still_load(tiny_testbed, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_testbed.root, old)
+    marker = json.loads((old / "testbed.json").read_text())
+    for key in ("provenance", "stages"):
+        del marker[key]
+    (old / "testbed.json").write_text(json.dumps(marker))
+    family = TestbedFamily.load(old)
+    assert family.provenance == {} and family.stage_info == {}
+    assert "no provenance recorded" in format_provenance({})[0]
+
+
+def test_cpuinfo_reads_model_and_isa_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse4_2 avx2 avx512f amx_tile\n")
+    assert _cpuinfo(str(info)) == ("Some CPU", ["sse4_2", "avx2", "avx512f", "amx_tile"])
+    lines = format_provenance(provenance())
+    assert lines[0].startswith("built: ") and "torch" in lines[2]
+
+
+def test_fact_patch_positions_are_the_two_fact_patches(world, tokenizer):
+    inst = make_tasks(world, "compositional", "test")[0]
+    prompt = PROMPT_TEMPLATE.format(query=inst.query)
+    ids = tokenizer(prompt + " " + inst.meta["solution"])["input_ids"]
+    pos = fact_patch_positions(len(tokenizer(prompt)["input_ids"]))
+    _, x, y, attribute = inst.id.split("/")
+    a, b = world.value(x, attribute), world.value(y, attribute)
+    assert tokenizer.decode([ids[p] for p in pos]) == f"is {a} . is {b} ."
+    assert pos[0] % 3 == len(tokenizer(prompt)["input_ids"]) % 3  # patches start at the answer
+
+
+def test_pretraining_blocks_are_the_packed_stream_in_order(world, tokenizer):
+    settings = StageConfig(pretrain_batch=2, pretrain_seq_len=8)
+    blocks = _batches(world, tokenizer, settings)
+    first = [next(blocks) for _ in range(3)]
+    stream: list[int] = []
+    for ids in tokenizer(list(itertools.islice(pretraining_documents(world), 512)))["input_ids"]:
+        stream += [*ids, tokenizer.eos_token_id]
+    assert torch.equal(torch.stack(first).flatten(), torch.tensor(stream[: 3 * 2 * 8]))
+
+
+def test_schedule_switcher_follows_its_table():
+    switcher = ScheduleSwitcher(3, [0, 2, 1], default=2)
+    traces = [Trace(key=f"t{i}", query="q", max_new_tokens=32, patches=[None] * i) for i in range(5)]
+    assert [d.action for d in switcher.decide(traces)] == [0, 2, 1, 2, 2]
+
+
+def test_check_wires_the_label_schedule_and_provenance(tiny_testbed):
+    metrics = check_family(tiny_testbed, n=3, n_label=1, k=2, k_label=2, n_schedule=2, progress=False)
+    ls = metrics["label_schedule"]
+    assert ls["k"] == 2 and ls["queries"] == 2 and ls["states"] >= 2
+    names = {"pretrained", "finetuned", "aligned"}
+    assert set(ls["schedule"]) <= names and ls["default"] in names
+    assert "label schedule >= best single + 15" in metrics["targets"]
+    assert set(metrics["margins"]) == set(metrics["targets"])
+    assert all((metrics["margins"][t] >= 0) == ok for t, ok in metrics["targets"].items())
+    assert not any("decisive" in name for name in metrics["targets"])
+    assert metrics["built"] == tiny_testbed.provenance and metrics["checked"]["torch_threads"] == 1
+    text = format_check(metrics)
+    assert text.startswith("built: ") and "label schedule" in text and "pretraining: 4 steps" in text
+    with pytest.raises(ValueError, match="n_schedule"):
+        check_family(tiny_testbed, n_schedule=0, progress=False)
 
 
 # ------------------------------------------------------------------------- the phenomenon (slow)
@@ -182,7 +281,7 @@ def testbed_family(request) -> TestbedFamily:
 
 @pytest.mark.testbed
 def test_the_phenomenon_holds(testbed_family):
-    metrics = check_family(testbed_family, n=200, n_label=60, k=32, k_label=16, progress=False)
+    metrics = check_family(testbed_family, n=200, n_label=60, k=8, k_label=16, progress=False)
     print(format_check(metrics))
     failed = [name for name, ok in metrics["targets"].items() if not ok]
     assert not failed, f"targets missed: {failed}\n{format_check(metrics)}"

@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
             )
         return 0
     family = build_family(seed=args.seed, out=args.out)
-    metrics = check_family(family, n=args.n, n_label=args.n_label, k=args.k)
+    metrics = check_family(family, n=args.n, n_label=args.n_label, k=args.k, n_schedule=args.n_schedule)
     print(format_check(metrics))
     reference = shipped_check(family.seed)
     shipped = shipped_root(family.seed)

@@ -9,12 +9,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from switchrl.config import CandidateConfig, SwitchGenerationConfig
 from switchrl.errors import CheckpointError
 from switchrl.rewards.base import Scorer
 from switchrl.tasks.base import TaskInstance
 from switchrl.testbed import stages
 from switchrl.testbed.corpus import PROMPT_TEMPLATE
+from switchrl.testbed.provenance import provenance
 from switchrl.testbed.shipped import shipped_root
 from switchrl.testbed.tasks import make_scorer, make_tasks
 from switchrl.testbed.tokenizer import LABEL_TOKENS, build_tokenizer
@@ -51,6 +54,11 @@ class TestbedFamily:
     seed: int
     build_seconds: dict[str, float] = field(default_factory=dict)
     label_tokens: list[str] = field(default_factory=lambda: list(LABEL_TOKENS))
+    provenance: dict = field(default_factory=dict)
+    """Where and with what it was built (:func:`~switchrl.testbed.provenance.provenance`); empty for
+    families built before switchrl recorded it."""
+    stage_info: dict[str, dict] = field(default_factory=dict)
+    """What each stage recorded (pretraining: steps taken and fact-patch recall per check)."""
 
     __test__ = False  # not a pytest test class
 
@@ -98,6 +106,8 @@ class TestbedFamily:
             seed=int(info["seed"]),
             build_seconds=info.get("build_seconds", {}),
             label_tokens=list(info.get("label_tokens", LABEL_TOKENS)),
+            provenance=info.get("provenance", {}),
+            stage_info=info.get("stages", {}),
         )
 
     def candidate_configs(self, temperature: float = 0.0, top_p: float = 1.0) -> list[CandidateConfig]:
@@ -162,7 +172,9 @@ def build_family(
     tokenizer = build_tokenizer(world)
     family = TestbedFamily(root=root, seed=seed)
     seconds: dict[str, float] = {}
+    prov = provenance()  # before the stages: the load average says how busy the CPU was at the start
     with torch_threads(1):
+        prov["torch_threads"] = torch.get_num_threads()
         for name, run in (
             ("pretrained", lambda: stages.pretrain(world, tokenizer, family.pretrained, settings, progress)),
             (
@@ -181,6 +193,10 @@ def build_family(
             start = time.perf_counter()
             run()
             seconds[name] = round(time.perf_counter() - start, 1)
+    prov["load_average_1min_end"] = provenance()["load_average_1min"]
+    stage_info = {
+        n: json.loads(p.read_text()) for n in STAGES if (p := root / n / stages.STAGE_INFO).is_file()
+    }
     info = {
         "format_version": FORMAT_VERSION,
         "seed": seed,
@@ -188,9 +204,11 @@ def build_family(
         "label_tokens": list(LABEL_TOKENS),
         "patch_tokens": PATCH_TOKENS,
         "settings": asdict(settings),
+        "stages": stage_info,
+        "provenance": prov,
     }
     tmp = root / f".{MARKER}.tmp"
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, root / MARKER)
-    family.build_seconds = seconds
+    family.build_seconds, family.provenance, family.stage_info = seconds, prov, stage_info
     return family
