@@ -12,6 +12,8 @@ import yaml
 
 from switchrl.config import parse
 from switchrl.run_config import RunConfig
+from switchrl.testbed.provenance import format_provenance
+from switchrl.testbed.shipped import shipped_root
 from switchrl.utils.threads import torch_threads
 
 
@@ -40,8 +42,12 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", n: int = 200, quick: 
     times: dict[str, float] = {}
     start = time.perf_counter()
     config = demo_config(seed, out, n, quick)
-    resolved = ResolvedRun(config)  # builds (or reuses) the family
+    resolved = ResolvedRun(config)  # the shipped family, a cached one, or a fresh build
     times["testbed"] = time.perf_counter() - start
+    family = resolved.family
+    where = "shipped with switchrl" if family.root == shipped_root(family.seed) else "built locally"
+    print(f"testbed family: world seed {family.seed}, {where} ({family.root})")
+    print("\n".join(format_provenance(family.provenance, "built")))
     with torch_threads(1):
         for name, step in (
             ("simulate", lambda: simulate(config)),
