@@ -285,3 +285,38 @@ def test_the_phenomenon_holds(testbed_family):
     print(format_check(metrics))
     failed = [name for name, ok in metrics["targets"].items() if not ok]
     assert not failed, f"targets missed: {failed}\n{format_check(metrics)}"
+
+
+# ------------------------------------------------------------------------- the shipped families
+def test_the_shipped_families_are_used_when_nothing_is_built(tmp_path, monkeypatch):
+    """Issue 15: with an empty cache, seeds 0 and 1 are the canonical families that ship in the package."""
+    from switchrl.testbed.shipped import shipped_check, shipped_root, shipped_seeds
+
+    monkeypatch.setenv("SWITCHRL_CACHE", str(tmp_path / "empty-cache"))
+    assert shipped_seeds() == [0, 1]
+    for seed in (0, 1):
+        family = build_family(seed, progress=False)
+        assert family.root == shipped_root(seed) and family.seed == seed
+        assert family.provenance["cpu"]["model"] and family.provenance["versions"]["torch"]
+        check = shipped_check(seed)
+        assert check["seed"] == seed and check["ok"] is True, check["targets"]
+    assert shipped_root(7) is None
+    with pytest.raises(CheckpointError, match="seed"):  # a local family of another seed is never taken
+        build_family(1, out=shipped_root(0), progress=False)
+
+
+def test_testbed_build_of_a_shipped_seed_reports_the_weight_difference(tmp_path, capsys):
+    """``switchrl testbed build --seed 0`` on a family identical to the shipped one says so; another differs."""
+    import shutil
+
+    from switchrl.cli import main
+    from switchrl.testbed.family import STAGES
+    from switchrl.testbed.shipped import max_weight_difference, shipped_root
+
+    copy = tmp_path / "fam0"
+    shutil.copytree(shipped_root(0), copy)  # a complete family: the build reuses it
+    assert main(["testbed", "build", "--seed", "0", "--out", str(copy)]) == 0
+    printed = capsys.readouterr().out
+    assert "against the shipped family" in printed and "bit-identical" in printed
+    diff = max_weight_difference(shipped_root(0), shipped_root(1), STAGES)
+    assert set(diff) == set(STAGES) and all(v > 0 for v in diff.values())
