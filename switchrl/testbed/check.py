@@ -28,7 +28,7 @@ from switchrl.rewards.base import Scorer, safe_score_batch
 from switchrl.rollout import Decision, estimate_utilities, run_switch_generation
 from switchrl.tasks.base import TaskInstance
 from switchrl.testbed.family import TestbedFamily
-from switchrl.testbed.provenance import format_provenance, provenance
+from switchrl.testbed.provenance import format_pretraining, format_provenance, provenance
 from switchrl.testbed.tasks import TASKS
 from switchrl.utils.threads import torch_threads
 
@@ -356,19 +356,12 @@ def check_family(
     return metrics
 
 
-def _pretraining_line(info: dict) -> list[str]:
-    if not info:
-        return []
-    recall = " -> ".join(f"{r:.1f}" for r in info.get("fact_patch_recall", []))
-    return [f"  pretraining: {info.get('steps')} steps, fact-patch recall {recall}"]
-
-
 def format_check(metrics: dict) -> str:
     """A readable table of :func:`check_family`'s numbers and which targets hold."""
     names = list(next(iter(metrics["single"].values())))
     lines = [
         *format_provenance(metrics.get("built", {}), "built"),
-        *_pretraining_line(metrics.get("pretraining", {})),
+        *format_pretraining(metrics.get("pretraining", {})),
         *format_provenance(metrics.get("checked", {}), "checked")[:1],
         "",
         f"testbed family, world seed {metrics['seed']} (test split; accuracy %)",
