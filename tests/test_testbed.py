@@ -185,6 +185,8 @@ def test_tiny_build_writes_loadable_checkpoints_and_is_reused(tiny_testbed):
     assert again.label_tokens == list(LABEL_TOKENS)
     with pytest.raises(CheckpointError, match="seed"):
         build_family(4, out=family.root, progress=False)
+    with pytest.warns(UserWarning, match="other settings"):  # a family of another recipe is named
+        assert build_family(3, out=family.root, progress=False).seed == 3
 
 
 def test_build_records_provenance_and_the_pretraining_stopping_rule(tiny_testbed):

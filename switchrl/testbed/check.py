@@ -28,7 +28,7 @@ from switchrl.rewards.base import Scorer, safe_score_batch
 from switchrl.rollout import Decision, estimate_utilities, run_switch_generation
 from switchrl.tasks.base import TaskInstance
 from switchrl.testbed.family import TestbedFamily
-from switchrl.testbed.provenance import format_provenance, provenance
+from switchrl.testbed.provenance import format_pretraining, format_provenance, provenance
 from switchrl.testbed.tasks import TASKS
 from switchrl.utils.threads import torch_threads
 
@@ -141,9 +141,11 @@ def label_schedule(
 
     As ``switchrl simulate`` makes them for the demo: random-switching responses to ``instances``
     (training queries), a state at every patch boundary, each candidate writes the next patch and
-    ``k`` random-switching finishes score it; the label is the argmax (a tie splits its vote) and
-    states whose utilities are all equal carry none (the demo's ``drop_all_equal``). Returns the
-    ``schedule`` (candidate per patch index), its ``default`` (the most frequent label) and counts.
+    ``k`` random-switching finishes score it; states whose utilities are all equal carry no label
+    (the demo's ``drop_all_equal``). Every candidate with the best utility gets a vote (approval:
+    when the finetuned and aligned models write the same patch, splitting their vote let a worse
+    third candidate win the patch by plurality; seed 2: 47.0 split, 100.0 approval). Returns the
+    ``schedule`` (most votes per patch index), its ``default`` (most votes overall) and counts.
     """
     n = len(pool)
     finisher = RandomSwitcher(n, seed=seed)
@@ -169,7 +171,8 @@ def label_schedule(
         for s, inst, kids in zip(chunk, insts[s0 : s0 + 64], _next_patches(pool, chunk, "d")):
             if len({tuple(c.patches[-1].token_ids) + (c.patches[-1].stop_reason,) for c in kids}) > 1:
                 decisive.append((s, inst))
-    votes: dict[int, list[float]] = {}
+    votes: dict[int, list[int]] = {}
+    labelled = 0
     for s0 in tqdm(range(0, len(decisive), _CHUNK), desc=f"schedule labels (k={k})", disable=not progress):
         chunk = decisive[s0 : s0 + _CHUNK]
         utils = estimate_utilities(
@@ -185,10 +188,10 @@ def label_schedule(
             values = u.utilities
             if max(values) == min(values):
                 continue
-            winners = [i for i, v in enumerate(values) if v == max(values)]
-            row = votes.setdefault(len(s.patches), [0.0] * n)
-            for w in winners:
-                row[w] += 1 / len(winners)
+            labelled += 1
+            row = votes.setdefault(len(s.patches), [0] * n)
+            for i, v in enumerate(values):
+                row[i] += v == max(values)
     totals = [sum(row[i] for row in votes.values()) for i in range(n)]
     default = totals.index(max(totals)) if votes else n - 1
     length = max(votes, default=-1) + 1
@@ -198,8 +201,8 @@ def label_schedule(
         "default": default,
         "states": len(states),
         "decisive": len(decisive),
-        "labelled": round(sum(totals)),
-        "votes": {p: [round(v, 2) for v in votes[p]] for p in sorted(votes)},
+        "labelled": labelled,
+        "votes": {p: votes[p] for p in sorted(votes)},
     }
 
 
@@ -353,19 +356,12 @@ def check_family(
     return metrics
 
 
-def _pretraining_line(info: dict) -> list[str]:
-    if not info:
-        return []
-    recall = " -> ".join(f"{r:.1f}" for r in info.get("fact_patch_recall", []))
-    return [f"  pretraining: {info.get('steps')} steps, fact-patch recall {recall}"]
-
-
 def format_check(metrics: dict) -> str:
     """A readable table of :func:`check_family`'s numbers and which targets hold."""
     names = list(next(iter(metrics["single"].values())))
     lines = [
         *format_provenance(metrics.get("built", {}), "built"),
-        *_pretraining_line(metrics.get("pretraining", {})),
+        *format_pretraining(metrics.get("pretraining", {})),
         *format_provenance(metrics.get("checked", {}), "checked")[:1],
         "",
         f"testbed family, world seed {metrics['seed']} (test split; accuracy %)",

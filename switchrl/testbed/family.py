@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -137,6 +138,11 @@ class TestbedFamily:
         return make_scorer(task, partial)
 
 
+def _jsonable(value):
+    """``value`` as it reads back from JSON (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def build_family(
     seed: int = 0,
     out: str | Path | None = None,
@@ -163,6 +169,15 @@ def build_family(
         family = TestbedFamily.load(root)
         if family.seed != seed:
             raise CheckpointError(f"{root} holds the testbed family of seed {family.seed}, not {seed}")
+        built = json.loads((root / MARKER).read_text()).get("settings", {})
+        wanted = asdict(settings or stages.StageConfig())
+        differ = sorted(k for k in wanted.keys() | built.keys() if built.get(k) != _jsonable(wanted.get(k)))
+        if differ:
+            warnings.warn(
+                f"reusing the testbed family at {root}, built with other settings ({', '.join(differ)}) "
+                "than this switchrl's recipe; rebuild it with `switchrl testbed build --force`",
+                stacklevel=2,
+            )
         return family
     shipped = shipped_root(seed) if use_shipped and out is None and settings is None and not force else None
     if shipped is not None:  # the canonical family: the same weights on every machine

@@ -90,3 +90,11 @@ def format_provenance(prov: dict, label: str = "built") -> list[str]:
         f"  {libs}, python {v.get('python', '?')}",
     ]
     return lines
+
+
+def format_pretraining(info: dict) -> list[str]:
+    """One line on the pretraining stopping rule: steps taken and fact-patch recall at each check."""
+    if not info:
+        return []
+    recall = " -> ".join(f"{r:.1f}" for r in info.get("fact_patch_recall", []))
+    return [f"  pretraining: {info.get('steps')} steps, fact-patch recall {recall}"]
