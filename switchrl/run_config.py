@@ -26,8 +26,7 @@ from switchrl.rewards.base import Scorer
 from switchrl.rewards.registry import RewardConfig
 from switchrl.rewards.router import TaskScorers
 from switchrl.tasks.base import TaskInstance
-from switchrl.tasks.provenance import file_sha256
-from switchrl.utils.files import dir_signature
+from switchrl.utils.files import dir_signature, file_sha256
 
 ReportTo = Literal["none", "wandb", "tensorboard"]
 

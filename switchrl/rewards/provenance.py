@@ -17,10 +17,10 @@ import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from switchrl.errors import ScorerFailureError
+from switchrl.utils.files import file_sha256
 
 __all__ = ["FailureTally", "scorer_label", "scorer_source_hash"]
 
@@ -39,18 +39,12 @@ def scorer_label(scorer: Any) -> str:
     return f"{module}:{getattr(target, '__qualname__', type(scorer).__name__)}"
 
 
-@functools.lru_cache(maxsize=256)
-def _file_hash(path: str, mtime_ns: int, size: int) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _code_hash(obj: Any) -> str:
     """sha256 of the file of ``obj``'s module, else of its source, else of its qualified name."""
     module = sys.modules.get(getattr(obj, "__module__", None) or "")
     path = getattr(module, "__file__", None)
-    if path and Path(path).is_file():
-        st = Path(path).stat()
-        return _file_hash(str(path), st.st_mtime_ns, st.st_size)
+    if path and (digest := file_sha256(path)) is not None:
+        return digest
     try:
         return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
     except (OSError, TypeError):
