@@ -26,6 +26,7 @@ from typing import Any
 from switchrl.backends.base import Pool
 from switchrl.backends.pool import CandidatePool
 from switchrl.errors import ConfigError
+from switchrl.executors import writable_dir
 from switchrl.executors.remote_pool import RayCandidatePool
 from switchrl.policies.factory import LoraSettings
 from switchrl.policies.factory import build_switcher as make_switcher
@@ -137,14 +138,11 @@ def run_fingerprint(setup: RLSetup, algo: str) -> dict:
 def claim_out_dir(setup: RLSetup, algo: str) -> None:
     """Write the run's fingerprint into ``rl.out_dir``; refuse (:class:`ConfigError` naming the changed
     keys) to resume checkpoints written with a different one."""
-    out = setup.out_dir
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"rl.out_dir {out} exists and is not a directory")
+    out = writable_dir(setup.out_dir, "rl.out_dir")  # one message for a file in the path, read-only, ...
     fingerprint = json.loads(json.dumps(run_fingerprint(setup, algo)))
     path = out / FINGERPRINT_FILE
-    resumable = [p for pattern in RESUMABLE for p in out.glob(pattern)] if out.is_dir() else []
+    resumable = [p for pattern in RESUMABLE for p in out.glob(pattern)]
     if not resumable:  # nothing to resume (a fresh run, or a start that failed): this run's fingerprint
-        out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".{FINGERPRINT_FILE}.{os.getpid()}.tmp"  # every process of a launch writes the same
         tmp.write_text(json.dumps(fingerprint, indent=1))
         tmp.replace(path)
