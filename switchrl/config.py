@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from switchrl.errors import ConfigError
 
 __all__ = [
+    "CLIENT_SETTINGS",
     "CandidateConfig",
     "StrictModel",
     "SwitchGenerationConfig",
@@ -29,6 +30,11 @@ class StrictModel(BaseModel):
     """A config section: unknown keys are errors, values are validated on assignment too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+CLIENT_SETTINGS = frozenset({"timeout", "max_concurrency", "max_retries", "retry_backoff", "api_key"})
+"""How a candidate's server is talked to: nothing a record depends on, so fingerprints leave them out (and
+with them the secret ``api_key``)."""
 
 
 class CandidateConfig(StrictModel):
@@ -51,6 +57,26 @@ class CandidateConfig(StrictModel):
     )
     base_url: str | None = Field(None, description="openai backend: server address, e.g. http://host:8000/v1")
     served_model: str | None = Field(None, description="openai backend: the model name the server serves")
+    timeout: float = Field(
+        300.0, gt=0, description="openai backend: seconds each attempt of a request may take"
+    )
+    max_concurrency: int = Field(
+        32, gt=0, description="openai backend: requests in flight at once (and pooled keep-alive connections)"
+    )
+    max_retries: int = Field(
+        2,
+        ge=0,
+        description="openai backend: retries of a request that met HTTP 429/5xx, a timeout or a lost connection",
+    )
+    retry_backoff: float = Field(
+        0.5, ge=0, description="openai backend: seconds before the first retry; doubled for each further one"
+    )
+    api_key: str | None = Field(
+        None,
+        repr=False,
+        description="openai backend: bearer token (default: the OPENAI_API_KEY environment variable); "
+        "left out of fingerprints and logs",
+    )
 
     @field_validator("prompt_template")
     @classmethod
@@ -58,6 +84,16 @@ class CandidateConfig(StrictModel):
         if "{query}" not in v:
             raise ValueError("prompt_template must contain '{query}'")
         return v
+
+    @model_validator(mode="after")
+    def _client_settings_need_a_server(self) -> CandidateConfig:
+        fields = type(self).model_fields
+        given = sorted(f for f in CLIENT_SETTINGS if getattr(self, f) != fields[f].default)  # dumps hold all
+        if self.backend != "openai" and given:
+            raise ValueError(
+                f"{', '.join(given)}: only for backend: openai (this candidate's is {self.backend})"
+            )
+        return self
 
 
 class SwitchGenerationConfig(StrictModel):

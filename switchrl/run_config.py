@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, model_validator
 
 from switchrl.config import (
+    CLIENT_SETTINGS,
     CandidateConfig,
     StrictModel,
     SwitcherConfig,
@@ -289,7 +290,7 @@ class ResolvedRun:
         dump = self.config.model_dump(mode="json", include={"testbed", "switcher", "reward"})
         family_seed = self.family.seed if self.family is not None else None
         return {
-            "candidates": [c.model_dump(mode="json") for c in self.candidates],
+            "candidates": [c.model_dump(mode="json", exclude=CLIENT_SETTINGS) for c in self.candidates],
             "checkpoints": {c.name: dir_signature(c.path) for c in self.candidates},
             "generation": self.generation.model_dump(mode="json"),
             "testbed": dump["testbed"],

@@ -3,30 +3,24 @@
 The prompt is sent as token ids (the candidate's view of the trace), so the server reads exactly
 what an in-process candidate would; its prefix cache makes the re-sent prefix cheap. Returned tokens
 are taken from vLLM's ``token_ids`` / ``return_tokens_as_token_ids`` extensions when present, and
-otherwise re-tokenized from the text with the local tokenizer. Only the standard library is used.
+otherwise re-tokenized from the text with the local tokenizer. Requests go over one pooled keep-alive
+client per candidate (:mod:`switchrl.backends.http_client`), which retries transient failures.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerBase
 
 from switchrl.backends.base import CandidateSampling, Patch, StopReason, Trace
+from switchrl.backends.http_client import JSONClient, RetryPolicy, ServerError
 from switchrl.backends.tokens import TokenizedCandidate, load_tokenizer
-from switchrl.errors import SwitchRLError
 
-_RETRY_STATUS = {429, 502, 503, 504}
 _TOKEN_ID_PREFIX = "token_id:"
-
-
-class ServerError(SwitchRLError):
-    """The completions server could not be reached or answered with an error."""
 
 
 class OpenAIBackend(TokenizedCandidate):
@@ -55,6 +49,7 @@ class OpenAIBackend(TokenizedCandidate):
         max_batch: int = 256,
         max_concurrency: int = 32,
         max_retries: int = 2,
+        retry_backoff: float = 0.5,
         api_key: str | None = None,
         vllm_extensions: bool = True,
     ):
@@ -74,16 +69,24 @@ class OpenAIBackend(TokenizedCandidate):
         ):
             if value <= 0:
                 raise ValueError(f"candidate {name!r}: {field} must be > 0, got {value}")
-        if max_retries < 0:
-            raise ValueError(f"candidate {name!r}: max_retries must be >= 0, got {max_retries}")
+        try:
+            retry = RetryPolicy(max_retries, retry_backoff)
+        except ValueError as err:
+            raise ValueError(f"candidate {name!r}: {err}") from None
         self.base_url = base_url.rstrip("/")
         self.served_model = served_model
-        self.timeout = timeout
         self.max_batch = max_batch
         self.max_concurrency = max_concurrency
-        self.max_retries = max_retries
-        self.api_key = api_key
         self.vllm_extensions = vllm_extensions
+        self.http = JSONClient(
+            self.base_url,
+            f"candidate {name!r}",
+            "completions server",
+            timeout=timeout,
+            max_connections=max_concurrency,
+            retry=retry,
+            api_key=api_key or os.environ.get("OPENAI_API_KEY") or None,
+        )
 
     @classmethod
     def from_pretrained(
@@ -130,39 +133,9 @@ class OpenAIBackend(TokenizedCandidate):
                 body["top_k"] = s.top_k
         return body
 
-    def _post(self, body: dict) -> dict:
-        """One ``/completions`` call with retries on overload; every failure names the server."""
-        url = f"{self.base_url}/completions"
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body).encode()
-        for attempt in range(self.max_retries + 1):
-            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode(errors="replace")[:500]
-                if err.code in _RETRY_STATUS and attempt < self.max_retries:
-                    time.sleep(0.5 * 2**attempt)
-                    continue
-                raise ServerError(
-                    f"candidate {self.name!r}: {url} answered HTTP {err.code}: {detail}"
-                ) from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                reason = getattr(err, "reason", err)
-                raise ServerError(
-                    f"candidate {self.name!r}: cannot reach the completions server at "
-                    f"{self.base_url} ({reason}); is it running and is base_url right?"
-                ) from None
-            except json.JSONDecodeError as err:
-                raise ServerError(f"candidate {self.name!r}: {url} did not answer JSON: {err}") from None
-        raise AssertionError("unreachable")
-
     def _complete(self, prompts: list[list[int]], max_tokens: int, seed: int | None) -> list[dict]:
         """The choice for each prompt, in prompt order."""
-        answer = self._post(self._body(prompts, max_tokens, seed))
+        answer = self.http.post("completions", self._body(prompts, max_tokens, seed))
         choices = answer.get("choices") if isinstance(answer, dict) else None
         if not isinstance(choices, list) or len(choices) != len(prompts):
             raise ServerError(
@@ -181,6 +154,10 @@ class OpenAIBackend(TokenizedCandidate):
             else:
                 ids = self.tokenizer(choice.get("text", ""), add_special_tokens=False)["input_ids"]
         return self._finished(ids, choice.get("finish_reason"), choice.get("stop_reason"))
+
+    def close(self) -> None:
+        """Close the connections to the server (idempotent); the backend cannot write afterwards."""
+        self.http.close()
 
     # ------------------------------------------------------------------ the backend protocol
     def write_patches(

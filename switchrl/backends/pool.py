@@ -57,7 +57,18 @@ def build_backend(cfg: CandidateConfig) -> CandidateBackend:
             )
         from switchrl.backends.openai_backend import OpenAIBackend
 
-        return OpenAIBackend.from_pretrained(cfg.name, cfg.path, cfg.base_url, cfg.served_model, **common)
+        return OpenAIBackend.from_pretrained(
+            cfg.name,
+            cfg.path,
+            cfg.base_url,
+            cfg.served_model,
+            timeout=cfg.timeout,
+            max_concurrency=cfg.max_concurrency,
+            max_retries=cfg.max_retries,
+            retry_backoff=cfg.retry_backoff,
+            api_key=cfg.api_key,
+            **common,
+        )
     if cfg.backend == "vllm":
         from switchrl.backends.vllm_backend import VLLMBackend
 
