@@ -32,6 +32,11 @@ class OpenAIBackend(TokenizedCandidate):
     the server batches them. ``vllm_extensions`` adds vLLM's request fields (``top_k``,
     ``return_token_ids``, ``return_tokens_as_token_ids``, ``include_stop_str_in_output``,
     ``skip_special_tokens``); turn it off for servers that reject unknown fields.
+
+    ``timeout`` bounds each attempt of a request; one that meets HTTP 429 or 5xx, a timeout or a lost
+    connection is sent again up to ``max_retries`` times, ``retry_backoff`` seconds after the first
+    failure and twice as long after each further one. ``api_key`` (default: the ``OPENAI_API_KEY``
+    environment variable) goes out as a bearer token. :meth:`close` closes the pooled connections.
     """
 
     def __init__(
