@@ -207,6 +207,7 @@ class _FaultyHandler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:  # one handler per TCP connection
         super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvicorn (vLLM's server)
         with self.server.lock:
             self.server.connections += 1
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import time
 from dataclasses import dataclass
 
@@ -81,7 +82,14 @@ class JSONClient:
             # every phase (connect, send, each read) gets `timeout`; waiting for a pooled connection does
             # not count: the caller already bounds how many requests are in flight
             timeout=httpx.Timeout(timeout, pool=None),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=httpx.HTTPTransport(
+                limits=httpx.Limits(
+                    max_connections=max_connections, max_keepalive_connections=max_connections
+                ),
+                # headers and body go out as two writes; as in urllib3, TCP_NODELAY keeps Nagle from holding
+                # the body back until the server's (delayed) ACK of the headers
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            ),
         )
         self._jitter = random.Random()
 
