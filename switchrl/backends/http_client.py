@@ -58,7 +58,8 @@ class JSONClient:
     Thread-safe: the requests of one step are sent from several threads over the shared pool. ``who``
     (e.g. ``candidate 'c0'``) and ``server`` (e.g. ``completions server``) start every error message.
     The jitter of the backoff comes from an unseeded generator: it only spaces retries in time and
-    changes no answer, so records stay reproducible.
+    changes no answer, so records stay reproducible. Servers are addressed directly: ``HTTP_PROXY`` and
+    the like are not used (cluster nodes often set them for the internet, not for inference hosts).
     """
 
     def __init__(
