@@ -372,6 +372,18 @@ def test_requests_reuse_keep_alive_connections(tmp_path, word_tokenizer, faulty)
         backend.write_patches(_traces(1), 0, 2, seed=0)
 
 
+def test_servers_are_addressed_directly_not_through_environment_proxies(
+    tmp_path, word_tokenizer, faulty, monkeypatch
+):
+    url, srv = faulty()
+    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    backend = _candidate(tmp_path, word_tokenizer, url, max_retries=0)
+    assert backend.write_patches(_traces(1), 0, 2, seed=0)[0].token_ids == srv.ids
+
+
 def test_one_steps_requests_run_max_concurrency_at_a_time(tmp_path, word_tokenizer, faulty):
     """8 sampled traces are 8 requests; the server takes 0.2 s for each: 0.2 s together, 1.6 s in turn."""
     url, srv = faulty(delay=0.2)
