@@ -216,7 +216,7 @@ class CandidateView:
         return self.fused.device
 
     def __len__(self) -> int:
-        return sum(1 for candidate, _ in self.fused._entries if candidate == self.index)
+        return sum(1 for candidate, _ in self.fused.keys() if candidate == self.index)
 
     def cached_length(self, key: str) -> int:
         return self.fused.cached_length((self.index, key))
