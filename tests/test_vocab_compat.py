@@ -158,3 +158,21 @@ def test_the_base_never_writes_an_id_it_has_no_row_for(tokenizers_pair):
     ]
     assert by_author[0] and all(i < n for i in by_author[0])
     assert by_author[1] and all(i >= n for i in by_author[1])  # the fine-tunes do write them
+
+
+def test_bench_arch_with_more_rows_for_the_fine_tunes_fuses(monkeypatch):
+    """The ``8b`` bench arch models the trio's row counts; the same on ``tiny`` (2048 vs 2056 rows)."""
+    from switchrl.bench import archs
+    from switchrl.bench.setup import build_setup
+
+    assert [archs.candidate_rows("8b", i) for i in range(3)] == [128256, 128264, 128264]
+    monkeypatch.setitem(archs.CANDIDATE_ROWS, "tiny", (2048, 2056))
+    setup = build_setup("tiny", 3, device="cpu", dtype="float32")
+    assert [b.model.config.vocab_size for b in setup.backends] == [2048, 2056, 2056]
+    pool = CandidatePool(setup.backends, patch_tokens=3)
+    assert len(pool.engines) == 1
+    assert setup.backends[0].id_limits == {setup.backends[1].vocab: 2048}
+    traces = [Trace(f"t{i}", q, max_new_tokens=9) for i, q in enumerate(setup.queries(4, 5, seed=0))]
+    for authors in ([0, 1, 2, 1], [1, 0, 0, 2], [2, 2, 1, 0]):
+        pool.step(traces, authors)
+    assert all(len(t.patches) == 3 and t.num_tokens == 9 for t in traces)  # EOS stays out of reach
