@@ -367,14 +367,5 @@ class _BatchState:
         """Store each row's unpadded cache back under its key (past its chain's shared segments only)."""
         layers = [(layer.keys, layer.values) for layer in self.cache.layers]
         for b, (key, old) in enumerate(zip(self.keys, self.entries)):
-            idx = self.mask[b].nonzero().squeeze(1)
-
-            def take(
-                start: int, b: int = b, idx: torch.Tensor = idx
-            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-                at = idx[start:]
-                return [
-                    (k[b : b + 1].index_select(2, at), v[b : b + 1].index_select(2, at)) for k, v in layers
-                ]
-
-            self.lm._kv.store(key, take, int(idx.numel()), old)
+            row = [(k[b : b + 1], v[b : b + 1]) for k, v in layers]
+            self.lm._kv.store(key, row, self.mask[b].nonzero().squeeze(1), old)

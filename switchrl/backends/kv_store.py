@@ -13,7 +13,7 @@ its parent's in turn.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -73,18 +73,20 @@ class KVStore:
         for key in keys:
             self._set(key, None)
 
-    def store(self, key: Hashable, take: Callable[[int], Layers], total: int, old: Segment | None) -> None:
-        """Store ``key``'s cache of ``total`` tokens, read before this call as ``old``.
+    def store(self, key: Hashable, row: Layers, positions: torch.Tensor, old: Segment | None) -> None:
+        """Store ``key``'s cache: the ``positions`` of ``row`` (per layer [1, heads, width, dim]) that
+        hold its tokens, in order; ``old`` is the cache ``key`` had when ``row`` was assembled.
 
-        ``take(start)`` returns the cache's layers from token ``start`` on. When ``old`` is held by
-        ``key`` alone its tokens are re-taken into the new segment (one segment per unshared run);
-        otherwise the new segment holds only the tokens after ``old``, which stays shared.
+        When ``old`` is held by ``key`` alone its tokens are taken again into the new segment (one
+        segment per unshared run); otherwise the new segment holds only the tokens after ``old``,
+        which stays shared.
         """
         parent = None if old is None else old.parent if old.refs == 1 else old
-        start = parent.length if parent is not None else 0
+        at = positions[parent.length :] if parent is not None else positions
         if parent is not None:
             parent.refs += 1
-        self._set(key, Segment(take(start), parent, total))
+        layers = [(k.index_select(2, at), v.index_select(2, at)) for k, v in row]
+        self._set(key, Segment(layers, parent, int(positions.numel())))
 
     def stored_tokens(self) -> int:
         """Token positions held in memory: each shared segment counted once."""
