@@ -81,6 +81,44 @@ def test_fused_forward_matches_each_model(arch):
         assert fused.template.lm_head.weight is fused.template.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "gpt-neox"])
+def test_fused_forward_pads_a_smaller_vocabulary_and_masks_its_missing_ids(arch):
+    """A base with 64 rows fused with two models of 72 rows (Llama-3.1 vs Tulu-3): every row gets its own
+    model's logits, and the base's rows get -inf for the 8 ids it lacks."""
+    models = []
+    for seed, rows in enumerate((64, 72, 72)):
+        torch.manual_seed(seed)
+        model = ARCHS[arch]()
+        if rows != 64:
+            model.resize_token_embeddings(rows)
+        models.append(model.eval())
+    ids = torch.randint(0, 64, (6, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = [m(input_ids=ids).logits for m in models]
+        first = [m(input_ids=ids[:, :1]).logits for m in models]
+        fused = fuse_models(models)
+        for candidates in ([0, 1, 2, 1, 0, 0], [0, 0, 0, 0, 0, 0], [2, 1, 2, 1, 1, 2]):
+            rows = RowAssignment.of(candidates, "cpu")
+            for got, want in (
+                (fused(rows=rows, input_ids=ids).logits, ref),
+                (fused(rows=rows, input_ids=ids[:, :1]).logits, first),
+            ):
+                assert got.shape[-1] == 72
+                for row, c in enumerate(candidates):
+                    torch.testing.assert_close(got[row, :, : want[c].shape[-1]], want[c][row])
+                    assert torch.all(got[row, :, want[c].shape[-1] :] == float("-inf"))
+        assert models[0](input_ids=ids).logits.shape[-1] == 64  # the originals keep their own rows
+    assert (
+        models[0].get_input_embeddings().weight.shape[0]
+        == models[0].get_output_embeddings().weight.shape[0]
+        == 64
+    )
+    bigger = LlamaForCausalLM(LlamaConfig(**{**SMALL, "hidden_size": 64}, num_key_value_heads=2))
+    bigger.resize_token_embeddings(72)
+    with pytest.raises(NotFusable, match="differs from model 0"):  # other shapes are still refused
+        fuse_models([ARCHS["llama"](), bigger])
+
+
 def test_not_fusable_is_explained_and_leaves_models_alone():
     llama = build("llama", 0)
     bigger = LlamaForCausalLM(LlamaConfig(**{**SMALL, "hidden_size": 64}, num_key_value_heads=2)).double()

@@ -21,15 +21,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from switchrl.backends.base import CandidateSampling
+from switchrl.backends.kv_store import KVStore, Segment, gather_past
 from switchrl.utils.sampling import nucleus_keep
-
-
-@dataclass
-class _Entry:
-    """The KV cache of one trace: per layer a (key, value) pair of shape [1, heads, length, dim]."""
-
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    length: int
 
 
 @dataclass
@@ -73,7 +66,7 @@ class CachedLM:
     def __init__(self, model: torch.nn.Module, pad_token_id: int = 0):
         self.model = model.eval()
         self.pad_token_id = pad_token_id
-        self._entries: dict[str, _Entry] = {}
+        self._kv = KVStore()  # forked traces share the cache of their common prefix
         # a prefill needs the logits of its last position only
         keep = "logits_to_keep" in inspect.signature(self._hf_model().forward).parameters
         self._last_logits_only = {"logits_to_keep": 1} if keep else {}
@@ -85,24 +78,25 @@ class CachedLM:
     # ------------------------------------------------------------------ cache bookkeeping
     def cached_length(self, key: str) -> int:
         """How many tokens of trace ``key`` this model has already read."""
-        entry = self._entries.get(key)
-        return entry.length if entry else 0
+        return self._kv.length(key)
 
     def fork(self, src_key: str, dst_keys: Sequence[str]) -> None:
-        """Let ``dst_keys`` start from ``src_key``'s cache. Tensors are shared, never written in place."""
-        entry = self._entries.get(src_key)
-        for key in dst_keys:
-            if entry is None:
-                self._entries.pop(key, None)
-            else:
-                self._entries[key] = _Entry(list(entry.layers), entry.length)
+        """Let ``dst_keys`` start from ``src_key``'s cache; they share it (nothing is copied)."""
+        self._kv.fork(src_key, dst_keys)
 
     def release(self, keys: Sequence[str]) -> None:
-        for key in keys:
-            self._entries.pop(key, None)
+        self._kv.release(keys)
+
+    def keys(self) -> list[Any]:
+        """The keys of the traces with a stored cache."""
+        return list(self._kv.keys())
+
+    def stored_tokens(self) -> int:
+        """Token positions of KV held for all traces (a prefix shared by forks counts once)."""
+        return self._kv.stored_tokens()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._kv)
 
     # ------------------------------------------------------------------ hooks for fused models
     def _rows(self, keys: Sequence[Any]) -> Any:
@@ -252,7 +246,7 @@ def _length_buckets(lengths: Sequence[int]) -> list[list[int]]:
 def _prefill(
     lm: CachedLM,
     rows: Any,
-    entries: Sequence[_Entry | None],
+    entries: Sequence[Segment | None],
     past: Sequence[int],
     new_ids: Sequence[Sequence[int]],
     room: int,
@@ -273,18 +267,7 @@ def _prefill(
         mask[b, P + N - len(ids) :] = 1
         input_ids[b, N - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
         position_ids[b, N - len(ids) :] = torch.arange(pl, pl + len(ids))
-    layers = []
-    if P > 0:
-        template = next(e for e in entries if e is not None and e.length).layers
-        for li, (k0, v0) in enumerate(template):
-            k = k0.new_zeros((B, k0.shape[1], P, k0.shape[3]))
-            v = v0.new_zeros((B, v0.shape[1], P, v0.shape[3]))
-            for b, e in enumerate(entries):
-                if e is not None and e.length:
-                    k[b, :, P - e.length :] = e.layers[li][0][0]
-                    v[b, :, P - e.length :] = e.layers[li][1][0]
-            layers.append((k, v))
-    cache = _GrowingCache(P + N + room, layers)
+    cache = _GrowingCache(P + N + room, gather_past(entries, P) if P > 0 else [])
     mask = mask.to(device)
     out = lm._forward(
         rows,
@@ -319,7 +302,7 @@ class _BatchState:
         self = cls(lm, keys)
         self.rows = lm._rows(keys)
         device = lm.device
-        entries = [lm._entries.get(k) for k in keys]
+        self.entries = entries = [lm._kv.get(k) for k in keys]
         past = [e.length if e else 0 for e in entries]
         n_new = [len(ids) for ids in new_ids]
         total = [p + n for p, n in zip(past, n_new)]
@@ -381,11 +364,8 @@ class _BatchState:
         return out.logits[:, -1, :]
 
     def commit(self) -> None:
-        """Store each row's unpadded cache back under its key."""
+        """Store each row's unpadded cache back under its key (past its chain's shared segments only)."""
         layers = [(layer.keys, layer.values) for layer in self.cache.layers]
-        for b, key in enumerate(self.keys):
-            idx = self.mask[b].nonzero().squeeze(1)
-            self.lm._entries[key] = _Entry(
-                [(k[b : b + 1].index_select(2, idx), v[b : b + 1].index_select(2, idx)) for k, v in layers],
-                int(idx.numel()),
-            )
+        for b, (key, old) in enumerate(zip(self.keys, self.entries)):
+            row = [(k[b : b + 1], v[b : b + 1]) for k, v in layers]
+            self.lm._kv.store(key, row, self.mask[b].nonzero().squeeze(1), old)

@@ -18,6 +18,11 @@ whose rows belong to different candidates in **one** forward pass, each row with
   dimension (RMSNorm and its relatives; checked numerically when fusing): each row's parameters
   are gathered and broadcast.
 
+Candidates whose vocabularies differ in size only (Llama-3.1-8B: 128256 rows; the Tulu-3 models
+fine-tuned from it: 128264) are fused too: the input and output embeddings are stacked padded to the
+largest row count, and the logits a candidate has no row for are set to -inf on its rows, so it can
+never sample an id it does not have (and reads only ids it has).
+
 Anything else (parameters on a non-leaf module, a leaf of another kind, different configs or
 buffers) makes :func:`fuse_models` raise :class:`NotFusable` with the reason; callers then keep one
 model per candidate. :class:`FusedCachedLM` is the :class:`~switchrl.backends.cached_lm.CachedLM`
@@ -29,7 +34,6 @@ of a fused model: its caches are keyed by ``(candidate, trace key)``, and
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,12 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from switchrl.backends.cached_lm import CachedLM
-
-_CONFIG_IGNORED = {"_name_or_path", "name_or_path", "transformers_version", "architectures", "_commit_hash"}
-
-
-class NotFusable(ValueError):
-    """These models cannot share one forward pass (the message says why)."""
+from switchrl.backends.fusable import (
+    NotFusable,
+    check_same_architecture,
+    stack_padded,
+    vocab_parameters,
+    vocab_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -221,37 +226,6 @@ def _per_row(stacked: torch.Tensor, rows: RowAssignment, x: torch.Tensor) -> tor
     )
 
 
-def _config_dict(model: nn.Module) -> dict:
-    config = getattr(model, "config", None)
-    data = config.to_dict() if hasattr(config, "to_dict") else {}
-    return {k: v for k, v in data.items() if k not in _CONFIG_IGNORED}
-
-
-def architecture_signature(model: nn.Module) -> str:
-    """Equal for models that may be fused: same class, config (but its name) and parameter layout."""
-    params = [
-        (n, tuple(p.shape), str(p.dtype), str(p.device))
-        for n, p in model.named_parameters(remove_duplicate=False)
-    ]
-    return json.dumps([type(model).__qualname__, _config_dict(model), params], sort_keys=True, default=str)
-
-
-def _check_same_architecture(models: Sequence[nn.Module]) -> None:
-    first = models[0]
-    signature = architecture_signature(first)
-    for i, model in enumerate(models[1:], 1):
-        if type(model) is not type(first):
-            raise NotFusable(f"model {i} is a {type(model).__name__}, model 0 a {type(first).__name__}")
-        if architecture_signature(model) != signature:
-            raise NotFusable(
-                f"model {i} differs from model 0 in its config or in its parameters' names, "
-                "shapes, dtypes or devices"
-            )
-        for (name, b0), (_, b) in zip(first.named_buffers(), model.named_buffers()):
-            if b0.shape != b.shape or not torch.equal(b0, b):
-                raise NotFusable(f"buffer {name!r} differs between model 0 and model {i}")
-
-
 def _check_broadcast_leaf(name: str, modules: Sequence[nn.Module], rows: _Rows) -> None:
     """Raise NotFusable unless per-row parameters make ``modules[0]`` compute, row by row, what each module does."""
     stacked = {
@@ -282,23 +256,40 @@ def _check_broadcast_leaf(name: str, modules: Sequence[nn.Module], rows: _Rows) 
 
 class FusedModel(nn.Module):
     """Several same-architecture causal LMs as one: ``forward(rows=..., **hf_kwargs)`` runs row ``b``
-    with the weights of candidate ``rows.index[b]``. Build it with :func:`fuse_models`."""
+    with the weights of candidate ``rows.index[b]``. Build it with :func:`fuse_models`.
 
-    def __init__(self, template: nn.Module, n_candidates: int, rows: _Rows):
+    ``vocab_rows`` (when the candidates' vocabularies differ in size) holds each candidate's row
+    count: logits past it are -inf on that candidate's rows."""
+
+    def __init__(
+        self, template: nn.Module, n_candidates: int, rows: _Rows, vocab_rows: Sequence[int] | None = None
+    ):
         super().__init__()
         self.template, self.n_candidates, self._rows = template, n_candidates, rows
         self.config = getattr(template, "config", None)
+        self.vocab_rows = None if vocab_rows is None or len(set(vocab_rows)) < 2 else tuple(vocab_rows)
 
     def forward(self, rows: RowAssignment, **kwargs: Any) -> Any:
         self._rows.current = rows
         try:
-            return self.template(**kwargs)
+            out = self.template(**kwargs)
         finally:
             self._rows.current = None
+        width = out.logits.shape[-1]
+        if self.vocab_rows is not None and any(self.vocab_rows[c] < width for c in rows.present):
+            beyond = _per_row_tensor(rows, ("vocab-mask", width), lambda: self._beyond_vocab(rows, width))
+            out.logits = out.logits.masked_fill(beyond, float("-inf"))
+        return out
+
+    def _beyond_vocab(self, rows: RowAssignment, width: int) -> torch.Tensor:
+        """[B, 1, width]: True at the ids the candidate of each row has no row for."""
+        limit = torch.tensor(self.vocab_rows, device=rows.index.device)[rows.index]
+        return (torch.arange(width, device=limit.device)[None, :] >= limit[:, None]).unsqueeze(1)
 
 
 def fuse_models(models: Sequence[nn.Module]) -> FusedModel:
-    """Stack the weights of ``models`` (same class, config and parameter shapes) into one :class:`FusedModel`.
+    """Stack the weights of ``models`` (same class, config and parameter shapes, but for the number of
+    vocabulary rows) into one :class:`FusedModel`.
 
     Each original parameter is replaced by a view of its stack, layer by layer, so the models stay
     usable, the weights are stored once, and fusing needs extra memory for one layer at a time.
@@ -307,8 +298,10 @@ def fuse_models(models: Sequence[nn.Module]) -> FusedModel:
     """
     if len(models) < 2:
         raise NotFusable("fusing needs at least two models")
-    _check_same_architecture(models)
+    check_same_architecture(models)
     first, rows = models[0], _Rows()
+    n_rows = [vocab_rows(m) for m in models]
+    vocab = vocab_parameters(first)
     named = [dict(m.named_modules()) for m in models]
     plan: dict[str, Callable[[dict[str, nn.Parameter], nn.Module], nn.Module]] = {}
     for name, module in first.named_modules():
@@ -337,16 +330,19 @@ def fuse_models(models: Sequence[nn.Module]) -> FusedModel:
         per_model = [dict(n[name].named_parameters(recurse=False)) for n in named]
         for pname in per_model[0]:
             key = tuple(id(own[pname]) for own in per_model)
+            by_vocab = (f"{name}.{pname}" if name else pname) in vocab
             if key not in stacks:
                 with torch.no_grad():
                     stacks[key] = nn.Parameter(
-                        torch.stack([own[pname].detach() for own in per_model]), requires_grad=False
+                        stack_padded([own[pname].detach() for own in per_model], by_vocab),
+                        requires_grad=False,
                     )
             stack_of[name, pname] = stacks[key]
             for c, own in enumerate(per_model):
                 p = own[pname]
                 if (id(p), c) not in views:
-                    views[id(p), c] = nn.Parameter(stacks[key][c], requires_grad=p.requires_grad)
+                    view = stacks[key][c, : p.shape[0]] if by_vocab else stacks[key][c]
+                    views[id(p), c] = nn.Parameter(view, requires_grad=p.requires_grad)
                 setattr(named[c][name], pname, views[id(p), c])
     del views, per_model
     template = copy.deepcopy(first, {id(p): p for p in first.parameters()})  # the structure, not the weights
@@ -357,7 +353,7 @@ def fuse_models(models: Sequence[nn.Module]) -> FusedModel:
         )
         parent, _, child = name.rpartition(".")
         setattr(template.get_submodule(parent) if parent else template, child, fused)
-    return FusedModel(template, len(models), rows)
+    return FusedModel(template, len(models), rows, None if None in n_rows else n_rows)
 
 
 class FusedCachedLM(CachedLM):

@@ -160,6 +160,9 @@ class CandidatePool(CandidateNames):
                     b.truncate = truncate
         self.patch_tokens = patch_tokens
         self.seed = seed
+        from switchrl.backends.tokens import link_vocabularies
+
+        link_vocabularies(self.backends)  # ids pass between vocabularies that agree on their shared ids
         if fuse:
             from switchrl.backends.transformers_backend import fuse_backends
 

@@ -5,6 +5,14 @@ patch (the ids themselves when the author shares its vocabulary, else the re-tok
 module holds that view (:class:`TokenizedCandidate`, the base of the transformers, vLLM and OpenAI
 backends), how written ids become a :class:`~switchrl.backends.base.Patch` with its text, and how a
 checkpoint's tokenizer, EOS ids and vocabulary fingerprint are read.
+
+Checkpoints of one pipeline often share a vocabulary up to a few added tokens (Llama-3.1-8B: 128256
+tokens; the Tulu-3 models add ``<pad>`` as id 128256). Their fingerprints differ, so the pool links
+them once when it is built (:func:`link_vocabularies`): when every id both tokenizers define maps to
+the same string, each reader records, for the author's fingerprint, the first id the two do not both
+define (:func:`shared_id_limit`). A patch whose ids all lie below that limit is read as its ids;
+any other patch (an id only the author knows) is re-tokenized from its text. Patches keep the
+author's own fingerprint, so records of same-vocabulary pools are unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +36,36 @@ def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Equal for tokenizers that map text to the same ids (then candidates exchange ids, not text)."""
     items = sorted(tokenizer.get_vocab().items())
     return hashlib.blake2b(repr(items).encode(), digest_size=8).hexdigest()
+
+
+def shared_id_limit(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> int | None:
+    """The first id that ``a`` and ``b`` do not both define, when every id both define is the same
+    token in each (ids below it then mean the same in both); None when some shared id differs."""
+    strings = [{i: s for s, i in tok.get_vocab().items()} for tok in (a, b)]
+    common = strings[0].keys() & strings[1].keys()
+    if any(strings[0][i] != strings[1][i] for i in common):
+        return None
+    limit = 0
+    while limit in common:
+        limit += 1
+    return limit
+
+
+def link_vocabularies(candidates: Sequence[object]) -> None:
+    """Let each :class:`TokenizedCandidate` read, as ids, the patches of the others whose vocabulary
+    agrees with its own on the ids both define (see the module docstring); computed once per pair."""
+    readers = [c for c in candidates if isinstance(c, TokenizedCandidate)]
+    tokenizers = {c.vocab: c.tokenizer for c in readers}
+    limits: dict[frozenset[str], int | None] = {}
+    for reader in readers:
+        for vocab, tokenizer in tokenizers.items():
+            if vocab == reader.vocab:
+                continue
+            pair = frozenset((vocab, reader.vocab))
+            if pair not in limits:
+                limits[pair] = shared_id_limit(tokenizer, reader.tokenizer)
+            if limits[pair]:
+                reader.id_limits[vocab] = limits[pair]
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, generation_config: object | None = None) -> frozenset[int]:
@@ -125,6 +163,9 @@ class TokenizedCandidate:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         )
         self.vocab = vocab_fingerprint(tokenizer)
+        self.id_limits: dict[
+            str, int
+        ] = {}  # author vocab -> ids below this are read as ids (link_vocabularies)
         self.max_positions: int | None = None  # positions the candidate can read (set by each backend)
         self.truncate = "error"  # over-long prompts: "error" or "left" (generation.truncate, set by the pool)
         self._views: dict[str, tuple[int, int, list[int]]] = {}  # key -> (patches covered, prompt len, ids)
@@ -165,8 +206,12 @@ class TokenizedCandidate:
         )
 
     def patch_ids(self, patch: Patch) -> list[int]:
-        """``patch`` in this candidate's tokens: the ids themselves when the vocab matches, else re-tokenized text."""
+        """``patch`` in this candidate's tokens: the ids themselves when the vocab matches, or when it
+        agrees with the author's on the ids both define and the patch uses only those; else its text re-tokenized."""
         if patch.vocab == self.vocab:
+            return list(patch.token_ids)
+        limit = self.id_limits.get(patch.vocab)
+        if limit is not None and all(0 <= i < limit for i in patch.token_ids):
             return list(patch.token_ids)
         return self.tokenizer(patch.text, add_special_tokens=False)["input_ids"]
 

@@ -19,13 +19,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from switchrl.backends.base import CandidateSampling, Group, Patch, Trace
 from switchrl.backends.cached_lm import CachedLM, Generation
-from switchrl.backends.fused import (
-    FusedCachedLM,
-    FusedModel,
-    NotFusable,
-    architecture_signature,
-    fuse_models,
-)
+from switchrl.backends.fusable import NotFusable, architecture_signature
+from switchrl.backends.fused import FusedCachedLM, FusedModel, fuse_models
 from switchrl.backends.tokens import TokenizedCandidate, check_model_dir, load_from_checkpoint, load_tokenizer
 from switchrl.utils.seeding import generator
 
@@ -216,7 +211,7 @@ class CandidateView:
         return self.fused.device
 
     def __len__(self) -> int:
-        return sum(1 for candidate, _ in self.fused._entries if candidate == self.index)
+        return sum(1 for candidate, _ in self.fused.keys() if candidate == self.index)
 
     def cached_length(self, key: str) -> int:
         return self.fused.cached_length((self.index, key))
@@ -251,7 +246,8 @@ class FusedCandidates:
     stacked, nothing copied) and each backend's ``lm`` becomes its view of the shared
     :class:`~switchrl.backends.fused.FusedCachedLM`, so a backend used on its own behaves as before,
     while :meth:`write_groups` lets several candidates write their rows of one step together.
-    Members must agree on sampling, stop ids and padding (one generate call serves them all).
+    Members must agree on sampling and stop ids (one generate call serves them all); their
+    vocabularies may differ (each reads its own ids; the fused model masks the ids a member lacks).
     """
 
     def __init__(self, backends: Sequence[TransformersBackend]):
@@ -261,10 +257,12 @@ class FusedCandidates:
                 raise NotFusable(f"candidate {b.name!r} is already fused")
             if len(b.lm):
                 raise NotFusable(f"candidate {b.name!r} holds live traces")
-            for what in ("vocab", "sampling", "stop_ids", "pad_token_id"):
+            for what in ("sampling", "stop_ids"):
                 if getattr(b, what) != getattr(first, what):
                     raise NotFusable(f"candidates {first.name!r} and {b.name!r} differ in {what}")
-        self.lm = FusedCachedLM(fuse_models([b.model for b in backends]), pad_token_id=first.pad_token_id)
+        # the pad id only fills masked positions (the fused tables have a row for every member's ids)
+        pad = min(b.pad_token_id for b in backends)
+        self.lm = FusedCachedLM(fuse_models([b.model for b in backends]), pad_token_id=pad)
         self.members = list(backends)
         for i, b in enumerate(backends):
             b.lm, b.fused = CandidateView(self.lm, i), self
@@ -316,7 +314,8 @@ class FusedCandidates:
 
 
 def _fusion_key(b: TransformersBackend) -> tuple:
-    return (architecture_signature(b.model), b.vocab, b.sampling, b.stop_ids, b.pad_token_id)
+    """Equal for candidates that can share an engine (their vocabularies may differ, see :mod:`~switchrl.backends.fusable`)."""
+    return (architecture_signature(b.model), b.sampling, b.stop_ids)
 
 
 def fuse_backends(backends: Sequence[object]) -> list[FusedCandidates]:

@@ -1,4 +1,8 @@
-"""The model shapes the benchmarks build with random weights (``--arch``): nothing is downloaded."""
+"""The model shapes the benchmarks build with random weights (``--arch``): nothing is downloaded.
+
+``vocab_size`` is the base candidate's; :data:`CANDIDATE_ROWS` gives an arch whose candidates have
+different embedding row counts its per-candidate rows.
+"""
 
 ARCHS: dict[str, dict] = {
     "tiny": dict(
@@ -30,3 +34,13 @@ ARCHS: dict[str, dict] = {
         rope_theta=500000.0,
     ),
 }
+
+# embedding rows of candidates 0, 1, ... (the last repeats): "8b" is the real trio, Llama-3.1-8B
+# (128256) then the Tulu-3 SFT and aligned models (128264: an added <pad> and 7 unused rows)
+CANDIDATE_ROWS: dict[str, tuple[int, ...]] = {"8b": (128256, 128264)}
+
+
+def candidate_rows(arch: str, index: int) -> int:
+    """Embedding rows of candidate ``index`` of ``arch``."""
+    rows = CANDIDATE_ROWS.get(arch, (ARCHS[arch]["vocab_size"],))
+    return rows[min(index, len(rows) - 1)]

@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from switchrl.backends.base import CandidateSampling, Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.backends.transformers_backend import TransformersBackend, resolve_device, resolve_dtype
-from switchrl.bench.archs import ARCHS
+from switchrl.bench.archs import ARCHS, candidate_rows
 from switchrl.rollout import SwitchPolicy, run_switch_generation
 from switchrl.utils.seeding import derive_seed, generator
 
@@ -29,7 +29,7 @@ _T = TypeVar("_T")
 
 @dataclass
 class BenchSetup:
-    """Random-weight candidates of one architecture sharing one synthetic word tokenizer."""
+    """Random-weight candidates of one architecture over synthetic word tokenizers (``tokenizer``: the base's)."""
 
     arch: str
     device: str
@@ -45,17 +45,22 @@ class BenchSetup:
         return [" ".join(f"w{i}" for i in row.tolist()) for row in ids]
 
 
-def synthetic_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer whose ids 3..vocab_size-1 are ``w<id>`` and whose EOS is id ``vocab_size``.
+def synthetic_tokenizer(
+    vocab_size: int, eos_id: int | None = None, added: int = 0
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose ids 3..vocab_size-1 are ``w<id>``, then ``added`` tokens
+    ``<added_i>``, and whose EOS is id ``eos_id`` (default: the next id).
 
-    A model with ``vocab_size`` outputs can never emit that EOS, so responses run to their budget.
+    A model with no row for that EOS can never emit it, so responses run to their budget.
     """
+    extra = {f"<added_{i}>": vocab_size + i for i in range(added)}
     vocab = {
         "<pad>": 0,
         "<bos>": 1,
         "<unk>": 2,
         **{f"w{i}": i for i in range(3, vocab_size)},
-        "<eos>": vocab_size,
+        **extra,
+        "<eos>": vocab_size + added if eos_id is None else eos_id,
     }
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -74,7 +79,8 @@ def build_setup(
     seed: int = 0,
     sampling: CandidateSampling = GREEDY,
 ) -> BenchSetup:
-    """``n_candidates`` random-weight models of ``arch`` (different weights, one tokenizer)."""
+    """``n_candidates`` random-weight models of ``arch`` (different weights; one tokenizer, unless the
+    arch gives candidates more embedding rows: those add one token, like Tulu-3's ``<pad>``)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     if n_candidates < 1:
@@ -82,17 +88,24 @@ def build_setup(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     spec = ARCHS[arch]
-    tokenizer = synthetic_tokenizer(spec["vocab_size"])
+    rows = [candidate_rows(arch, i) for i in range(n_candidates)]
+    tokenizers = {
+        n: synthetic_tokenizer(spec["vocab_size"], max(rows), int(n > spec["vocab_size"])) for n in set(rows)
+    }
     backends = []
     for i in range(n_candidates):
         cfg = LlamaConfig(
-            **spec, max_position_embeddings=8192, bos_token_id=1, eos_token_id=None, pad_token_id=0
+            **{**spec, "vocab_size": rows[i]},
+            max_position_embeddings=8192,
+            bos_token_id=1,
+            eos_token_id=None,
+            pad_token_id=0,
         )
         torch.manual_seed(derive_seed(seed, "bench-model", arch, i))
         with torch.device(device):
             model = LlamaForCausalLM(cfg).to(torch_dtype).eval()
-        backends.append(TransformersBackend(f"c{i}", model, tokenizer, sampling=sampling))
-    return BenchSetup(arch, device, torch_dtype, backends, tokenizer)
+        backends.append(TransformersBackend(f"c{i}", model, tokenizers[rows[i]], sampling=sampling))
+    return BenchSetup(arch, device, torch_dtype, backends, tokenizers[rows[0]])
 
 
 # ---------------------------------------------------------------------------------------- measuring

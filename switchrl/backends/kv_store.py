@@ -1,0 +1,126 @@
+"""The stored KV caches of a :class:`~switchrl.backends.cached_lm.CachedLM`, forks sharing their prefix.
+
+Simulate forks a trace into k children that differ only in what they write next. Storing each
+child's whole cache would store the shared prefix k times, so a trace's cache is a chain of
+:class:`Segment` s instead: its own tokens on top of the segment it was forked from. A fork copies
+nothing (the children point at the parent's segment); a commit stores only the tokens a trace gained
+since the segment its chain shares with another trace, and folds its own unshared segment into the
+new one (so a chain grows by one segment per fork point, not per call). The batch assembly
+(:func:`gather_past`) copies each chain into the padded batch cache transiently. Segments count
+their references (keys and child segments): releasing the last child of a segment frees it, and
+its parent's in turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(eq=False)
+class Segment:
+    """Per layer (keys, values) [1, heads, own tokens, dim] of the tokens after ``parent``'s."""
+
+    layers: Layers
+    parent: Segment | None
+    length: int  # tokens from the root of the chain through this segment
+    refs: int = field(default=0)  # keys and child segments pointing at this one
+
+    @property
+    def start(self) -> int:
+        """Position of this segment's first token in its trace."""
+        return self.parent.length if self.parent is not None else 0
+
+    def chain(self) -> list[Segment]:
+        """This segment and its ancestors, root first."""
+        out, seg = [], self
+        while seg is not None:
+            out.append(seg)
+            seg = seg.parent
+        return out[::-1]
+
+
+class KVStore:
+    """The cache of each trace key, as the tail :class:`Segment` of its chain."""
+
+    def __init__(self) -> None:
+        self._tails: dict[Hashable, Segment] = {}
+
+    def __len__(self) -> int:
+        return len(self._tails)
+
+    def keys(self) -> Iterator[Hashable]:
+        return iter(self._tails)
+
+    def get(self, key: Hashable) -> Segment | None:
+        return self._tails.get(key)
+
+    def length(self, key: Hashable) -> int:
+        tail = self._tails.get(key)
+        return tail.length if tail else 0
+
+    def fork(self, src: Hashable, dsts: Sequence[Hashable]) -> None:
+        """Point ``dsts`` at ``src``'s chain (or drop them when ``src`` has none); nothing is copied."""
+        tail = self._tails.get(src)
+        for key in dsts:
+            self._set(key, tail)
+
+    def release(self, keys: Sequence[Hashable]) -> None:
+        for key in keys:
+            self._set(key, None)
+
+    def store(self, key: Hashable, row: Layers, positions: torch.Tensor, old: Segment | None) -> None:
+        """Store ``key``'s cache: the ``positions`` of ``row`` (per layer [1, heads, width, dim]) that
+        hold its tokens, in order; ``old`` is the cache ``key`` had when ``row`` was assembled.
+
+        When ``old`` is held by ``key`` alone its tokens are taken again into the new segment (one
+        segment per unshared run); otherwise the new segment holds only the tokens after ``old``,
+        which stays shared.
+        """
+        parent = None if old is None else old.parent if old.refs == 1 else old
+        at = positions[parent.length :] if parent is not None else positions
+        if parent is not None:
+            parent.refs += 1
+        layers = [(k.index_select(2, at), v.index_select(2, at)) for k, v in row]
+        self._set(key, Segment(layers, parent, int(positions.numel())))
+
+    def stored_tokens(self) -> int:
+        """Token positions held in memory: each shared segment counted once."""
+        seen: dict[int, int] = {}
+        for tail in self._tails.values():
+            for seg in tail.chain():
+                seen[id(seg)] = seg.length - seg.start
+        return sum(seen.values())
+
+    def _set(self, key: Hashable, tail: Segment | None) -> None:
+        if tail is not None:
+            tail.refs += 1
+            self._tails[key], old = tail, self._tails.get(key)
+        else:
+            old = self._tails.pop(key, None)
+        while old is not None:
+            old.refs -= 1
+            if old.refs:
+                break
+            old.layers, old = [], old.parent  # free the tensors even if a batch in flight holds the segment
+
+
+def gather_past(tails: Sequence[Segment | None], width: int) -> Layers:
+    """The stored caches of a batch's rows, left-padded to ``width`` positions: per layer [rows, heads, width, dim]."""
+    chains = [[] if t is None else t.chain() for t in tails]
+    template = next(c for c in chains if c)[0].layers
+    layers: Layers = []
+    for li, (k0, v0) in enumerate(template):
+        k = k0.new_zeros((len(tails), k0.shape[1], width, k0.shape[3]))
+        v = v0.new_zeros((len(tails), v0.shape[1], width, v0.shape[3]))
+        for b, chain in enumerate(chains):
+            pad = width - chain[-1].length if chain else 0
+            for seg in chain:
+                k[b, :, pad + seg.start : pad + seg.length] = seg.layers[li][0][0]
+                v[b, :, pad + seg.start : pad + seg.length] = seg.layers[li][1][0]
+        layers.append((k, v))
+    return layers

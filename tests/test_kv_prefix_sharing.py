@@ -1,0 +1,96 @@
+"""Forked traces store their common prefix once (issue 17, fix 9), with unchanged results and no leaks."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from switchrl.backends import CandidateSampling
+from switchrl.backends.cached_lm import CachedLM
+from switchrl.backends.transformers_backend import load_causal_lm
+
+PREFIX = [4 + (7 * i) % 40 for i in range(200)]
+SAMPLED = CandidateSampling(temperature=1.0)
+
+
+def _gens(keys, round_):
+    return [torch.Generator().manual_seed(1000 * round_ + int(k.rsplit("/", 1)[-1])) for k in keys]
+
+
+@pytest.fixture
+def model(tiny_family):
+    return load_causal_lm(str(tiny_family[0]), "float32")
+
+
+def _alone(model, key, patches):
+    """What one child writes when it reads the whole prefix itself (nothing shared)."""
+    lm, out, last = CachedLM(model), [], [PREFIX[-1]]
+    lm.extend([key], [PREFIX[:-1]])
+    for round_ in range(patches):
+        gen = lm.generate([key], [last], [10], SAMPLED, _gens([key], round_))[0]
+        out.append(gen.token_ids)
+        last = gen.token_ids[-1:]
+    return out
+
+
+def test_32_forks_of_a_200_token_trace_store_the_prefix_once(model):
+    lm = CachedLM(model)
+    lm.extend(["root"], [PREFIX[:-1]])
+    children = [f"root/{i}" for i in range(32)]
+    lm.fork("root", children)
+    lm.release(["root"])
+    written = [[] for _ in children]
+    last = [[PREFIX[-1]] for _ in children]
+    for round_ in range(2):
+        gens = lm.generate(children, last, [10] * 32, SAMPLED, _gens(children, round_))
+        for w, g in zip(written, gens):
+            w.append(g.token_ids)
+        last = [g.token_ids[-1:] for g in gens]
+        assert all(len(g.token_ids) == 10 for g in gens)
+        unique = 199 + 32 * 10 * (round_ + 1)  # the shared prefix once + each child's own tokens
+        assert unique <= lm.stored_tokens() <= 1.2 * unique  # copying rows would store 32 * 209 after round 0
+        assert [lm.cached_length(c) for c in children] == [209 + 10 * round_] * 32
+    assert len({tuple(map(tuple, w)) for w in written}) > 1  # the children wrote different things
+    for i in (0, 17, 31):  # and each wrote what it writes with the prefix all to itself
+        assert written[i] == _alone(model, children[i], 2)
+
+
+def test_forks_of_forks_read_their_whole_chain(model):
+    lm = CachedLM(model)
+    lm.extend(["a"], [PREFIX[:-1]])
+    first = lm.generate(["a"], [[PREFIX[-1]]], [10], SAMPLED, _gens(["a/0"], 0))[0].token_ids
+    lm.fork("a", ["a/0", "a/1"])
+    lm.generate(["a/0", "a/1"], [first[-1:]] * 2, [10, 10], SAMPLED, _gens(["a/0", "a/1"], 1))
+    lm.fork("a/1", ["a/1/2", "a/1/3"])
+    lm.release(["a", "a/1"])
+    grand = ["a/1/2", "a/1/3"]
+    got = lm.generate(grand, [[5], [6]], [10, 10], SAMPLED, _gens(grand, 2))
+    assert lm.stored_tokens() == 199 + 10 + 10 * 2 + 10 * 2  # prefix+a's patch, a/0, a/1, grandchildren
+
+    alone = CachedLM(model)  # one trace reading the same tokens, nothing shared
+    alone.extend(["x"], [PREFIX[:-1]])
+    alone.generate(["x"], [[PREFIX[-1]]], [10], SAMPLED, _gens(["a/0"], 0))
+    alone.generate(["x"], [first[-1:]], [10], SAMPLED, _gens(["a/1"], 1))
+    want = alone.generate(["x"], [[5]], [10], SAMPLED, _gens(["a/1/2"], 2))[0].token_ids
+    assert got[0].token_ids == want
+    assert lm.cached_length("a/1/2") == alone.cached_length("x") == 229
+
+
+def test_release_frees_a_shared_prefix_with_its_last_child(model):
+    lm = CachedLM(model)
+    lm.extend(["root"], [PREFIX[:-1]])
+    children = [f"root/{i}" for i in range(4)]
+    lm.fork("root", children)
+    lm.release(["root"])
+    lm.generate(children, [[PREFIX[-1]]] * 4, [10] * 4, SAMPLED, _gens(children, 0))
+    prefix = lm._kv.get(children[0]).parent
+    keys, values = (weakref.ref(t) for t in prefix.layers[0])
+    lm.release(children[:3])
+    assert lm.stored_tokens() == 199 + 10 and keys() is not None
+    lm.release(children[3:])
+    gc.collect()
+    assert lm.stored_tokens() == 0 and len(lm) == 0
+    assert keys() is None and values() is None and prefix.refs == 0
