@@ -41,6 +41,7 @@ th:first-child, td:first-child { text-align: left; }
 .text { white-space: pre-wrap; font-family: ui-monospace, monospace; margin-top: 0.3em; }
 .patch { border-radius: 2px; }
 .error { color: #b00; }
+img { max-width: 100%; height: auto; }
 """
 
 

@@ -104,6 +104,7 @@ def _accuracy_scatter(
             ax.annotate(system, (x, 100 * acc), fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.set_title(task)
         ax.set_xlabel(xlabel)
+        ax.margins(x=0.2, y=0.1)  # room for the names
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
     return _png(fig)
@@ -171,6 +172,8 @@ def curve_points(history: Sequence[Mapping[str, Any]], key: str) -> list[tuple[f
 def training_curves(history: Sequence[Mapping[str, Any]], algo: str) -> str:
     """The :data:`CURVES` of one RL run, one panel each, one point per logged step."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(CURVES), figsize=(3.2 * len(CURVES), 3.0), squeeze=False)
     xlabel = "environment steps" if algo == "sb3-ppo" else "optimiser step"
     for ax, (key, title) in zip(axes[0], CURVES):
@@ -181,6 +184,6 @@ def training_curves(history: Sequence[Mapping[str, Any]], algo: str) -> str:
             ax.text(0.5, 0.5, f"not logged by {algo}", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    fig.suptitle(algo, fontsize=10)
     return _png(fig)
