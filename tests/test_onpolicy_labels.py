@@ -125,7 +125,8 @@ def test_a_saved_switcher_as_finisher_gives_on_policy_labels(config_file, finish
         simulate(_sim(load_config(config_file), tmp_path / "a", finisher=str(finisher_dir)), progress=False)
 
 
-def test_finisher_must_be_a_switcher_directory(config_file, tmp_path):  # noqa: F811
-    missing = tmp_path / "no-such-switcher"
-    with pytest.raises(CheckpointError, match="simulate.finisher"):
-        simulate(_sim(load_config(config_file), tmp_path / "x", finisher=str(missing)), progress=False)
+def test_finisher_must_be_a_switcher_directory(config_file, tiny_family, tmp_path):  # noqa: F811
+    for wrong in (tmp_path / "no-such-switcher", tiny_family[0]):  # missing; a model, not a switcher
+        with pytest.raises(CheckpointError, match="simulate.finisher: .* is not a saved LM switcher"):
+            simulate(_sim(load_config(config_file), tmp_path / "x", finisher=str(wrong)), progress=False)
+    assert not (tmp_path / "x").exists()  # refused before anything was written

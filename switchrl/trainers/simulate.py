@@ -16,6 +16,7 @@ import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,7 @@ from switchrl.errors import CheckpointError, ConfigError
 from switchrl.executors import ShardStore, WorkerContext, WorkerSpec, run, writable_dir
 from switchrl.policies.baselines import RandomSwitcher
 from switchrl.policies.factory import build_switcher
+from switchrl.policies.lm_switcher import METADATA_FILE
 from switchrl.records import PrefixPatch, SimulatedState
 from switchrl.rewards.base import Scorer
 from switchrl.rewards.provenance import FailureTally
@@ -207,13 +209,12 @@ def label_fingerprint(sim: SimulateSection) -> dict:
     if sim.finisher == "random":
         del section["finisher"]
         return section
-    signature = dir_signature(sim.finisher)
-    if signature is None:
+    if not (Path(sim.finisher) / METADATA_FILE).is_file():
         raise CheckpointError(
-            f"simulate.finisher: {sim.finisher} is not a directory; give 'random' or a switcher "
-            "directory written by `switchrl sft` / `switchrl rl`"
+            f"simulate.finisher: {sim.finisher} is not a saved LM switcher (no {METADATA_FILE}); give "
+            "'random' or a directory written by `switchrl sft` / `switchrl rl --algo grpo|ppo`"
         )
-    return {**section, "finisher_signature": signature}
+    return {**section, "finisher_signature": dir_signature(sim.finisher)}
 
 
 def simulate(
