@@ -243,6 +243,7 @@ def evaluate(
         "systems": systems,
         "tasks": tasks,
         "seeds": ev.seeds,
+        "generation_seed": resolved.generation.seed,  # the candidates' sampling seed
         "split": ev.split,
         "ci_method": CI_METHOD,
         "notes": notes,

@@ -13,7 +13,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from switchrl.backends.base import Patch, StopReason
 from switchrl.config import StrictModel, format_validation_error
@@ -80,11 +88,26 @@ class SimulatedState(Record):
     all_equal: bool = Field(description="every utility is equal: the state carries no signal")
     failures: int = Field(ge=0, description="finishes whose scorer raised (scored 0)")
     errors: list[str] = Field(description="up to three distinct scorer errors")
+    switch_cost: float = Field(
+        0.0, ge=0, description="charged per author change of a finish in ``utilities`` (simulate.switch_cost)"
+    )
+    switches: list[float] | None = Field(
+        None, description="per candidate: mean author changes of its finished responses (with a switch_cost)"
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_unused_cost(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """Records without a switch cost keep the keys they had before the option (same bytes on disk)."""
+        data = handler(self)
+        if self.switches is None and not self.switch_cost:
+            data.pop("switch_cost", None)
+            data.pop("switches", None)
+        return data
 
     @model_validator(mode="after")
     def _per_candidate(self) -> SimulatedState:
         n = len(self.candidates)
-        for name in ("next_patches", "utilities", "counts"):
+        for name in ("next_patches", "utilities", "counts") + (("switches",) if self.switches else ()):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} candidates")
         if self.label >= n:

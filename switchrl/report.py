@@ -1,16 +1,18 @@
-"""``switchrl report RUN_DIR``: one self-contained HTML page of an eval run: who wrote what.
+"""``switchrl report RUN_DIR``: one self-contained HTML page of an eval run (who wrote what) or an RL run.
 
-The page has the comparison table, a chart of the share of patches per checkpoint (per task and
-system; a matplotlib PNG embedded as base64) and every response with its patches coloured by the
-checkpoint that wrote them; hovering a patch shows the switcher's probabilities for that decision.
+An eval run's page has the comparison table, figures (:mod:`switchrl.report_figures`, PNGs embedded
+as base64): the share of patches per checkpoint, the accuracy-switches frontier, accuracy against
+seconds per response and the training curves of an RL run the eval names (``eval.rl_path`` or a
+system's directory), then every response with its patches coloured by the checkpoint that wrote
+them; hovering a patch shows the switcher's probabilities for that decision. An RL run's page
+(``rl.out_dir``) has its training curves.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
+import statistics
 from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
@@ -18,18 +20,14 @@ from pathlib import Path
 from switchrl.errors import CheckpointError
 from switchrl.executors.shards import atomic_write
 from switchrl.records import EvalResponse, ResponsePatch, parse_record
-
-PALETTE = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
+from switchrl.report_figures import (
+    color,
+    find_rl_log,
+    frontier_chart,
+    load_rl_history,
+    seconds_chart,
+    share_chart,
+    training_curves,
 )
 
 _CSS = """
@@ -43,11 +41,8 @@ th:first-child, td:first-child { text-align: left; }
 .text { white-space: pre-wrap; font-family: ui-monospace, monospace; margin-top: 0.3em; }
 .patch { border-radius: 2px; }
 .error { color: #b00; }
+img { max-width: 100%; height: auto; }
 """
-
-
-def _color(index: int) -> str:
-    return PALETTE[index % len(PALETTE)]
 
 
 def _load(run_dir: Path) -> tuple[dict, list[EvalResponse]]:
@@ -55,7 +50,8 @@ def _load(run_dir: Path) -> tuple[dict, list[EvalResponse]]:
     for path in (results_path, responses_path):
         if not path.is_file():
             raise CheckpointError(
-                f"{run_dir} is not an eval run directory: {path.name} is missing (run `switchrl eval` first)"
+                f"{run_dir} is neither an eval run nor an RL run: {path.name} is missing (run "
+                "`switchrl eval` or `switchrl rl` first)"
             )
     try:
         results = json.loads(results_path.read_text())
@@ -70,35 +66,6 @@ def _load(run_dir: Path) -> tuple[dict, list[EvalResponse]]:
         if key not in results:
             raise CheckpointError(f"{results_path}: missing key {key!r}; not written by `switchrl eval`?")
     return results, records
-
-
-def share_chart(metrics: Mapping[str, Mapping[str, dict]], candidates: Sequence[str]) -> str:
-    """A base64 PNG: per task, one stacked bar per system of its share of patches per candidate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(metrics)
-    fig, axes = plt.subplots(
-        1, len(tasks), figsize=(max(4.0, 3.2 * len(tasks)), 3.6), squeeze=False, sharey=True
-    )
-    for ax, task in zip(axes[0], tasks):
-        systems = list(metrics[task])
-        bottom = [0.0] * len(systems)
-        for ci, cand in enumerate(candidates):
-            heights = [100 * metrics[task][s]["share"].get(cand, 0.0) for s in systems]
-            ax.bar(range(len(systems)), heights, bottom=bottom, color=_color(ci), label=cand)
-            bottom = [b + h for b, h in zip(bottom, heights)]
-        ax.set_title(task)
-        ax.set_xticks(range(len(systems)), systems, rotation=45, ha="right", fontsize=8)
-    axes[0][0].set_ylabel("share of patches (%)")
-    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _fmt(value: float | None) -> str:
@@ -149,7 +116,7 @@ def _patch_html(patch: ResponsePatch, candidates: Sequence[str]) -> str:
     if patch.probs:
         title += "; switcher: " + ", ".join(f"{c} {p:.2f}" for c, p in zip(candidates, patch.probs))
     return (
-        f'<span class="patch" style="background:{_color(author)}33;border-bottom:2px solid {_color(author)}" '
+        f'<span class="patch" style="background:{color(author)}33;border-bottom:2px solid {color(author)}" '
         f'title="{escape(title)}">{escape(patch.text)}</span>'
     )
 
@@ -165,11 +132,40 @@ def _response_html(rec: EvalResponse, candidates: Sequence[str]) -> str:
     )
 
 
-def render_report(results: dict, records: Sequence[EvalResponse | dict], title: str = "switchrl eval") -> str:
-    """The HTML page (a string) for eval ``results`` (``results.json``) and response ``records``."""
+def _figure(title: str, png: str | None) -> str:
+    """A section with one embedded PNG (nothing when there is no figure)."""
+    if not png:
+        return ""
+    return f'<h2>{escape(title)}</h2><img alt="{escape(title)}" src="data:image/png;base64,{png}">'
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>{body}</body></html>\n"
+    )
+
+
+def _curves_html(rl_runs: Mapping[str, tuple[str, Sequence[dict]]]) -> str:
+    return "".join(
+        _figure(
+            f"Training curves · {name} ({algo}, {len(history)} logged steps)", training_curves(history, algo)
+        )
+        for name, (algo, history) in rl_runs.items()
+    )
+
+
+def render_report(
+    results: dict,
+    records: Sequence[EvalResponse | dict],
+    title: str = "switchrl eval",
+    rl_runs: Mapping[str, tuple[str, Sequence[dict]]] | None = None,
+) -> str:
+    """The HTML page (a string) for eval ``results`` (``results.json``) and response ``records``;
+    ``rl_runs``: name -> (algorithm, per-step log) of RL runs to draw training curves for."""
     candidates = results["candidates"]
     legend = "".join(
-        f'<span style="background:{_color(i)}33;border-bottom:2px solid {_color(i)}">{escape(c)}</span>'
+        f'<span style="background:{color(i)}33;border-bottom:2px solid {color(i)}">{escape(c)}</span>'
         for i, c in enumerate(candidates)
     )
     sections = []
@@ -182,38 +178,68 @@ def render_report(results: dict, records: Sequence[EvalResponse | dict], title: 
             f"<details><summary>{escape(task)} · {escape(system)} ({len(recs)} responses)</summary>"
             f"{body}</details>"
         )
-    chart = share_chart(results["metrics"], candidates) if results["metrics"] else ""
+    metrics = results["metrics"]
+    seconds = {key: statistics.fmean(r.seconds for r in recs) for key, recs in groups.items()}
     notes = "".join(f"<li>{escape(n)}</li>" for n in results.get("notes", []))
-    return (
-        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{escape(title)}</title>'
-        f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>"
+    body = (
         f'<p class="meta">split {escape(str(results.get("split", "")))} · seeds '
         f"{escape(str(results.get('seeds', '')))}</p>"
         f"<h2>Comparison</h2>{_table_html(results)}"
         f'<p class="meta">CI: {escape(results.get("ci_method", ""))}</p>'
         + (f"<ul>{notes}</ul>" if notes else "")
-        + "<h2>Share of patches per checkpoint</h2>"
+        + (_figure("Share of patches per checkpoint", share_chart(metrics, candidates)) if metrics else "")
+        + (_figure("Accuracy against switches per response", frontier_chart(metrics)) if metrics else "")
         + (
-            f'<img alt="share of patches per checkpoint" src="data:image/png;base64,{chart}">'
-            if chart
+            _figure("Accuracy against seconds per response", seconds_chart(metrics, seconds))
+            if metrics
             else ""
         )
-        + f'<h2>Responses</h2><p class="legend">{legend}</p>{"".join(sections)}</body></html>\n'
+        + _curves_html(rl_runs or {})
+        + f'<h2>Responses</h2><p class="legend">{legend}</p>{"".join(sections)}'
     )
+    return _page(title, body)
+
+
+def named_rl_runs(run_dir: Path) -> dict[str, tuple[str, list[dict]]]:
+    """The RL runs an eval run names (``eval.rl_path``, or a system given as a directory), read from
+    the fingerprint of its responses: name -> (algorithm, per-step log). Runs whose log is gone are
+    left out."""
+    manifest = run_dir / "responses" / "manifest.json"
+    try:
+        section = json.loads(manifest.read_text()).get("fingerprint", {}).get("eval", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    named = {"rl": section.get("rl_path")} if "rl" in section.get("systems", []) else {}
+    named.update({Path(s).name: s for s in section.get("systems", []) if Path(s).is_dir()})
+    runs = {}
+    for name, path in named.items():
+        log = find_rl_log(Path(path)) if path else None
+        if log is not None:
+            runs[name] = load_rl_history(log)
+    return runs
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write ``run_dir/report.html`` for an eval run directory; returns its path."""
+    """Write ``run_dir/report.html`` for an eval run directory or an RL run (``rl.out_dir``); returns its
+    path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run_dir {run_dir} is not a directory")
-    results, records = _load(run_dir)
     path = run_dir / "report.html"
-    atomic_write(path, render_report(results, records, title=f"switchrl eval · {run_dir.name}").encode())
+    rl_log = None if (run_dir / "results.json").exists() else find_rl_log(run_dir)
+    if rl_log is not None and rl_log.parent == run_dir:
+        algo, history = load_rl_history(rl_log)
+        page = _page(f"switchrl rl · {run_dir.name}", _curves_html({run_dir.name: (algo, history)}))
+    else:
+        results, records = _load(run_dir)
+        page = render_report(
+            results, records, title=f"switchrl eval · {run_dir.name}", rl_runs=named_rl_runs(run_dir)
+        )
+    atomic_write(path, page.encode())
     return path
 
 
 def main(args: argparse.Namespace) -> int:
-    """``switchrl report RUN_DIR``."""
+    """``switchrl report RUN_DIR`` (an eval run or an RL run)."""
     print(f"wrote {write_report(args.run_dir)}")
     return 0

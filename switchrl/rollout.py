@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 from tqdm.auto import tqdm
 
-from switchrl.backends.base import Patch, Pool, Trace
+from switchrl.backends.base import Patch, Pool, Trace, count_switches
 from switchrl.rewards.base import Scorer, ScoreResult, safe_score_batch
 
 __all__ = [
@@ -103,16 +103,34 @@ def run_switch_generation(
 
 @dataclass
 class StateUtilities:
-    """Simulated-rollout estimate for one state: per candidate, its next patch and k scored finishes."""
+    """Simulated-rollout estimate for one state: per candidate, its next patch and k scored finishes.
+
+    ``switches``: per candidate and finish, the changes of author in the whole finished response
+    (prefix, the candidate's patch, the finish); ``switch_cost`` is charged per change in
+    :attr:`utilities`, so labels can prefer candidates whose continuations switch less.
+    """
 
     next_patches: list[Patch]
     scores: list[list[float]]
     failures: list[list[str]] = field(default_factory=list)
     responses: list[list[str]] = field(default_factory=list)
+    switches: list[list[int]] = field(default_factory=list)
+    switch_cost: float = 0.0
 
     @property
     def utilities(self) -> list[float]:
-        return [sum(s) / len(s) if s else 0.0 for s in self.scores]
+        """Per candidate: the mean over its finishes of score - ``switch_cost`` x switches (cost 0: the
+        mean score, bit for bit)."""
+        switches = self.switches or [[0] * len(s) for s in self.scores]
+        return [
+            sum(x - self.switch_cost * w for x, w in zip(s, sw)) / len(s) if s else 0.0
+            for s, sw in zip(self.scores, switches)
+        ]
+
+    @property
+    def mean_switches(self) -> list[float]:
+        """Per candidate: the mean number of author changes of its finished responses."""
+        return [sum(w) / len(w) if w else 0.0 for w in self.switches]
 
     @property
     def counts(self) -> list[int]:
@@ -129,6 +147,7 @@ def estimate_utilities(
     finisher: SwitchPolicy,
     metas: Sequence[dict] | None = None,
     share_identical: bool | None = None,
+    switch_cost: float = 0.0,
 ) -> list[StateUtilities]:
     """The paper's simulated rollouts: for each state and candidate c_i, c_i writes the next patch,
     then k finishes by ``finisher`` (the paper: random switching) are scored; s_i = mean score.
@@ -140,7 +159,11 @@ def estimate_utilities(
     When candidates write the very same next patch, their continuations are the same state for a
     finisher that ignores who wrote what (random switching), so those candidates share one set of
     k finishes (``share_identical``; the default for a finisher with ``ignores_authors``). At most states all
-    candidates agree, so this is where most of the compute goes otherwise.
+    candidates agree, so this is where most of the compute goes otherwise. A finisher that reads the
+    authors (a trained switcher, on-policy labels) never shares.
+
+    ``switch_cost`` > 0: utilities are the mean of score - cost x author changes of each finished
+    response (:class:`StateUtilities`); counted with candidate i's own patch even when finishes are shared.
     """
     if k <= 0:
         raise ValueError(f"k must be > 0, got {k}")
@@ -190,12 +213,18 @@ def estimate_utilities(
     results: list[StateUtilities] = []
     for si in range(len(states)):
         rows = [source[ci] for ci in range(si * n, (si + 1) * n)]
+        cut = len(states[si].patches)
         results.append(
             StateUtilities(
                 next_patches=[children[si * n + i].patches[-1] for i in range(n)],
                 scores=[[r.value for r in scored[ci]] for ci in rows],
                 failures=[[r.error for r in scored[ci] if r.failed] for ci in rows],
                 responses=[[f.text for f in finishes[ci]] for ci in rows],
+                switches=[
+                    [count_switches(states[si].authors + [i] + f.authors[cut + 1 :]) for f in finishes[ci]]
+                    for i, ci in enumerate(rows)
+                ],
+                switch_cost=switch_cost,
             )
         )
     return results

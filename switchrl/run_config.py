@@ -62,6 +62,17 @@ class SimulateSection(StrictModel):
     limit: int | None = Field(None, gt=0, description="use only the first N queries of each task")
     out_dir: str = "runs/simulate"
     chunk_size: int = Field(16, gt=0, description="states per shard (the unit of resume and of a Ray task)")
+    switch_cost: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="cost-aware labels: utilities are the mean of score - cost x author changes of each finish",
+    )
+    finisher: str = Field(
+        "random",
+        description="who writes the finishes: random (the paper's random switching) or a saved switcher "
+        "directory (on-policy labels: sampled with its top_p, seeded per finish)",
+    )
 
 
 class SFTSection(StrictModel):

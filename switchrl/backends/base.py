@@ -85,6 +85,11 @@ def _patch_fields(keys: Iterable[str]) -> tuple[str, ...]:
     return keys
 
 
+def count_switches(authors: Sequence[int]) -> int:
+    """Changes of author along a response (its patches' authors in order)."""
+    return sum(1 for x, y in zip(authors, authors[1:]) if x != y)
+
+
 @dataclass
 class Trace:
     """A response being written by several candidates: the query and the patches so far.
@@ -129,8 +134,7 @@ class Trace:
 
     @property
     def num_switches(self) -> int:
-        a = self.authors
-        return sum(1 for x, y in zip(a, a[1:]) if x != y)
+        return count_switches(self.authors)
 
     def fork(self, key: str) -> Trace:
         """A copy under a new key that shares this trace's patches so far (patches are not mutated)."""

@@ -50,6 +50,7 @@ from switchrl.trainers.rl_setup import (
     claim_out_dir,
     save_switcher,
     switch_stats,
+    zero_variance_share,
 )
 from switchrl.utils.seeding import generator
 
@@ -243,6 +244,7 @@ def train_ppo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
                 "reward": sum(returns) / len(returns),
                 "score": sum(scores) / len(scores),
                 "score/failures": float(failures),
+                "frac_reward_zero_std": zero_variance_share(returns, rl.num_generations),
                 **switch_stats([e.trace.authors for e in episodes], setup.names),
             }
         )

@@ -3,10 +3,10 @@
 :func:`prepare` resolves a run config for RL (the candidate pool, local or on Ray; the ``rl.split``
 instances; each task's scorer), :func:`build_switcher` makes the switcher to train (through the one
 factory :func:`switchrl.policies.factory.build_switcher`), and :class:`MetricsLogger`,
-:func:`switch_stats` and :class:`RLResult` are how every algorithm reports. :func:`claim_out_dir` writes
-the run's fingerprint into ``rl.out_dir`` and refuses to resume another configuration,
-:func:`last_complete_checkpoint` skips a checkpoint a kill left half-written, and :func:`check_failures`
-enforces ``max_scorer_failure_rate``. The algorithms
+:func:`switch_stats`, :func:`zero_variance_share` and :class:`RLResult` are how every algorithm
+reports. :func:`claim_out_dir` writes the run's fingerprint into ``rl.out_dir`` and refuses to resume
+another configuration, :func:`last_complete_checkpoint` skips a checkpoint a kill left half-written, and
+:func:`check_failures` enforces ``max_scorer_failure_rate``. The algorithms
 (:mod:`~switchrl.trainers.grpo`, :mod:`~switchrl.trainers.ppo`, :mod:`~switchrl.trainers.sb3`) build
 on this module and :mod:`~switchrl.trainers.episodes`; :mod:`~switchrl.trainers.rl` dispatches to them.
 """
@@ -263,6 +263,13 @@ def switch_stats(authors: Sequence[Sequence[int]], names: Sequence[str]) -> dict
     for i, name in enumerate(names):
         stats[f"switch/share/{name}"] = flat.count(i) / len(flat) if flat else 0.0
     return stats
+
+
+def zero_variance_share(rewards: Sequence[float], group_size: int) -> float:
+    """The share of groups (``group_size`` consecutive episodes of one query) whose rewards are all equal:
+    they carry no advantage, so no gradient (TRL's GRPO logs it as ``frac_reward_zero_std``)."""
+    groups = [rewards[i : i + group_size] for i in range(0, len(rewards), group_size)]
+    return sum(len(set(g)) == 1 for g in groups) / len(groups) if groups else 0.0
 
 
 class MetricsLogger:

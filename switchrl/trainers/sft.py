@@ -143,7 +143,9 @@ def train_sft(config: RunConfig, records: Sequence[SimulatedState | dict] | None
     switcher.reset_cache()
     switcher.save_pretrained(out)
     history = [h for h in trainer.state.log_history if "loss" in h]
-    (out / "sft_log.json").write_text(json.dumps({"examples": len(dataset), "history": history}, indent=2))
+    (out / "sft_log.json").write_text(
+        json.dumps({"examples": len(dataset), "seed": section.seed, "history": history}, indent=2)
+    )
     return out
 
 

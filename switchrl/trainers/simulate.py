@@ -4,6 +4,10 @@ For each training query and state j: write a full response by random switching, 
 random number of patches (zero included) to get a state; then every candidate c_i writes the next
 patch and that continuation is finished k times by random switching; s_i = mean score of the k
 finishes and the SFT label is argmax_i s_i (ties broken with the seed, and flagged).
+
+Two options go beyond the paper: ``simulate.switch_cost`` charges each finish its author changes
+(cost-aware labels), and ``simulate.finisher`` has a saved switcher write the finishes instead of
+random switching (on-policy labels: one step of policy improvement over that switcher).
 """
 
 from __future__ import annotations
@@ -12,21 +16,25 @@ import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from switchrl.backends.base import Pool, Trace
 from switchrl.backends.pool import CandidatePool
-from switchrl.errors import ConfigError
+from switchrl.errors import CheckpointError, ConfigError
 from switchrl.executors import ShardStore, WorkerContext, WorkerSpec, run, writable_dir
 from switchrl.policies.baselines import RandomSwitcher
+from switchrl.policies.factory import build_switcher
+from switchrl.policies.lm_switcher import METADATA_FILE
 from switchrl.records import PrefixPatch, SimulatedState
 from switchrl.rewards.base import Scorer
 from switchrl.rewards.provenance import FailureTally
 from switchrl.rewards.router import TaskScorers
-from switchrl.rollout import StateUtilities, advance, estimate_utilities
-from switchrl.run_config import ResolvedRun, RunConfig, load_config
+from switchrl.rollout import StateUtilities, SwitchPolicy, advance, estimate_utilities
+from switchrl.run_config import ResolvedRun, RunConfig, SimulateSection, load_config
 from switchrl.tasks.base import TaskInstance
+from switchrl.utils.files import dir_signature
 from switchrl.utils.seeding import generator
 
 
@@ -59,7 +67,11 @@ def argmax_label(utilities: Sequence[float], *seed_parts: object) -> tuple[int, 
 
 
 class SimulateWorker:
-    """Labels batches of states with one candidate pool (one replica per process or Ray actor)."""
+    """Labels batches of states with one candidate pool (one replica per process or Ray actor).
+
+    The states' prefixes are always random switching; ``finisher`` (default: that random switcher)
+    writes the finishes, and ``switch_cost`` is charged per author change of each finish.
+    """
 
     def __init__(
         self,
@@ -69,6 +81,8 @@ class SimulateWorker:
         max_new_tokens: int = 512,
         seed: int = 0,
         states_per_batch: int = 8,
+        finisher: SwitchPolicy | None = None,
+        switch_cost: float = 0.0,
     ):
         if k <= 0:
             raise ValueError(f"k must be > 0, got {k}")
@@ -77,6 +91,8 @@ class SimulateWorker:
         self.pool, self.scorers, self.k = pool, TaskScorers(scorers), k
         self.max_new_tokens, self.seed, self.states_per_batch = max_new_tokens, seed, states_per_batch
         self.random = RandomSwitcher(len(pool), seed=seed)
+        self.finisher = finisher if finisher is not None else self.random
+        self.switch_cost = switch_cost
 
     def states(self, items: Sequence[StateItem]) -> list[Trace]:
         """A random-switching prefix per item: a full random response cut at a random patch boundary."""
@@ -115,8 +131,9 @@ class SimulateWorker:
                     [batch[i].instance.reference for i in rows],
                     self.scorers.scorer(task),
                     k=self.k,
-                    finisher=self.random,
+                    finisher=self.finisher,
                     metas=[batch[i].instance.meta for i in rows],
+                    switch_cost=self.switch_cost,
                 )
                 for i, e in zip(rows, est):
                     results[i] = e
@@ -147,6 +164,8 @@ class SimulateWorker:
             all_equal=len(set(utilities)) == 1,
             failures=sum(len(f) for f in est.failures),
             errors=sorted({e for f in est.failures for e in f})[:3],
+            switch_cost=self.switch_cost,
+            switches=est.mean_switches if self.switch_cost else None,
         ).model_dump(mode="json")
 
 
@@ -163,6 +182,11 @@ def build_worker(config: dict, context: WorkerContext) -> SimulateWorker:
     )
     sim = run_cfg.simulate
     tasks = list(resolved.instances(sim.split, sim.limit))
+    finisher = None
+    if sim.finisher != "random":
+        finisher = build_switcher(
+            pool.names, saved=sim.finisher, seed=gen.seed, greedy=False, where="simulate.finisher"
+        )
     return SimulateWorker(
         pool,
         resolved.scorers(tasks),
@@ -170,7 +194,27 @@ def build_worker(config: dict, context: WorkerContext) -> SimulateWorker:
         max_new_tokens=gen.max_new_tokens,
         seed=gen.seed,
         states_per_batch=sim.states_per_batch,
+        finisher=finisher,
+        switch_cost=sim.switch_cost,
     )
+
+
+def label_fingerprint(sim: SimulateSection) -> dict:
+    """The simulate section's part of the fingerprint: what changes the records (not where they go or
+    how they are batched) and the finisher's directory signature, so a retrained finisher refuses to
+    resume. The label options are left out at their defaults: runs from before them still resume."""
+    section = sim.model_dump(mode="json", exclude={"out_dir", "chunk_size", "states_per_batch"})
+    if not sim.switch_cost:
+        del section["switch_cost"]
+    if sim.finisher == "random":
+        del section["finisher"]
+        return section
+    if not (Path(sim.finisher) / METADATA_FILE).is_file():
+        raise CheckpointError(
+            f"simulate.finisher: {sim.finisher} is not a saved LM switcher (no {METADATA_FILE}); give "
+            "'random' or a directory written by `switchrl sft` / `switchrl rl --algo grpo|ppo`"
+        )
+    return {**section, "finisher_signature": dir_signature(sim.finisher)}
 
 
 def simulate(
@@ -189,12 +233,12 @@ def simulate(
     spec = WorkerSpec(
         "switchrl.trainers.simulate:build_worker",
         {"run": config.model_dump(mode="json")},
-        num_models=len(resolved.candidates),
+        num_models=len(resolved.candidates) + (sim.finisher != "random"),
     )
     scorers = TaskScorers(resolved.scorers(sorted({i.task for i in instances})))
     fingerprint = {
         **resolved.fingerprint(scorers),
-        "simulate": sim.model_dump(mode="json", exclude={"out_dir", "chunk_size", "states_per_batch"}),
+        "simulate": label_fingerprint(sim),
     }
     writable_dir(sim.out_dir, "simulate.out_dir")
     store = run(
