@@ -9,6 +9,9 @@ are built in bfloat16 on the device (nothing is downloaded). The checks, in orde
   out of memory is a measurement here (``"fits": false``), not a failure;
 * ``grpo``: one GRPO step of TRL's trainer on a fresh LoRA switcher of ``--arch`` (candidates of
   ``--arch`` too; a switch cost makes the rewards of a group differ, so the step has a gradient);
+* ``determinism``: in float32 and bfloat16, greedy and sampled, how many of 8 traces change tokens
+  between a rerun, candidates run apart instead of fused, and each trace alone instead of all in
+  one batch (docs/determinism.md; the ``1b`` shapes for ``--arch 8b``);
 * ``bench``: ``switch_vs_single`` (switched, single, unfused and a batched transformers ``generate``
   baseline) and ``switch_vs_reencode``, as ``switchrl bench`` prints them.
 
@@ -28,9 +31,15 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from switchrl.backends.pool import CandidatePool
+    from switchrl.rollout import SwitchPolicy
 
 SIZES: dict[str, dict] = {
     "8b": dict(
@@ -47,6 +56,8 @@ SIZES: dict[str, dict] = {
     ),
 }
 STATES_PER_BATCH = (2, 8)
+DETERMINISM = {"8b": dict(arch="1b", prompt_len=32, max_new_tokens=48, patch_tokens=16)}
+DETERMINISM["tiny"] = dict(arch="tiny", prompt_len=8, max_new_tokens=12, patch_tokens=4)
 
 
 STDOUT = sys.stdout  # JSON lines only: whatever else prints (TRL's log dicts) goes to stderr
@@ -218,9 +229,84 @@ def grpo(arch: str, device: str) -> None:
     )
 
 
+def _tokens(
+    pool: CandidatePool,
+    *,
+    policy: SwitchPolicy,
+    queries: list[str],
+    keys: list[str],
+    max_new_tokens: int,
+    together: bool = True,
+) -> list:
+    """Authors and patch tokens of switched generation over ``queries``: in one batch, or one at a time."""
+    from switchrl.rollout import run_switch_generation
+
+    batches = [list(range(len(queries)))] if together else [[i] for i in range(len(queries))]
+    return [
+        (t.authors, [p.token_ids for p in t.patches])
+        for rows in batches
+        for t in run_switch_generation(
+            pool,
+            policy,
+            [queries[i] for i in rows],
+            max_new_tokens,
+            keys=[keys[i] for i in rows],
+            batch_size=len(rows),
+        )
+    ]
+
+
+def determinism(arch: str, device: str) -> None:
+    from switchrl.backends.base import CandidateSampling
+    from switchrl.backends.pool import CandidatePool
+    from switchrl.backends.transformers_backend import TransformersBackend
+    from switchrl.bench.setup import build_setup
+    from switchrl.policies.baselines import RandomSwitcher
+
+    sizes = DETERMINISM[arch]
+    for dtype in ("float32", "bfloat16"):
+        for temperature in (0.0, 1.0):
+            setup = build_setup(sizes["arch"], 3, device, dtype, sampling=CandidateSampling(temperature))
+            queries = setup.queries(8, sizes["prompt_len"], seed=5)
+            keys = [f"det/q{i}" for i in range(len(queries))]  # one set of keys: the same draws in every run
+            policy = RandomSwitcher(3, seed=0)
+            apart = [
+                TransformersBackend(b.name, b.model, b.tokenizer, sampling=b.sampling) for b in setup.backends
+            ]
+            pools = {
+                "unfused": CandidatePool(apart, patch_tokens=sizes["patch_tokens"], seed=0, fuse=False),
+                "fused": CandidatePool(setup.backends, patch_tokens=sizes["patch_tokens"], seed=0),
+            }
+
+            write = partial(
+                _tokens, policy=policy, queries=queries, keys=keys, max_new_tokens=sizes["max_new_tokens"]
+            )
+            reference = write(pools["fused"])
+            runs = {
+                "rerun": write(pools["fused"]),
+                "unfused": write(pools["unfused"]),
+                "one_at_a_time": write(pools["fused"], together=False),
+            }
+            emit(
+                {
+                    "check": "determinism",
+                    "arch": sizes["arch"],
+                    "dtype": dtype,
+                    "temperature": temperature,
+                    "traces": len(queries),
+                    "differ": {
+                        name: sum(a != b for a, b in zip(run, reference)) for name, run in runs.items()
+                    },
+                }
+            )
+            del setup, pools, apart
+            free(device)
+
+
 CHECKS: dict[str, Callable[[str, str], None]] = {
     "simulate_memory": simulate_memory,
     "grpo": grpo,
+    "determinism": determinism,
     "bench": bench,
 }
 """In this order: the longest (``bench``) last, its lines printed as they come (a timeout keeps them)."""

@@ -38,6 +38,11 @@ def test_tiny_gpu_check_runs_every_check_and_prints_only_json_lines():
     assert reencode["kv_reuse_tok_s"] > 0
     memory = [r for r in rest if r["check"] == "simulate_memory"]
     assert [(r["states_per_batch"], r["fits"]) for r in memory] == [(2, True), (8, True)]
+    determinism = {(r["dtype"], r["temperature"]): r["differ"] for r in rest if r["check"] == "determinism"}
+    assert len(determinism) == 4 and determinism[("bfloat16", 1.0)]["rerun"] == 0
+    assert all(
+        n == 0 for (dtype, _), differ in determinism.items() if dtype == "float32" for n in differ.values()
+    )
     [grpo] = [r for r in rest if r["check"] == "grpo"]
     assert grpo["dtype"] == "bfloat16" and grpo["lora_trainable_params"] > 0 and grpo["grad_norm"] > 0
 
