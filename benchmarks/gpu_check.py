@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 SIZES: dict[str, dict] = {
     "8b": dict(
-        single=dict(batch_sizes=(1, 8, 32), prompt_len=128, max_new_tokens=200, patch_tokens=50),
+        single=dict(batch_sizes=(1, 8, 32), prompt_len=128, max_new_tokens=150, patch_tokens=50),
         reencode=dict(batch_sizes=(1, 8), prompt_len=128, max_new_tokens=100, patch_tokens=50),
         simulate=dict(prompt_len=64, k=32, max_new_tokens=256, patch_tokens=50),
         grpo=dict(prompt_len=64, max_new_tokens=150, patch_tokens=50, queries_per_step=2, num_generations=4),

@@ -63,8 +63,8 @@ def write(dtype: torch.dtype, temperature: float, fuse: bool = True, together: b
     ]
     pool = CandidatePool(backends, patch_tokens=4, seed=7, fuse=fuse)
     rng = random.Random(0)
-    schedule = [[rng.randrange(3) for _ in QUERIES] for _ in range(6)]
-    traces = [Trace(f"q{i}", q, max_new_tokens=24) for i, q in enumerate(QUERIES)]
+    schedule = [[rng.randrange(3) for _ in QUERIES] for _ in range(4)]
+    traces = [Trace(f"q{i}", q, max_new_tokens=16) for i, q in enumerate(QUERIES)]
     for batch in [traces] if together else [[t] for t in traces]:
         for authors in schedule:
             live = [t for t in batch if not t.done]
