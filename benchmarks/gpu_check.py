@@ -122,7 +122,7 @@ def simulate_memory(arch: str, device: str) -> None:
     for spb in STATES_PER_BATCH:
         queries = setup.queries(spb, prompt_len, seed=spb)
         instances = [
-            TaskInstance(id=f"q{i}", query=q, reference=q.split()[-1]) for i, q in enumerate(queries)
+            TaskInstance(id=f"s{spb}q{i}", query=q, reference=q.split()[-1]) for i, q in enumerate(queries)
         ]
         worker = SimulateWorker(
             pool, {"*": lambda q, r, ref, **m: float(ref in r)}, states_per_batch=spb, **sizes
@@ -137,7 +137,8 @@ def simulate_memory(arch: str, device: str) -> None:
         except torch.cuda.OutOfMemoryError as exc:
             record.update(fits=False, error=str(exc).splitlines()[0])
         else:
-            assert len(records) == spb and all(len(r["utilities"]) == 3 for r in records)
+            if len(records) != spb or any(len(r["utilities"]) != 3 for r in records):
+                raise RuntimeError(f"simulate wrote {len(records)} records for {spb} states: {records}")
             record.update(fits=True, seconds=round(time.perf_counter() - start, 2))
         record.update(memory_stats(device), weights_mb=round(weights / 2**20, 1))
         if "cuda_peak_mb" in record:
@@ -146,7 +147,7 @@ def simulate_memory(arch: str, device: str) -> None:
 
 
 def grpo(arch: str, device: str) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from switchrl.backends.pool import CandidatePool
     from switchrl.bench.archs import ARCHS
@@ -163,11 +164,9 @@ def grpo(arch: str, device: str) -> None:
     pool = CandidatePool(setup.backends, patch_tokens=sizes["patch_tokens"], seed=0)
     spec = ARCHS[arch]
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(
-            LlamaConfig(**spec, max_position_embeddings=8192, bos_token_id=1, pad_token_id=0)
-        )
-    model = model.to(torch.bfloat16)
+    shape = LlamaConfig(**spec, max_position_embeddings=8192, bos_token_id=1, pad_token_id=0)
+    with torch.device(device):  # built in bf16: no float32 copy of 8B weights beside the candidates
+        model = AutoModelForCausalLM.from_config(shape, dtype=torch.bfloat16)
     base = f"random-{arch}-switcher"  # a name, not a directory: the weights are built here
     switcher = LMSwitcher(
         model,
