@@ -37,6 +37,11 @@ def test_switch_vs_single_and_reencode(capsys):
     # the fused engine writes exactly what one call per candidate writes
     assert all(r["same_tokens_unfused"] == 1.0 and r["unfused_ratio"] > 0 for r in single)
     assert all(r["read_tokens_per_response"]["single"] == 6 for r in single)
+    # the baseline: candidate 0 alone through one batched transformers `generate`, the same greedy tokens
+    assert all(
+        r["same_tokens_hf_generate"] == 1.0 and r["hf_generate_tok_s"] > 0 and r["single_vs_hf_generate"] > 0
+        for r in single
+    )
     # switching reads more than one model does, which caps the ratio below 1
     assert all(r["prefill_tok_s"] > 0 and 0 < r["ratio_cap_from_reading"] <= 1 for r in single)
 

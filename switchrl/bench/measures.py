@@ -28,6 +28,30 @@ from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher
 from switchrl.rollout import estimate_utilities
 
 
+def hf_generate_single(
+    setup: BenchSetup, queries: Sequence[str], max_new_tokens: int, tag: str
+) -> list[Trace]:
+    """The plain baseline: candidate 0 alone, all ``queries`` in one batched Hugging Face ``generate`` call.
+
+    The queries have equal token lengths (:meth:`BenchSetup.queries`), so no row is padded.
+    """
+    backend = setup.backends[0]
+    prompts = torch.tensor([backend.prompt_ids(q) for q in queries], device=setup.device)
+    gen = backend.model.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=sorted(backend.stop_ids),
+    )
+    traces = [Trace(key=f"{tag}/q{i}", query=q, max_new_tokens=max_new_tokens) for i, q in enumerate(queries)]
+    for trace, row in zip(traces, gen[:, prompts.shape[1] :].tolist()):
+        trace.patches.append(backend.patch_from_ids(trace, 0, row))
+    return traces
+
+
 def switch_vs_single(
     setup: BenchSetup,
     batch_sizes: Sequence[int] = (1, 8, 32),
@@ -38,7 +62,8 @@ def switch_vs_single(
     repeats: int = 1,
     out: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Switched generation (random switcher, a decision every patch) vs candidate 0 alone, same engine."""
+    """Switched generation (random switcher, a decision every patch) vs candidate 0 alone, same engine;
+    and candidate 0 alone through one batched Hugging Face ``generate`` call (``hf_generate_*``)."""
     check_sizes(
         batch_sizes=batch_sizes,
         prompt_len=prompt_len,
@@ -60,6 +85,7 @@ def switch_vs_single(
     for pool in (switched, unfused):
         run_generation(pool, policy, warm, min(max_new_tokens, 2 * patch_tokens), "warmup")
     run_generation(single, FixedSwitcher(1, 0), warm, min(max_new_tokens, 2 * patch_tokens), "warmup")
+    hf_generate_single(setup, warm, min(max_new_tokens, 2 * patch_tokens), "warmup")
     records = []
     for b in tqdm(batch_sizes, desc="switch_vs_single", unit="batch", file=sys.stderr):
         queries = setup.queries(b, prompt_len, seed)
@@ -67,16 +93,19 @@ def switch_vs_single(
             (t_single, single_traces, mem_single),
             (t_switch, traces, mem_switch),
             (t_unfused, unfused_traces, _),
+            (t_hf, hf_traces, mem_hf),
         ) = compare(
             setup.device,
             repeats,
             partial(run_generation, single, FixedSwitcher(1, 0), queries, max_new_tokens, f"single{b}"),
             partial(run_generation, switched, policy, queries, max_new_tokens, f"switch{b}"),
             partial(run_generation, unfused, policy, queries, max_new_tokens, f"switch{b}"),
+            partial(hf_generate_single, setup, queries, max_new_tokens, f"hf{b}"),
         )  # same keys: same decisions
         tok_single = sum(t.num_tokens for t in single_traces)
         tok_switch = sum(t.num_tokens for t in traces)
         tok_unfused = sum(t.num_tokens for t in unfused_traces)
+        tok_hf = sum(t.num_tokens for t in hf_traces)
         read = {
             name: sum(tokens_read(t, prompt_len) for t in ts)
             for name, ts in (("single", single_traces), ("switched", traces))
@@ -103,6 +132,10 @@ def switch_vs_single(
                     "unfused_tok_s": round(tok_unfused / t_unfused, 1),
                     "unfused_ratio": round((tok_unfused / t_unfused) / (tok_single / t_single), 3),
                     "same_tokens_unfused": match_rate(traces, unfused_traces),
+                    "hf_generate_tok_s": round(tok_hf / t_hf, 1),
+                    # > 1: switchrl's engine with one candidate is faster than transformers' generate
+                    "single_vs_hf_generate": round((tok_single / t_single) / (tok_hf / t_hf), 3),
+                    "same_tokens_hf_generate": match_rate(single_traces, hf_traces),
                     "switches_per_response": round(sum(t.num_switches for t in traces) / len(traces), 2),
                     "read_tokens_per_response": {name: round(n / b, 1) for name, n in read.items()},
                     "prefill_tok_s": round(prefill_tok_s, 1),
@@ -110,6 +143,7 @@ def switch_vs_single(
                     "repeats": repeats,
                     "single_mem": mem_single,
                     "switched_mem": mem_switch,
+                    "hf_generate_mem": mem_hf,
                 },
                 out,
             )
