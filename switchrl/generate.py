@@ -67,8 +67,9 @@ def render(trace: Trace, names: list[str]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    if args.switcher:
-        config.switcher = parse_switcher(args.switcher)
+    if args.switcher:  # the override names the policy; the config still places it
+        placement = {"dtype": config.switcher.dtype, "device": config.switcher.device}
+        config.switcher = parse_switcher(args.switcher).model_copy(update=placement)
     resolved = check_config(config, "generate")
     if args.jsonl:
         from switchrl.tasks import load_jsonl

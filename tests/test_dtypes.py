@@ -104,3 +104,16 @@ def test_grpo_and_rl_switcher_take_the_switcher_dtype(tiny_family, tmp_path, loa
     setup.resolved.config.switcher.dtype = "float32"
     args = grpo_config(setup, switcher)
     assert not args.bf16 and not args.fp16
+
+
+def test_generate_loads_a_saved_switcher_in_the_config_dtype(tiny_family, tmp_path, loads):
+    from switchrl.generate import build_policy
+    from switchrl.policies.lm_switcher import LMSwitcher
+
+    saved = LMSwitcher.from_base(str(tiny_family[0]), ["c0", "c1"]).save_pretrained(tmp_path / "sw")
+    loads.clear()
+    switcher = build_policy(
+        SwitcherConfig(type="lm", path=str(saved), dtype="bfloat16", device="cpu"), ["c0", "c1"]
+    )
+    assert loads == [(str(saved), "bfloat16", "cpu")]
+    assert switcher.model.get_input_embeddings().weight.dtype == torch.bfloat16
