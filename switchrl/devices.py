@@ -66,6 +66,20 @@ def check_per_rank(devices: dict[str, str], fix: str) -> None:
         )
 
 
+def check_available(devices: dict[str, str]) -> None:
+    """Refuse a ``cuda:N`` beyond this machine's GPUs (config field -> device string); without CUDA
+    nothing is checked (the config may be meant for another machine)."""
+    if not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count()
+    for field, device in devices.items():
+        match = re.fullmatch(r"cuda:(\d+)", device)
+        if match and int(match.group(1)) >= count:
+            raise ConfigError(
+                f"{field}: {device}, but this process sees {count} GPU(s) (cuda:0..cuda:{count - 1})"
+            )
+
+
 def torch_dtype(dtype: str, device: str) -> torch.dtype:
     """The torch dtype of a config's ``dtype`` on (concrete) ``device``: ``auto`` is bfloat16 on a CUDA
     device with bf16 support, else float32."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from switchrl.backends.pool import rank_candidates
 from switchrl.backends.tokens import check_model_dir
-from switchrl.devices import check_per_rank, training_settings
+from switchrl.devices import check_available, check_per_rank, training_settings
 from switchrl.errors import ConfigError
 from switchrl.eval_systems import resolve_systems
 from switchrl.policies.factory import check_saved_switcher
@@ -37,6 +37,10 @@ def check_config(config: RunConfig, command: str, algo: str | None = None) -> Re
         else:
             check_model_dir(c.path)
     switcher = config.switcher
+    if config.executor.executor == "local":  # Ray places the candidates itself
+        local = enumerate(resolved.candidates)
+        check_available({f"candidates.{i}.device": c.device for i, c in local if c.backend != "openai"})
+    check_available({"switcher.device": switcher.device})
     if command == "generate" and switcher.type == "lm":
         if not switcher.path:
             raise ConfigError("switcher.path: an lm switcher needs a saved switcher directory")

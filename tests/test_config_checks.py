@@ -149,6 +149,19 @@ def test_simulate_bad_candidate_checkpoint_and_device(write_config, no_loading, 
     assert "candidates.1.device: device must be" in _run(["simulate", "--config", str(path)], capsys)
 
 
+def test_a_gpu_this_machine_lacks(write_config, no_loading, capsys, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    config = yaml.safe_load(Path(write_config()).read_text())
+    config["candidates"][1]["device"] = "cuda:3"
+    path = tmp_path / "gpus.yaml"
+    path.write_text(yaml.safe_dump(config))
+    err = _run(["simulate", "--config", str(path)], capsys)
+    assert "candidates.1.device: cuda:3, but this process sees 2 GPU(s)" in err
+
+
 def test_the_shipped_config_passes_every_command_s_checks(tmp_path, monkeypatch):
     """With its task file and the SFT output in place, every command's config-only checks pass on
     ``configs/tulu3_llama31_8b.yaml`` (the weights are hub ids: nothing is fetched)."""
