@@ -8,6 +8,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from switchrl.devices import check_device
 from switchrl.errors import ConfigError
 
 __all__ = [
@@ -44,7 +45,16 @@ class CandidateConfig(StrictModel):
     path: str = Field(min_length=1, description="local directory or hub id of the checkpoint")
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
     dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "auto"
-    device: str = "cpu"
+    device: str = Field(
+        "cpu",
+        description="auto | cpu | cuda | cuda:N (auto and cuda: this rank's GPU under accelerate launch); "
+        "vllm: auto | cuda | cuda:N (the engine's GPU) | cpu",
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm backend: more vllm.LLM arguments, e.g. {gpu_memory_utilization: 0.45, "
+        "max_model_len: 4096, tensor_parallel_size: 1, enforce_eager: true}",
+    )
     chat_template: bool = False
     prompt_template: str = "{query}"
     temperature: float = Field(1.0, ge=0)
@@ -93,6 +103,22 @@ class CandidateConfig(StrictModel):
             raise ValueError(
                 f"{', '.join(given)}: only for backend: openai (this candidate's is {self.backend})"
             )
+        return self
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        return check_device(v)
+
+    @model_validator(mode="after")
+    def _engine_kwargs_for_vllm(self) -> CandidateConfig:
+        if self.engine_kwargs and self.backend != "vllm":
+            raise ValueError(
+                f"engine_kwargs go to vllm.LLM: set 'backend: vllm' or remove them ({self.name})"
+            )
+        reserved = sorted({"model", "tokenizer", "dtype"} & set(self.engine_kwargs))
+        if reserved:
+            raise ValueError(f"engine_kwargs: {reserved} come from the candidate's path and dtype keys")
         return self
 
 
@@ -155,6 +181,21 @@ class SwitcherConfig(StrictModel):
     top_p: float = Field(0.7, gt=0, le=1)
     greedy: bool = False
     seed: int = 0
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="the LM switcher's weights in every command that loads one (generate, eval, sft, rl); "
+        "auto: bfloat16 on a GPU with bf16 support, else float32. sft and rl train in this precision",
+    )
+    device: str = Field(
+        "auto",
+        description="the LM switcher's device: auto (CUDA if present, else CPU) | cpu | cuda | cuda:N; "
+        "auto and cuda are this rank's GPU (cuda:LOCAL_RANK) under accelerate launch",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        return check_device(v)
 
 
 class TaskSourceConfig(StrictModel):

@@ -160,11 +160,11 @@ def build_systems(
     """System name -> :data:`SystemFactory`, in table order (see :func:`resolve_systems`).
 
     LM switchers (``untuned``, ``sft``, ``rl``, saved directories) load lazily on first use, on
-    ``device`` (default: CUDA if available, else CPU), with ``switcher.top_p`` / ``greedy`` of the config.
+    ``device`` (default: ``switcher.device``), with ``switcher.dtype`` / ``top_p`` / ``greedy`` of the config.
     """
     n, cands = len(pool), pool.names
     sw = resolved.config.switcher
-    lm_kwargs = {"top_p": sw.top_p, "greedy": sw.greedy, "device": device}
+    lm_kwargs = {"top_p": sw.top_p, "greedy": sw.greedy, "device": device or sw.device, "dtype": sw.dtype}
     systems: dict[str, SystemFactory] = {}
     for spec in resolve_systems(resolved, names, cands, notes):
         if spec.kind == "singles":

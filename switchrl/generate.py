@@ -12,8 +12,9 @@ from switchrl.config import SwitcherConfig
 from switchrl.errors import ConfigError
 from switchrl.policies import FixedSwitcher, RandomSwitcher, RoundRobinSwitcher, SwitchPolicy
 from switchrl.policies.factory import build_switcher, looks_like_path
+from switchrl.preflight import check_config
 from switchrl.rollout import run_switch_generation
-from switchrl.run_config import ResolvedRun, load_config
+from switchrl.run_config import load_config
 
 
 def build_policy(cfg: SwitcherConfig, candidate_names: list[str]) -> SwitchPolicy:
@@ -35,6 +36,8 @@ def build_policy(cfg: SwitcherConfig, candidate_names: list[str]) -> SwitchPolic
         top_p=cfg.top_p,
         greedy=cfg.greedy,
         seed=cfg.seed,
+        device=cfg.device,
+        dtype=cfg.dtype,
         where="switcher.path",
     )
 
@@ -64,9 +67,10 @@ def render(trace: Trace, names: list[str]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    resolved = ResolvedRun(config)
-    if args.switcher:
-        config.switcher = parse_switcher(args.switcher)
+    if args.switcher:  # the override names the policy; the config still places it
+        placement = {"dtype": config.switcher.dtype, "device": config.switcher.device}
+        config.switcher = parse_switcher(args.switcher).model_copy(update=placement)
+    resolved = check_config(config, "generate")
     if args.jsonl:
         from switchrl.tasks import load_jsonl
 

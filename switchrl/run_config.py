@@ -254,6 +254,18 @@ class ResolvedRun:
             return str(self.family.aligned)
         raise ConfigError(f"{field}: name the switcher's base model (a local checkpoint directory)")
 
+    def rl_start(self, rl: RLSection) -> tuple[str, str]:
+        """Where RL's switcher starts: ``("init", rl.init)`` (a saved switcher) or ``("base", model)`` (a
+        fresh LoRA on ``rl.base``, the testbed's aligned checkpoint by default)."""
+        if rl.init:
+            return "init", rl.init
+        if rl.base or self.family is not None:
+            return "base", self.switcher_base(rl.base, "rl.base")
+        raise ConfigError(
+            "rl: give rl.init (a switcher saved by `switchrl sft`, e.g. the sft.out_dir "
+            f"{self.config.sft.out_dir}) or rl.base (a base model for a fresh LoRA switcher)"
+        )
+
     @property
     def label_tokens(self) -> list[str] | None:
         """The switcher's label tokens: the testbed family reserves its own; ``None``: the default."""

@@ -15,6 +15,7 @@ from switchrl.backends.base import (
     Trace,
 )
 from switchrl.config import CandidateConfig
+from switchrl.devices import check_per_rank, place, world_size
 from switchrl.errors import ConfigError
 
 
@@ -72,8 +73,26 @@ def build_backend(cfg: CandidateConfig) -> CandidateBackend:
     if cfg.backend == "vllm":
         from switchrl.backends.vllm_backend import VLLMBackend
 
-        return VLLMBackend.from_pretrained(cfg.name, cfg.path, dtype=cfg.dtype, device=cfg.device, **common)
+        return VLLMBackend.from_pretrained(
+            cfg.name, cfg.path, dtype=cfg.dtype, device=cfg.device, engine_kwargs=cfg.engine_kwargs, **common
+        )
     raise ConfigError(f"candidate {cfg.name!r}: backend {cfg.backend!r} is not available in this install")
+
+
+def rank_candidates(candidates: Sequence[CandidateConfig]) -> list[CandidateConfig]:
+    """The local executor's candidates in this process: under a launch of several processes each rank
+    loads its own set, ``cuda`` / ``auto`` on its own GPU (``cuda:LOCAL_RANK``); a ``cuda:N`` (the same
+    GPU in every rank) is refused in favour of ``executor: ray``, whose one set serves every rank."""
+    check_per_rank(
+        {f"candidates.{i}.device": c.device for i, c in enumerate(candidates) if c.backend != "openai"},
+        "use 'executor: ray' (one set of candidates on their own GPUs serves every rank), or 'device: "
+        "cuda' (each rank loads its own candidates onto its own GPU, cuda:LOCAL_RANK)",
+    )
+    if world_size() <= 1:
+        return list(candidates)
+    return [
+        c if c.backend == "openai" else c.model_copy(update={"device": place(c.device)}) for c in candidates
+    ]
 
 
 def check_pool(candidates: Sequence, patch_tokens: int) -> list[str]:

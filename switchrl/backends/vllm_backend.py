@@ -8,15 +8,18 @@ candidate), so tokens do not depend on which traces share a batch.
 
 from __future__ import annotations
 
+import os
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from switchrl.backends.base import CandidateSampling, Patch, Trace
 from switchrl.backends.tokens import TokenizedCandidate, load_tokenizer
-from switchrl.errors import SwitchRLError
+from switchrl.errors import ConfigError, SwitchRLError
 
 
 def import_vllm() -> Any:
@@ -29,6 +32,39 @@ def import_vllm() -> Any:
             f"separate environment pinned to its torch (import failed: {err})"
         ) from err
     return vllm
+
+
+@contextmanager
+def visible_gpu(device: str, tensor_parallel_size: int, name: str) -> Iterator[None]:
+    """Start a vLLM engine on GPU ``N`` of ``device="cuda:N"``: vLLM (>= 0.10) has no device argument
+    and places its engine by ``CUDA_VISIBLE_DEVICES``, which its engine process reads when it starts,
+    so the variable names only that GPU (the ``N``-th of an existing list) while the engine starts, and
+    is restored after. Any other ``device`` changes nothing."""
+    match = re.fullmatch(r"cuda:(\d+)", device)
+    if match is None:
+        yield
+        return
+    if tensor_parallel_size > 1:
+        raise ConfigError(
+            f"candidate {name!r}: device {device} is one GPU but engine_kwargs.tensor_parallel_size is "
+            f"{tensor_parallel_size}; set device: cuda (vLLM uses the visible GPUs) or place it with "
+            "executor: ray"
+        )
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = before.split(",") if before else None
+    index = int(match.group(1))
+    if visible is not None and index >= len(visible):
+        raise ConfigError(
+            f"candidate {name!r}: device {device}, but CUDA_VISIBLE_DEVICES={before} shows {len(visible)} GPU(s)"
+        )
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if visible is not None else str(index)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 class VLLMBackend(TokenizedCandidate):
@@ -73,8 +109,11 @@ class VLLMBackend(TokenizedCandidate):
         engine_kwargs: dict | None = None,
         **kwargs,
     ) -> VLLMBackend:
-        """A ``vllm.LLM`` with prefix caching on checkpoint ``path``; vLLM picks its platform (``device``
-        must be "auto" or the platform's own, e.g. "cuda" / "cpu"), ``engine_kwargs`` go to ``vllm.LLM``."""
+        """A ``vllm.LLM`` with prefix caching on checkpoint ``path``; ``engine_kwargs`` (the config's, e.g.
+        ``gpu_memory_utilization``, ``max_model_len``, ``tensor_parallel_size``, ``enforce_eager``) go to
+        ``vllm.LLM``. vLLM picks its platform itself and has no ``device`` argument: ``auto`` / ``cuda`` /
+        ``cpu`` leave it to vLLM, ``cuda:N`` starts the engine with only GPU ``N`` visible
+        (:func:`visible_gpu`)."""
         vllm = import_vllm()
         tokenizer = load_tokenizer(path)
         try:
@@ -83,7 +122,8 @@ class VLLMBackend(TokenizedCandidate):
             generation_config = None
         options = dict(model=path, tokenizer=path, dtype=dtype, enable_prefix_caching=True, seed=0)
         options.update(engine_kwargs or {})
-        llm = vllm.LLM(**options)
+        with visible_gpu(device, int(options.get("tensor_parallel_size", 1)), name):
+            llm = vllm.LLM(**options)
         return cls(name, llm, tokenizer, generation_config=generation_config, **kwargs)
 
     def write_patches(

@@ -1,10 +1,12 @@
 """One way to build an LM switcher, shared by SFT, RL and eval, so the three cannot disagree.
 
 Every switcher of a run starts from a base model (the ``untuned`` system; a fresh LoRA adapter for
-SFT or RL) or from a saved switcher directory (evaluated, or RL's warm start), on one device rule
-(CUDA if present, else CPU), with the same label-token check and the same candidate check. A fresh
-adapter's initial weights come from the given seed, so two runs of one config train the same
-switcher. Arguments are plain values: the run config's defaults are resolved by the caller.
+SFT or RL) or from a saved switcher directory (evaluated, or RL's warm start), on one device and
+dtype rule (:mod:`switchrl.devices`: CUDA if present, else CPU, each rank its own GPU under
+``accelerate launch``; bf16 on a GPU that has it), with the same label-token check and the same
+candidate check (:func:`check_saved_switcher`, also run before any weight loads). A fresh adapter's
+initial weights come from the given seed, so two runs of one config train the same switcher.
+Arguments are plain values: the run config's defaults are resolved by the caller.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import Any
 
 import torch
 
+from switchrl.backends.tokens import check_model_dir
+from switchrl.devices import dtype_name, place, torch_dtype
 from switchrl.errors import CheckpointError, ConfigError
-from switchrl.policies.lm_switcher import LMSwitcher
+from switchrl.policies.lm_switcher import LMSwitcher, SavedSwitcherConfig, read_metadata
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,30 @@ def looks_like_path(spec: str) -> bool:
     return "/" in spec or "\\" in spec or spec.startswith((".", "~"))
 
 
+def check_saved_switcher(
+    saved: str, candidate_names: Sequence[str], where: str, trainable: bool = False
+) -> SavedSwitcherConfig:
+    """What :func:`build_switcher` would refuse about a saved switcher directory, from its metadata
+    alone (no weights): a missing directory or metadata, other candidates, a full model to train, a
+    missing base model under an adapter."""
+    if not Path(saved).is_dir():
+        raise CheckpointError(
+            f"{where}: switcher directory {saved} does not exist; give a directory written by "
+            "`switchrl sft` / `switchrl rl`"
+        )
+    meta = read_metadata(Path(saved))
+    if meta.candidate_names != list(candidate_names):
+        raise CheckpointError(
+            f"{where}: the switcher at {saved} was trained for candidates "
+            f"{meta.candidate_names}, but this run has {list(candidate_names)}"
+        )
+    if trainable and not meta.adapter:
+        raise ConfigError(f"{where}: {saved} holds a full model, not a LoRA adapter; only adapters train")
+    if meta.adapter and meta.base_model_path:
+        check_model_dir(meta.base_model_path)
+    return meta
+
+
 def build_switcher(
     candidate_names: Sequence[str],
     *,
@@ -90,9 +118,9 @@ def build_switcher(
             ``candidate_names``.
         label_tokens: one per candidate for a ``base`` switcher (used if there are enough).
         patch_tokens: the patch size recorded with a ``base`` switcher (default: the switcher's 50).
-        device: default ``auto``: ``cuda`` if available, else ``cpu`` (the candidates' rule,
-            :func:`~switchrl.backends.transformers_backend.resolve_device`); ``dtype``: ``auto`` is bf16
-            on CUDA, float32 on CPU.
+        device: default ``auto``: ``cuda`` if available, else ``cpu``; ``cuda`` is this rank's GPU under
+            a multi-process launch (:func:`switchrl.devices.place`); ``dtype``: ``auto`` is bf16
+            on a CUDA device with bf16 support, else float32 (:func:`switchrl.devices.torch_dtype`).
         seed: the switcher's sampling seed and the seed of a fresh adapter.
         trainable: unfreeze the LoRA weights (a ``saved`` switcher must hold an adapter).
         where: the config field named in errors (e.g. ``rl.init``).
@@ -100,24 +128,14 @@ def build_switcher(
     """
     if (base is None) == (saved is None):
         raise ConfigError(f"{where}: give exactly one of a base model and a saved switcher directory")
-    device = device or "auto"
+    device = place(device or "auto")
+    dtype = dtype_name(torch_dtype(dtype, device))
     names = list(candidate_names)
     if saved is not None:
         if lora is not None:
             raise ConfigError(f"{where}: a saved switcher keeps its adapter; a fresh lora needs a base")
-        if not Path(saved).is_dir():
-            raise CheckpointError(
-                f"{where}: switcher directory {saved} does not exist; give a directory written by "
-                "`switchrl sft` / `switchrl rl`"
-            )
+        check_saved_switcher(saved, names, where, trainable=trainable)
         switcher = LMSwitcher.from_pretrained(saved, device=device, dtype=dtype, seed=seed, **settings)
-        if switcher.candidate_names != names:
-            raise CheckpointError(
-                f"{where}: the switcher at {saved} was trained for candidates "
-                f"{switcher.candidate_names}, but this run has {names}"
-            )
-        if trainable and not hasattr(switcher.model, "peft_config"):
-            raise ConfigError(f"{where}: {saved} holds a full model, not a LoRA adapter; only adapters train")
     else:
         if patch_tokens is not None:
             settings["patch_tokens"] = patch_tokens

@@ -52,6 +52,24 @@ class SavedSwitcherConfig(StrictModel):
     aligned_first_last: bool = False
 
 
+def read_metadata(directory: Path) -> SavedSwitcherConfig:
+    """The ``switchrl_switcher.json`` of a saved switcher (read without loading any weights)."""
+    meta_path = directory / METADATA_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{directory} is not a saved switcher: {METADATA_FILE} is missing")
+    try:
+        meta = SavedSwitcherConfig.model_validate(json.loads(meta_path.read_text()))
+    except (ValidationError, json.JSONDecodeError) as err:
+        msg = format_validation_error(err, str(meta_path)) if isinstance(err, ValidationError) else str(err)
+        raise CheckpointError(f"{meta_path}: invalid switcher metadata: {msg}") from None
+    if meta.format_version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: format_version {meta.format_version} is not supported "
+            f"(this switchrl reads {FORMAT_VERSION})"
+        )
+    return meta
+
+
 def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
@@ -173,21 +191,7 @@ class LMSwitcher:
     ) -> LMSwitcher:
         """Restore a switcher written by :meth:`save_pretrained` (``overrides``: e.g. ``greedy``, ``seed``)."""
         directory = Path(directory)
-        meta_path = directory / METADATA_FILE
-        if not meta_path.is_file():
-            raise CheckpointError(f"{directory} is not a saved switcher: {METADATA_FILE} is missing")
-        try:
-            meta = SavedSwitcherConfig.model_validate(json.loads(meta_path.read_text()))
-        except (ValidationError, json.JSONDecodeError) as err:
-            msg = (
-                format_validation_error(err, str(meta_path)) if isinstance(err, ValidationError) else str(err)
-            )
-            raise CheckpointError(f"{meta_path}: invalid switcher metadata: {msg}") from None
-        if meta.format_version != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{meta_path}: format_version {meta.format_version} is not supported "
-                f"(this switchrl reads {FORMAT_VERSION})"
-            )
+        meta = read_metadata(directory)
         kwargs = meta.model_dump(exclude={"format_version", "adapter", "candidate_names", "base_model_path"})
         kwargs.update(overrides)
         tokenizer = load_tokenizer(str(directory))
@@ -197,7 +201,7 @@ class LMSwitcher:
         base = base_model_path or meta.base_model_path
         if not base:
             raise CheckpointError(
-                f"{meta_path}: the adapter's base_model_path is unknown; pass base_model_path="
+                f"{directory / METADATA_FILE}: the adapter's base_model_path is unknown; pass base_model_path="
             )
         switcher = cls(
             load_causal_lm(base, dtype, device),

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from switchrl.devices import training_settings
 from switchrl.errors import ConfigError
 from switchrl.policies.lm_switcher import LMSwitcher
 from switchrl.rewards.router import TaskScorers
@@ -61,7 +62,7 @@ from switchrl.trainers.rl_setup import (
     save_switcher,
     switch_stats,
 )
-from switchrl.utils.training import trainer_args
+from switchrl.utils.training import one_device, trainer_args
 
 LABEL_ONLY_BIAS = -1e4  # exp(-1e4) underflows to 0: the softmax is exactly the label-restricted one
 
@@ -186,16 +187,18 @@ def switch_cost(num_switches: list[int], **_: Any) -> list[float]:
 
 
 def grpo_config(setup: RLSetup, switcher: LMSwitcher) -> Any:
-    """The ``GRPOConfig`` of a run (one generation batch per optimiser step, no vLLM)."""
+    """The ``GRPOConfig`` of a run (one generation batch per optimiser step, no vLLM), in the switcher's
+    precision on its one device (``switcher.dtype`` / ``switcher.device``)."""
     from trl import GRPOConfig
 
-    rl = setup.rl
-    return GRPOConfig(
+    rl, placement = setup.rl, setup.resolved.config.switcher
+    args = GRPOConfig(
         **trainer_args(
             str(setup.out_dir / "trainer"),
             seed=rl.seed,
             report_to=rl.report_to,
             logging_steps=rl.logging_steps,
+            **training_settings(placement.device, placement.dtype),
         ),
         max_steps=rl.steps,
         learning_rate=rl.learning_rate,
@@ -216,6 +219,7 @@ def grpo_config(setup: RLSetup, switcher: LMSwitcher) -> Any:
         save_steps=rl.save_steps,
         remove_unused_columns=False,
     )
+    return one_device(args)
 
 
 def train_grpo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:

@@ -15,6 +15,7 @@ from typing import Any
 
 from switchrl.errors import ConfigError
 from switchrl.executors.remote_pool import RayCandidatePool
+from switchrl.preflight import check_config
 from switchrl.run_config import RLSection, RunConfig, load_config
 from switchrl.trainers.rl_setup import RLResult, RLSetup, prepare, remove_run
 
@@ -65,6 +66,7 @@ def main(args: Any) -> int:
     config.executor = config.executor.overridden(
         executor=getattr(args, "executor", None), ray_address=getattr(args, "ray_address", None)
     )
+    check_config(config, "rl", algo=args.algo)
     result = train(
         config,
         args.algo,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from switchrl.backends.base import Pool
-from switchrl.backends.pool import CandidatePool
+from switchrl.backends.pool import CandidatePool, rank_candidates
 from switchrl.errors import ConfigError
 from switchrl.executors import writable_dir
 from switchrl.executors.remote_pool import RayCandidatePool
@@ -108,7 +108,10 @@ def prepare(
         )
     elif pool is None:
         pool = CandidatePool.from_configs(
-            resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed, truncate=gen.truncate
+            rank_candidates(resolved.candidates),
+            patch_tokens=gen.patch_tokens,
+            seed=gen.seed,
+            truncate=gen.truncate,
         )
     return RLSetup(resolved, rl, pool, instances, TaskScorers(scorers), reward_spec=reward)
 
@@ -122,8 +125,8 @@ def run_fingerprint(setup: RLSetup, algo: str) -> dict:
     if algo in ALGO_SECTION:
         own = getattr(rl, ALGO_SECTION[algo]).model_dump(mode="json")
         section[ALGO_SECTION[algo]] = {k: v for k, v in own.items() if k != "total_timesteps"}
-    start_dir = rl.init or setup.resolved.switcher_base(rl.base, "rl.base")
-    start = {"init" if rl.init else "base": start_dir, "signature": dir_signature(start_dir)}
+    kind, start_dir = setup.resolved.rl_start(rl)
+    start = {kind: start_dir, "signature": dir_signature(start_dir)}
     spec = setup.reward_spec
     override = None if spec is None else json.loads(json.dumps(spec, default=scorer_label))  # no addresses
     return {
@@ -218,15 +221,23 @@ def build_switcher(setup: RLSetup) -> LMSwitcher:
     ``rl.base`` (initial weights from ``rl.seed``), set to sample with ``rl.top_p`` / ``rl.temperature``
     from ``rl.seed``."""
     rl, resolved = setup.rl, setup.resolved
+    placement = resolved.config.switcher
     common: dict[str, Any] = dict(
-        seed=rl.seed, trainable=True, greedy=False, top_p=rl.top_p, temperature=rl.temperature
+        seed=rl.seed,
+        trainable=True,
+        greedy=False,
+        top_p=rl.top_p,
+        temperature=rl.temperature,
+        device=placement.device,
+        dtype=placement.dtype,
     )
-    if rl.init:
-        switcher = make_switcher(setup.names, saved=rl.init, where="rl.init", **common)
+    kind, start = resolved.rl_start(rl)
+    if kind == "init":
+        switcher = make_switcher(setup.names, saved=start, where="rl.init", **common)
     else:
         switcher = make_switcher(
             setup.names,
-            base=resolved.switcher_base(rl.base, "rl.base"),
+            base=start,
             label_tokens=resolved.label_tokens,
             lora=LoraSettings(rl.lora_r, rl.lora_alpha, rl.lora_dropout),
             patch_tokens=resolved.generation.patch_tokens,

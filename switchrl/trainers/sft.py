@@ -19,13 +19,15 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from switchrl.devices import training_settings
 from switchrl.errors import ConfigError
 from switchrl.executors import ShardStore, writable_dir
 from switchrl.policies.factory import LoraSettings, build_switcher
 from switchrl.policies.sequence import SwitchSequence
+from switchrl.preflight import check_config
 from switchrl.records import SimulatedState, parse_record, read_records
 from switchrl.run_config import ResolvedRun, RunConfig, load_config
-from switchrl.utils.training import trainer_args
+from switchrl.utils.training import one_device, trainer_args
 
 
 def build_examples(
@@ -109,6 +111,8 @@ def train_sft(config: RunConfig, records: Sequence[SimulatedState | dict] | None
         label_tokens=resolved.label_tokens,
         lora=LoraSettings(section.lora_r, section.lora_alpha, section.lora_dropout),
         patch_tokens=resolved.generation.patch_tokens,
+        device=config.switcher.device,
+        dtype=config.switcher.dtype,
         seed=section.seed,
         where="sft.base",
     )
@@ -119,6 +123,7 @@ def train_sft(config: RunConfig, records: Sequence[SimulatedState | dict] | None
             seed=section.seed,
             report_to=section.report_to,
             logging_steps=max(1, len(dataset) // section.batch_size // 4),
+            **training_settings(config.switcher.device, config.switcher.dtype),
         ),
         num_train_epochs=section.epochs,
         max_steps=section.max_steps,
@@ -131,7 +136,7 @@ def train_sft(config: RunConfig, records: Sequence[SimulatedState | dict] | None
     )
     trainer = SwitcherSFTTrainer(
         model=switcher.model,
-        args=args,
+        args=one_device(args),
         train_dataset=dataset,
         processing_class=switcher.tokenizer,
         data_collator=_Collator(switcher.lm.pad_token_id),
@@ -154,5 +159,6 @@ def main(args) -> int:
     config = load_config(args.config)
     if args.report_to:
         config.sft.report_to = args.report_to
+    check_config(config, "sft")
     print(f"switcher saved to {train_sft(config)}")
     return 0

@@ -27,6 +27,7 @@ from switchrl.executors import ShardStore, WorkerContext, WorkerSpec, run, writa
 from switchrl.policies.baselines import RandomSwitcher
 from switchrl.policies.factory import build_switcher
 from switchrl.policies.lm_switcher import METADATA_FILE
+from switchrl.preflight import check_config
 from switchrl.records import PrefixPatch, SimulatedState
 from switchrl.rewards.base import Scorer
 from switchrl.rewards.provenance import FailureTally
@@ -285,6 +286,7 @@ def main(args) -> int:
     """``switchrl simulate --config X [--executor local|ray] [--ray-address A] [--overwrite|--repair]``."""
     config = load_config(args.config)
     config.executor = config.executor.overridden(executor=args.executor, ray_address=args.ray_address)
+    check_config(config, "simulate")
     store = simulate(
         config, overwrite=getattr(args, "overwrite", False), repair=getattr(args, "repair", False)
     )

@@ -7,6 +7,8 @@ environment defaults of :mod:`switchrl.utils.environment` that the trainers read
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from switchrl.utils.environment import offline_defaults
@@ -21,10 +23,13 @@ def trainer_args(
     data_seed: int | None = None,
     use_cpu: bool | None = None,
     progress: bool | None = None,
+    bf16: bool = False,
+    fp16: bool = False,
 ) -> dict:
     """The shared ``TrainingArguments`` keys: ``report_to`` (``none`` | ``wandb`` | ``tensorboard``),
     ``seed`` (and ``data_seed``, the data order; default: ``seed``), the CPU fallback (``use_cpu``,
-    default: no CUDA device), full precision (no bf16/fp16 autocast) and progress bars (default:
+    default: no CUDA device), the precision (default: full, no bf16/fp16 autocast; the switcher's
+    trainers pass :func:`switchrl.devices.training_settings`) and progress bars (default:
     Transformers')."""
     offline_defaults()
     return dict(
@@ -34,7 +39,17 @@ def trainer_args(
         seed=seed,
         data_seed=data_seed,
         use_cpu=not torch.cuda.is_available() if use_cpu is None else use_cpu,
-        bf16=False,
-        fp16=False,
+        bf16=bf16,
+        fp16=fp16,
         disable_tqdm=None if progress is None else not progress,
     )
+
+
+def one_device(args: Any) -> Any:
+    """``args`` training on the model's one device: in a single process that sees several GPUs,
+    Transformers would wrap the model in ``nn.DataParallel`` over all of them, copying the switcher
+    onto the candidates' GPUs. Sets ``n_gpu`` to 1 the way the ``Trainer`` does for a model-parallel
+    model."""
+    if args.n_gpu > 1:
+        args._n_gpu = 1
+    return args
