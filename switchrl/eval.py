@@ -28,6 +28,7 @@ from switchrl.eval_metrics import CI_METHOD, format_table, summarize
 from switchrl.eval_systems import LM_KINDS, LMSystem, SystemFactory, build_systems, resolve_systems
 from switchrl.executors import ExecutorConfig, WorkerContext, WorkerSpec, run, writable_dir
 from switchrl.executors.shards import atomic_write
+from switchrl.plan import check_fits
 from switchrl.records import EvalResponse, ResponsePatch, read_records
 from switchrl.rewards.base import ScoreResult, safe_score_batch
 from switchrl.rewards.provenance import FailureTally
@@ -264,6 +265,7 @@ def main(args: argparse.Namespace) -> int:
     executor = config.executor.overridden(
         executor=getattr(args, "executor", None), ray_address=getattr(args, "ray_address", None)
     )
+    check_fits(config, "eval", executor)  # memory per device, before a weight is loaded
     result = evaluate(
         config,
         executor=executor,

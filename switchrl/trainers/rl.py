@@ -15,6 +15,7 @@ from typing import Any
 
 from switchrl.errors import ConfigError
 from switchrl.executors.remote_pool import RayCandidatePool
+from switchrl.plan import check_fits
 from switchrl.run_config import RLSection, RunConfig, load_config
 from switchrl.trainers.rl_setup import RLResult, RLSetup, prepare, remove_run
 
@@ -65,6 +66,7 @@ def main(args: Any) -> int:
     config.executor = config.executor.overridden(
         executor=getattr(args, "executor", None), ray_address=getattr(args, "ray_address", None)
     )
+    check_fits(config, "rl")  # memory per device, before a weight is loaded
     result = train(
         config,
         args.algo,

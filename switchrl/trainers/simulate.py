@@ -19,6 +19,7 @@ from switchrl.backends.base import Pool, Trace
 from switchrl.backends.pool import CandidatePool
 from switchrl.errors import ConfigError
 from switchrl.executors import ShardStore, WorkerContext, WorkerSpec, run, writable_dir
+from switchrl.plan import check_fits
 from switchrl.policies.baselines import RandomSwitcher
 from switchrl.records import PrefixPatch, SimulatedState
 from switchrl.rewards.base import Scorer
@@ -241,6 +242,7 @@ def main(args) -> int:
     """``switchrl simulate --config X [--executor local|ray] [--ray-address A] [--overwrite|--repair]``."""
     config = load_config(args.config)
     config.executor = config.executor.overridden(executor=args.executor, ray_address=args.ray_address)
+    check_fits(config, "simulate")  # memory per device, before a weight is loaded
     store = simulate(
         config, overwrite=getattr(args, "overwrite", False), repair=getattr(args, "repair", False)
     )
