@@ -10,7 +10,7 @@ The rules (upper bounds: every sequence runs to ``prompt + max_new_tokens`` posi
   (plus the LM switcher's own cache of them); rl ``queries_per_step x num_generations`` episodes;
 * the RL switcher (LoRA on its base): base weights, LoRA weights + gradients + Adam in float32
   (16 B per LoRA parameter, ``all-linear``), and the larger of the rollout cache and one training
-  step's activations: dtype bytes x (19 x hidden + 5 x intermediate) per layer per token (what autograd
+  step's activations: dtype bytes x (20 x hidden + 5 x intermediate) per layer per token (what autograd
   keeps for a Hugging Face Llama with LoRA ``all-linear``, measured; SDPA keeps no attention scores)
   + 2 x vocab x dtype bytes per token (the logits and their gradient);
 * vLLM candidates reserve ``gpu_memory_utilization`` (default 0.9) of their device.
@@ -28,7 +28,7 @@ from switchrl.plan.models import DTYPE_BYTES, ModelShape
 
 USABLE = 0.9
 SAMPLING_BYTES_PER_LOGIT = 16  # float32 logits, softmax, sorted probabilities, their cumulative sum
-ACTIVATIONS_PER_HIDDEN = 19  # saved activations per layer per token, in dtype units per hidden unit
+ACTIVATIONS_PER_HIDDEN = 20  # saved activations per layer per token, in dtype units per hidden unit
 ACTIVATIONS_PER_INTERMEDIATE = 5  # ... and per unit of the MLP's width (tests/test_plan.py measures both)
 ADAM_BYTES = 16  # float32 weight + gradient + two moments per trainable parameter
 COMMANDS = ("simulate", "eval", "rl")
