@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only", action="append", choices=["simulate", "eval", "rl"], help="plan only this command"
     )
+    p.add_argument("--algo", choices=["grpo", "ppo", "sb3-ppo"], default="grpo", help="rl's algorithm")
     p.add_argument("--prompt-tokens", type=int, help="prompt length (default: from the longest task query)")
     p.add_argument("--hub-cache", help="look hub ids up in this Hugging Face cache (default: the hub's own)")
 

@@ -138,7 +138,7 @@ def test_activation_rule_bounds_what_autograd_keeps(word_tokenizer, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    def saved_per_token(layers: int, hidden: int, inter: int) -> float:
+    def saved_per_token(layers: int, hidden: int, inter: int, checkpointing: bool = False) -> float:
         torch.manual_seed(0)
         cfg = LlamaConfig(
             vocab_size=64,
@@ -151,6 +151,10 @@ def test_activation_rule_bounds_what_autograd_keeps(word_tokenizer, tmp_path):
         model = get_peft_model(
             LlamaForCausalLM(cfg).to(torch.bfloat16), LoraConfig(r=8, target_modules="all-linear")
         )
+        if checkpointing:  # as TRL's GRPO does by default
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.enable_input_require_grads()
+            model.train()
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen: dict[int, int] = {}
 
@@ -170,55 +174,88 @@ def test_activation_rule_bounds_what_autograd_keeps(word_tokenizer, tmp_path):
         shape_cfg.update(num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2)
         (cfg_dir / "config.json").write_text(json.dumps(shape_cfg))
         shape = model_shape(str(cfg_dir))
-        rule = activation_bytes_per_token(shape, "bfloat16") - 2 * 2 * shape.vocab  # one layer, no logits
+        logits = 2 * 2 * shape.vocab
+        rule = activation_bytes_per_token(shape, "bfloat16", checkpointing=False) - logits  # one layer
         assert measured <= rule <= 1.1 * measured, (hidden, inter, measured, rule)
+        kept = (saved_per_token(3, hidden, inter, True) - saved_per_token(1, hidden, inter, True)) / 2
+        # checkpointed: each layer keeps its input; one layer's full set lives while it is recomputed
+        with_one_layer = activation_bytes_per_token(shape, "bfloat16", checkpointing=True) - logits
+        assert kept == with_one_layer - rule == 2 * hidden
 
 
 def test_four_80gb_gpus_fit_the_shipped_config(capsys, tmp_path, hub_cache):
-    """The shipped layout (a GPU per candidate, the switcher with the first) passes simulate and eval;
-    GRPO's default 4 x 4 episodes need its switcher's activations trimmed to 1 query per step."""
-    rc, out, err = plan(capsys, SHIPPED, hub_cache, FOUR_80, "--only", "simulate", "--only", "eval")
+    """The shipped layout (a GPU per candidate, the switcher with the first) passes simulate, eval and GRPO;
+    PPO (no gradient checkpointing) must train on fewer episodes per gradient step."""
+    rc, out, err = plan(capsys, SHIPPED, hub_cache, FOUR_80)
     assert rc == 0, err
-    assert "simulate: fits" in out and "eval: fits" in out
+    assert "simulate: fits" in out and "eval: fits" in out and "rl: fits" in out
     assert re.search(r"cuda:1 +80\.0 GiB +15\.0 GiB +128 KiB", out)  # one candidate's weights and KV/token
-    rc, out, err = plan(capsys, SHIPPED, hub_cache, FOUR_80, "--only", "rl")
-    assert rc == 2 and "lower rl.queries_per_step to 1" in err
-    rc, out, err = plan(capsys, shipped(tmp_path, rl={"queries_per_step": 1}), hub_cache, FOUR_80)
-    assert rc == 0, err
+    rc, out, err = plan(capsys, SHIPPED, hub_cache, FOUR_80, "--only", "rl", "--algo", "ppo")
+    size = re.search(r"lower rl\.ppo\.minibatch_size to (\d+)$", err.strip())
+    assert rc == 2 and size, err
+    for value, rc_expected in ((int(size.group(1)), 0), (int(size.group(1)) + 1, 2)):
+        config = shipped(tmp_path, rl={"ppo": {"minibatch_size": value}})
+        assert plan(capsys, config, hub_cache, FOUR_80, "--algo", "ppo")[0] == rc_expected
 
 
 def _fix_values(err: str) -> dict[str, int]:
     return {key: int(v) for key, v in re.findall(r"(\w+\.\w+) to (\d+)", err)}
 
 
-@pytest.mark.parametrize("size", ["80GB", "141GB"])
-def test_one_gpu_says_what_fits_and_what_to_lower(capsys, tmp_path, hub_cache, size):
+@pytest.mark.parametrize(
+    ("size", "states_per_batch", "overflowing"),
+    [("80GB", 2, {"simulate", "eval", "rl"}), ("141GB", 8, {"simulate"})],
+)
+def test_one_gpu_says_what_fits_and_what_to_lower(
+    capsys, tmp_path, hub_cache, size, states_per_batch, overflowing
+):
     """All three candidates and the switcher on one GPU: each command that overflows names the values to
-    lower to, and the config with exactly those values fits (and with one more does not)."""
-    config = one_gpu(tmp_path)
-    rc, out, first = plan(capsys, config, hub_cache, f"cuda:0={size}")
+    lower to; the config with exactly those values fits and with one more does not. On 141 GB the shipped
+    states_per_batch (2) fits and the default 8 does not (its KV is ~4x what is left after the weights)."""
+    data = yaml.safe_load(SHIPPED.read_text())
+    candidates = [{**c, "device": "cuda:0"} for c in data["candidates"]]
+    config = shipped(tmp_path, candidates=candidates, simulate={"states_per_batch": states_per_batch})
+    rc, out, err = plan(capsys, config, hub_cache, f"cuda:0={size}")
     assert rc == 2
     assert re.search(r"cuda:0 +\S+ GiB +59\.8 GiB +512 KiB", out)  # 4 x 16.06 GB of weights, 4 x 128 KiB
-    fixes = _fix_values(first)
-    assert fixes, first
-    sections: dict[str, dict] = {}
+    assert {
+        f.split(":")[0] for f in err.removeprefix("switchrl plan: error: ").split("; ") if ":" in f
+    } == overflowing
+    assert {f"{c}: fits" for c in {"simulate", "eval", "rl"} - overflowing} == set(
+        re.findall(r"^\w+: fits", out, re.M)
+    )
+    fixes = {key: int(v) for key, v in re.findall(r"(\w+\.\w+) to (\d+)", err)}
+    assert {k.split(".")[0] for k in fixes} == overflowing
+    sections: dict[str, dict] = {"simulate": {"states_per_batch": states_per_batch}}
     for key, value in fixes.items():
         section, field = key.split(".")
         sections.setdefault(section, {})[field] = value
-    fixed = shipped(tmp_path, candidates=yaml.safe_load(config.read_text())["candidates"], **sections)
-    for command in {k.split(".")[0] for k in fixes}:
-        rc, _, err = plan(capsys, fixed, hub_cache, f"cuda:0={size}", "--only", command)
-        assert rc == 0, err
-    key, value = next(iter(fixes.items()))
-    section, field = key.split(".")
-    over = shipped(
-        tmp_path,
-        candidates=yaml.safe_load(config.read_text())["candidates"],
-        **{section: {**sections[section], field: value + 1}},
-    )
-    assert plan(capsys, over, hub_cache, f"cuda:0={size}", "--only", section)[0] == 2
-    if size == "80GB":  # GRPO cannot fit next to three candidates even at its smallest batch
-        assert re.search(r"rl: cuda:0 needs [^;]* even at the smallest batch; .* own device", first), first
+    for command in overflowing:
+        assert (
+            plan(
+                capsys,
+                shipped(tmp_path, candidates=candidates, **sections),
+                hub_cache,
+                f"cuda:0={size}",
+                "--only",
+                command,
+            )[0]
+            == 0
+        )
+        key = next(k for k in fixes if k.startswith(command))  # the first knob named for this command
+        section, field = key.split(".")
+        over = {**sections, section: {**sections[section], field: fixes[key] + 1}}
+        assert (
+            plan(
+                capsys,
+                shipped(tmp_path, candidates=candidates, **over),
+                hub_cache,
+                f"cuda:0={size}",
+                "--only",
+                command,
+            )[0]
+            == 2
+        )
 
 
 def test_json_output(capsys, hub_cache):

@@ -87,7 +87,9 @@ def _switcher(base: str | None, device: str | None, hub_cache: str | None) -> Mo
     return Model("switcher", model_shape(base, hub_cache), _dtype("auto", device), device)
 
 
-def build_workload(config: RunConfig, hub_cache: str | None = None, prompt: int | None = None) -> Workload:
+def build_workload(
+    config: RunConfig, hub_cache: str | None = None, prompt: int | None = None, algo: str = "grpo"
+) -> Workload:
     """The models of ``config`` with their shapes, devices and dtypes, and the knobs of each command.
 
     Raises :class:`~switchrl.plan.models.ConfigUnavailable` when a ``config.json`` cannot be read here.
@@ -123,6 +125,8 @@ def build_workload(config: RunConfig, hub_cache: str | None = None, prompt: int 
         queries_per_step=config.rl.queries_per_step,
         num_generations=config.rl.num_generations,
         lora_r=config.rl.lora_r,
+        algo=algo,
+        ppo_minibatch=config.rl.ppo.minibatch_size,
     )
 
 
@@ -174,14 +178,16 @@ def make_report(
     return report
 
 
-def check_fits(config: RunConfig, command: str, executor: ExecutorConfig | None = None) -> None:
+def check_fits(
+    config: RunConfig, command: str, executor: ExecutorConfig | None = None, algo: str = "grpo"
+) -> None:
     """The plan of ``command`` on this machine's devices, before anything loads: raises
     :class:`PlanError` naming the fix; warns in one line and returns when it cannot be known here.
-    ``executor`` overrides the config's (e.g. the command line's ``--executor``)."""
+    ``executor`` overrides the config's (e.g. the command line's ``--executor``); ``algo``: rl's."""
     if executor is not None:
         config = config.model_copy(update={"executor": executor})
     try:
-        workload = build_workload(config)
+        workload = build_workload(config, algo=algo)
     except ConfigUnavailable as err:
         logger.warning("switchrl %s: memory plan skipped: %s", command, err)
         return

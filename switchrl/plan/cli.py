@@ -99,7 +99,7 @@ def as_table(data: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     prompt = (args.prompt_tokens, "--prompt-tokens") if args.prompt_tokens else prompt_tokens(config)
-    workload = build_workload(config, hub_cache=args.hub_cache, prompt=prompt[0])
+    workload = build_workload(config, hub_cache=args.hub_cache, prompt=prompt[0], algo=args.algo)
     given = parse_devices(args.devices) if args.devices else None
     report = make_report(workload, given, tuple(args.only or COMMANDS))
     data = as_json(report, prompt)

@@ -10,9 +10,12 @@ The rules (upper bounds: every sequence runs to ``prompt + max_new_tokens`` posi
   (plus the LM switcher's own cache of them); rl ``queries_per_step x num_generations`` episodes;
 * the RL switcher (LoRA on its base): base weights, LoRA weights + gradients + Adam in float32
   (16 B per LoRA parameter, ``all-linear``), and the larger of the rollout cache and one training
-  step's activations: dtype bytes x (20 x hidden + 5 x intermediate) per layer per token (what autograd
-  keeps for a Hugging Face Llama with LoRA ``all-linear``, measured; SDPA keeps no attention scores)
-  + 2 x vocab x dtype bytes per token (the logits and their gradient);
+  step's activations. Without checkpointing (``--algo ppo``, ``ppo.minibatch_size`` episodes) autograd
+  keeps dtype bytes x (20 x hidden + 5 x intermediate) per layer per token (measured on a Hugging Face
+  Llama with LoRA ``all-linear``; SDPA keeps no attention scores); with it (GRPO: TRL's default, all
+  ``queries_per_step x num_generations`` episodes at once) hidden x dtype bytes per layer per token plus
+  one layer's full set while it is recomputed; both + 2 x vocab x dtype bytes per token (the logits and
+  their gradient). ``--algo sb3-ppo`` trains no LM switcher;
 * vLLM candidates reserve ``gpu_memory_utilization`` (default 0.9) of their device.
 
 A device fits when the peak is at most :data:`USABLE` of its capacity (the rest is for the CUDA
@@ -59,6 +62,8 @@ class Workload:
     queries_per_step: int
     num_generations: int
     lora_r: int
+    algo: str = "grpo"  # grpo | ppo | sb3-ppo
+    ppo_minibatch: int = 8
 
 
 @dataclass
@@ -99,10 +104,11 @@ def _candidates(plan: CommandPlan, w: Workload, sequences: int, capacity: dict[s
         plan.add(c.device, f"{c.name} sampling {rows} rows", rows * c.shape.vocab * SAMPLING_BYTES_PER_LOGIT)
 
 
-def activation_bytes_per_token(shape: ModelShape, dtype: str) -> int:
+def activation_bytes_per_token(shape: ModelShape, dtype: str, checkpointing: bool) -> int:
     """What one training step keeps per token for the backward pass (see the module's rules)."""
     per_layer = ACTIVATIONS_PER_HIDDEN * shape.hidden + ACTIVATIONS_PER_INTERMEDIATE * shape.intermediate
-    return DTYPE_BYTES[dtype] * (shape.layers * per_layer + 2 * shape.vocab)
+    kept = shape.layers * shape.hidden + per_layer if checkpointing else shape.layers * per_layer
+    return DTYPE_BYTES[dtype] * (kept + 2 * shape.vocab)
 
 
 def plan_command(command: str, w: Workload, capacity: dict[str, int]) -> CommandPlan:
@@ -121,13 +127,14 @@ def plan_command(command: str, w: Workload, capacity: dict[str, int]) -> Command
         episodes = w.queries_per_step * w.num_generations
         _candidates(plan, w, episodes, capacity)
         s = w.rl_switcher
-        if s is not None and s.shape is not None:
+        if s is not None and s.shape is not None and w.algo != "sb3-ppo":
             shape = s.shape
             plan.add(s.device, "switcher weights", shape.weight_bytes(s.dtype))
             plan.add(s.device, "LoRA + Adam", w.lora_r * shape.lora_params_per_rank * ADAM_BYTES)
-            tokens = episodes * w.positions
-            rollout = tokens * shape.kv_bytes_per_token(s.dtype)
-            train = tokens * activation_bytes_per_token(shape, s.dtype)
+            rollout = episodes * w.positions * shape.kv_bytes_per_token(s.dtype)
+            grpo = w.algo == "grpo"
+            trained = episodes if grpo else min(episodes, w.ppo_minibatch)
+            train = trained * w.positions * activation_bytes_per_token(shape, s.dtype, checkpointing=grpo)
             plan.add(
                 s.device,
                 f"switcher {'training' if train >= rollout else 'rollout KV'} {episodes} ep",
@@ -153,6 +160,7 @@ KNOBS = {
     "eval": [("eval_batch", "eval.batch_size")],
     "rl": [("queries_per_step", "rl.queries_per_step"), ("num_generations", "rl.num_generations")],
 }
+PPO_KNOB = ("ppo_minibatch", "rl.ppo.minibatch_size")
 
 
 def fix_for(plan: CommandPlan, w: Workload, capacity: dict[str, int]) -> str:
@@ -169,12 +177,13 @@ def fix_for(plan: CommandPlan, w: Workload, capacity: dict[str, int]) -> str:
             f"{plan.command}: {where}, and the weights alone do not fit; give each model its own device "
             "(candidates.N.device: cuda:N), run on Ray with executor.placement: spread, or use bigger devices"
         )
-    for i, (knob, key) in enumerate(KNOBS[plan.command]):
-        fixed = {k: 1 if k != "num_generations" else 2 for k, _ in KNOBS[plan.command][:i]}
+    knobs = KNOBS[plan.command] if (plan.command, w.algo) != ("rl", "ppo") else [PPO_KNOB, *KNOBS["rl"]]
+    for i, (knob, key) in enumerate(knobs):
+        fixed = {k: 1 if k != "num_generations" else 2 for k, _ in knobs[:i]}
         base = replace(w, **fixed)
         best = _largest(plan.command, base, capacity, knob, getattr(w, knob))
         if best >= (2 if knob == "num_generations" else 1):
-            earlier = "".join(f"{k2} to {fixed[k]} and " for k, k2 in KNOBS[plan.command][:i])
+            earlier = "".join(f"{k2} to {fixed[k]} and " for k, k2 in knobs[:i])
             return f"{plan.command}: {where}; lower {earlier}{key} to {best}"
     return (
         f"{plan.command}: {where} even at the smallest batch; lower generation.max_new_tokens, or give each "

@@ -66,7 +66,7 @@ def main(args: Any) -> int:
     config.executor = config.executor.overridden(
         executor=getattr(args, "executor", None), ray_address=getattr(args, "ray_address", None)
     )
-    check_fits(config, "rl")  # memory per device, before a weight is loaded
+    check_fits(config, "rl", algo=args.algo)  # memory per device, before a weight is loaded
     result = train(
         config,
         args.algo,
