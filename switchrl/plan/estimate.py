@@ -177,6 +177,8 @@ def fix_for(plan: CommandPlan, w: Workload, capacity: dict[str, int]) -> str:
             f"{plan.command}: {where}, and the weights alone do not fit; give each model its own device "
             "(candidates.N.device: cuda:N), run on Ray with executor.placement: spread, or use bigger devices"
         )
+    shared = any(sum("weights" in what for what, _ in plan.items[d]) > 1 for d in over)
+    spread = ", or give each model its own device (candidates.N.device: cuda:N)" if shared else ""
     knobs = KNOBS[plan.command] if (plan.command, w.algo) != ("rl", "ppo") else [PPO_KNOB, *KNOBS["rl"]]
     for i, (knob, key) in enumerate(knobs):
         fixed = {k: 1 if k != "num_generations" else 2 for k, _ in knobs[:i]}
@@ -184,7 +186,7 @@ def fix_for(plan: CommandPlan, w: Workload, capacity: dict[str, int]) -> str:
         best = _largest(plan.command, base, capacity, knob, getattr(w, knob))
         if best >= (2 if knob == "num_generations" else 1):
             earlier = "".join(f"{k2} to {fixed[k]} and " for k, k2 in knobs[:i])
-            return f"{plan.command}: {where}; lower {earlier}{key} to {best}"
+            return f"{plan.command}: {where}; lower {earlier}{key} to {best}{spread}"
     return (
         f"{plan.command}: {where} even at the smallest batch; lower generation.max_new_tokens, or give each "
         "model its own device (candidates.N.device, executor.placement: spread)"
