@@ -191,7 +191,7 @@ def test_four_80gb_gpus_fit_the_shipped_config(capsys, tmp_path, hub_cache):
     assert "simulate: fits" in out and "eval: fits" in out and "rl: fits" in out
     assert re.search(r"cuda:1 +80\.0 GiB +15\.0 GiB +128 KiB", out)  # one candidate's weights and KV/token
     rc, out, err = plan(capsys, SHIPPED, hub_cache, FOUR_80, "--only", "rl", "--algo", "ppo")
-    size = re.search(r"lower rl\.ppo\.minibatch_size to (\d+)$", err.strip())
+    size = re.search(r"lower rl\.ppo\.minibatch_size to (\d+)\b", err)
     assert rc == 2 and size, err
     for value, rc_expected in ((int(size.group(1)), 0), (int(size.group(1)) + 1, 2)):
         config = shipped(tmp_path, rl={"ppo": {"minibatch_size": value}})
