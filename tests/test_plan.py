@@ -368,3 +368,20 @@ def test_simulate_rule_bounds_the_caches_of_a_real_rollout(tiny_family):
     finishes = len(states) * len(backends) * k
     bound = sum(finishes * positions * model_shape(str(p)).kv_bytes_per_token("float32") for p in tiny_family)
     assert 0 < peak <= bound, (peak, bound)
+
+
+def test_prompt_length_comes_from_the_task_file(tmp_path, hub_cache):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "1", "query": "x" * 300, "reference": "1"}) + "\n")
+    config = load_config(shipped(tmp_path, tasks=[{"source": "jsonl", "path": str(tasks)}]))
+    assert build_workload(config, hub_cache=hub_cache).positions == 300 // 3 + 64 + 512
+
+
+def test_a_testbed_run_is_planned_on_its_family_and_passes_quietly(caplog):
+    """The shipped testbed family: its own generation budget and queries, float32 on the CPU."""
+    config = RunConfig.model_validate({"testbed": {"seed": 0}})
+    workload = build_workload(config)
+    assert workload.positions < 200 and {m.device for m in workload.candidates} == {"cpu"}
+    with caplog.at_level(logging.WARNING, logger="switchrl.plan"):
+        check_fits(config, "simulate")
+    assert not caplog.records

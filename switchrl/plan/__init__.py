@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from switchrl.config import CandidateConfig, SwitchGenerationConfig
+from switchrl.config import SwitchGenerationConfig
 from switchrl.errors import ConfigError
 from switchrl.executors.base import ExecutorConfig
 from switchrl.plan.devices import detect_capacity, normalize, placement
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROMPT_TOKENS = 256
 PROMPT_OVERHEAD = 64  # template, chat markup and special tokens around a query
 BYTES_PER_TOKEN = 3  # a conservative guess for BPE tokenizers on English text (~4 on average)
+TESTBED_TASKS = ("recall", "arithmetic", "compositional")
 NOT_LM = ("singles", "random", "round_robin", "oracle")  # eval systems without an LM switcher
 
 
@@ -41,37 +42,44 @@ def _dtype(dtype: str, device: str) -> str:
     return dtype if dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
 
 
-def prompt_tokens(config: RunConfig) -> tuple[int, str]:
-    """An upper estimate of the prompt length from the longest query of the readable task files."""
-    longest = None
+def _queries(config: RunConfig) -> list[str]:
+    """The queries of the readable task files (jsonl sources; the testbed family's tasks)."""
+    family = _family(config)
+    if family is not None:
+        return [i.query for t in TESTBED_TASKS for split in ("train", "test") for i in family.tasks(t, split)]
+    out = []
     for src in config.tasks:
         path = Path(src.path or "")
         if src.source != "jsonl" or not path.is_file():
             continue
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                query = json.loads(line).get("query", "") if line.strip() else ""
+                out.append(str(json.loads(line).get("query", "")) if line.strip() else "")
             except (json.JSONDecodeError, AttributeError):
                 continue
-            longest = max(longest or 0, len(str(query).encode()))
-    if longest is None:
+    return out
+
+
+def prompt_tokens(config: RunConfig) -> tuple[int, str]:
+    """An upper estimate of the prompt length from the longest query of the readable task files."""
+    queries = _queries(config)
+    if not queries:
         return DEFAULT_PROMPT_TOKENS, "a default: no task file readable here"
+    longest = max(len(q.encode()) for q in queries)
     return math.ceil(longest / BYTES_PER_TOKEN) + PROMPT_OVERHEAD, f"longest query: {longest} bytes"
 
 
-def _candidates(config: RunConfig) -> tuple[list[CandidateConfig], str | None]:
-    """The candidates and the switcher's default base (the testbed's aligned checkpoint)."""
+def _family(config: RunConfig):
+    """The testbed family of a ``testbed:`` config (``None`` without one), if it is built."""
     if config.testbed is None:
-        return list(config.candidates), None
-    from switchrl.testbed.family import TestbedFamily, default_root
+        return None
+    from switchrl.testbed.family import MARKER, TestbedFamily, default_root
     from switchrl.testbed.shipped import shipped_root
 
-    roots = [Path(config.testbed.root) if config.testbed.root else default_root(config.testbed.seed)]
-    roots.append(shipped_root(config.testbed.seed) or roots[0])
-    for root in roots:
-        if (root / "testbed.json").is_file():
-            family = TestbedFamily.load(root)
-            return family.candidate_configs(), str(family.aligned)
+    own = Path(config.testbed.root) if config.testbed.root else default_root(config.testbed.seed)
+    for root in (own, shipped_root(config.testbed.seed)):
+        if root is not None and (root / MARKER).is_file():
+            return TestbedFamily.load(root)
     raise ConfigUnavailable(f"the testbed family of seed {config.testbed.seed} is not built yet")
 
 
@@ -94,7 +102,10 @@ def build_workload(
 
     Raises :class:`~switchrl.plan.models.ConfigUnavailable` when a ``config.json`` cannot be read here.
     """
-    cands, default_base = _candidates(config)
+    family = _family(config)
+    cands = family.candidate_configs() if family is not None else list(config.candidates)
+    default_base = str(family.aligned) if family is not None else None
+    generation = config.generation or (family.generation_config() if family else SwitchGenerationConfig())
     systems = config.eval.systems
     eval_lm = any(s not in NOT_LM for s in systems if s != "rl" or config.eval.rl_path)
     devices, eval_device = placement([c.device for c in cands], config.executor, eval_lm)
@@ -117,8 +128,7 @@ def build_workload(
         candidates=models,
         eval_switcher=_switcher(sft_base, eval_device, hub_cache),
         rl_switcher=_switcher(rl_base, rl_device, hub_cache),
-        positions=(prompt or prompt_tokens(config)[0])
-        + (config.generation or SwitchGenerationConfig()).max_new_tokens,
+        positions=(prompt or prompt_tokens(config)[0]) + generation.max_new_tokens,
         states_per_batch=config.simulate.states_per_batch,
         k=config.simulate.k,
         eval_batch=config.eval.batch_size,

@@ -60,6 +60,10 @@ def as_json(report: Report, prompt: tuple[int, str]) -> dict[str, Any]:
     }
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 10**9 else f"{n / 1e6:.2f}M"
+
+
 def _size(n: int | None) -> str:
     return "unknown" if n is None else f"{n / GIB:.1f} GiB"
 
@@ -73,7 +77,7 @@ def as_table(data: dict[str, Any]) -> str:
     lines.append(f"{'model':<12} {'device':<8} {'dtype':<9} {'params':>8} {'weights':>11} {'KV/token':>10}")
     for m in data["models"]:
         lines.append(
-            f"{m['name']:<12} {m['device']:<8} {m['dtype']:<9} {m['params'] / 1e9:>7.2f}B "
+            f"{m['name']:<12} {m['device']:<8} {m['dtype']:<9} {_count(m['params']):>8} "
             f"{_size(m['weight_bytes']):>11} {m['kv_bytes_per_token'] / 1024:>6.0f} KiB"
         )
     commands = list(data["commands"])
