@@ -17,7 +17,7 @@ import yaml
 
 from switchrl import cli
 from switchrl.errors import ConfigError
-from switchrl.plan import build_workload, check_fits, make_report
+from switchrl.plan import PlanError, build_workload, check_fits, make_report
 from switchrl.plan.devices import parse_devices
 from switchrl.plan.estimate import activation_bytes_per_token
 from switchrl.plan.models import model_shape
@@ -385,3 +385,15 @@ def test_a_testbed_run_is_planned_on_its_family_and_passes_quietly(caplog):
     with caplog.at_level(logging.WARNING, logger="switchrl.plan"):
         check_fits(config, "simulate")
     assert not caplog.records
+
+
+def test_simulate_plans_without_the_switcher(trio_dirs, monkeypatch):
+    """simulate has no switcher: a switcher base that cannot be read does not switch its check off."""
+    import switchrl.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "detect_capacity", lambda device: 80 * GIB)
+    data = yaml.safe_load(SHIPPED.read_text())
+    candidates = [{**c, "path": trio_dirs[c["path"]], "device": "cuda:0"} for c in data["candidates"]]
+    config = RunConfig.model_validate({"candidates": candidates, "sft": {"base": "nobody/not-in-the-cache"}})
+    with pytest.raises(PlanError, match="simulate: cuda:0 needs"):
+        check_fits(config, "simulate")

@@ -23,7 +23,7 @@ from switchrl.plan.estimate import COMMANDS, CommandPlan, Model, Workload, fix_f
 from switchrl.plan.models import ConfigUnavailable, model_shape
 from switchrl.run_config import RunConfig
 
-__all__ = ["PlanError", "Report", "build_workload", "check_fits", "make_report"]
+__all__ = ["PlanError", "Report", "build_workload", "check_fits", "make_report", "prompt_tokens"]
 
 logger = logging.getLogger(__name__)
 DEFAULT_PROMPT_TOKENS = 256
@@ -96,9 +96,14 @@ def _switcher(base: str | None, device: str | None, hub_cache: str | None) -> Mo
 
 
 def build_workload(
-    config: RunConfig, hub_cache: str | None = None, prompt: int | None = None, algo: str = "grpo"
+    config: RunConfig,
+    hub_cache: str | None = None,
+    prompt: int | None = None,
+    algo: str = "grpo",
+    commands: tuple[str, ...] = COMMANDS,
 ) -> Workload:
-    """The models of ``config`` with their shapes, devices and dtypes, and the knobs of each command.
+    """The models of ``config`` with their shapes, devices and dtypes, and the knobs of each command
+    (a switcher only where one of ``commands`` uses it).
 
     Raises :class:`~switchrl.plan.models.ConfigUnavailable` when a ``config.json`` cannot be read here.
     """
@@ -126,8 +131,8 @@ def build_workload(
     rl_base = config.rl.base or _adapter_base(config.rl.init) or sft_base
     return Workload(
         candidates=models,
-        eval_switcher=_switcher(sft_base, eval_device, hub_cache),
-        rl_switcher=_switcher(rl_base, rl_device, hub_cache),
+        eval_switcher=_switcher(sft_base, eval_device, hub_cache) if "eval" in commands else None,
+        rl_switcher=_switcher(rl_base, rl_device, hub_cache) if "rl" in commands else None,
         positions=(prompt or prompt_tokens(config)[0]) + generation.max_new_tokens,
         states_per_batch=config.simulate.states_per_batch,
         k=config.simulate.k,
@@ -197,7 +202,7 @@ def check_fits(
     if executor is not None:
         config = config.model_copy(update={"executor": executor})
     try:
-        workload = build_workload(config, algo=algo)
+        workload = build_workload(config, algo=algo, commands=(command,))
     except ConfigUnavailable as err:
         logger.warning("switchrl %s: memory plan skipped: %s", command, err)
         return

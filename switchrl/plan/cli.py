@@ -1,6 +1,6 @@
 """``switchrl plan --config X [--devices cuda:0=80GiB,...] [--json]``: the memory plan as a table or JSON.
 
-Exits 0 when every command fits, else 2 with one line per command that does not, naming the fix.
+Exits 0 when every command fits, else 2 with one message naming, for each command that does not, the fix.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _models(report: Report) -> list[Model]:
 
 
 def as_json(report: Report, prompt: tuple[int, str]) -> dict[str, Any]:
-    models = list({(m.name, m.device): m for m in _models(report)}.values())  # one switcher per device
+    models = list({(m.name, m.device, m.shape.path): m for m in _models(report)}.values())  # eval's = rl's
     devices = {}
     for d, cap in report.capacity.items():
         here = [m for m in models if m.device == d]
@@ -103,9 +103,10 @@ def as_table(data: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     prompt = (args.prompt_tokens, "--prompt-tokens") if args.prompt_tokens else prompt_tokens(config)
-    workload = build_workload(config, hub_cache=args.hub_cache, prompt=prompt[0], algo=args.algo)
+    commands = tuple(args.only or COMMANDS)
+    workload = build_workload(config, args.hub_cache, prompt[0], args.algo, commands)
     given = parse_devices(args.devices) if args.devices else None
-    report = make_report(workload, given, tuple(args.only or COMMANDS))
+    report = make_report(workload, given, commands)
     data = as_json(report, prompt)
     print(json.dumps(data, indent=2) if args.json else as_table(data))
     unknown = [d for d, b in report.capacity.items() if b is None]
