@@ -211,7 +211,7 @@ def test_one_gpu_says_what_fits_and_what_to_lower(
 ):
     """All three candidates and the switcher on one GPU: each command that overflows names the values to
     lower to; the config with exactly those values fits and with one more does not. On 141 GB the shipped
-    states_per_batch (2) fits and the default 8 does not (its KV is ~4x what is left after the weights)."""
+    states_per_batch (2) fits and the default 8 does not (its KV is ~5x what is left after the weights)."""
     data = yaml.safe_load(SHIPPED.read_text())
     candidates = [{**c, "device": "cuda:0"} for c in data["candidates"]]
     config = shipped(tmp_path, candidates=candidates, simulate={"states_per_batch": states_per_batch})
