@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "eval": "switchrl.eval",
     "report": "switchrl.report",
     "rl": "switchrl.trainers.rl",
+    "plan": "switchrl.plan.cli",
     "bench": "switchrl.bench.cli",
 }
 """Sub-command -> the module whose ``main(args: argparse.Namespace) -> int`` runs it."""
@@ -100,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-to", choices=["none", "wandb", "tensorboard"], default=None)
     p.add_argument("--overwrite", action="store_true", help="delete rl.out_dir's previous run and start over")
     _add_executor(p)
+
+    p = sub.add_parser("plan", help="memory per device of simulate / eval / rl, before loading any weights")
+    _add_config(p)
+    p.add_argument("--devices", help="device sizes, e.g. cuda:0=80GiB,cuda:1=80GiB (default: detect here)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--only", action="append", choices=["simulate", "eval", "rl"], help="plan only this command"
+    )
+    p.add_argument("--algo", choices=["grpo", "ppo", "sb3-ppo"], default="grpo", help="rl's algorithm")
+    p.add_argument("--prompt-tokens", type=int, help="prompt length (default: from the longest task query)")
+    p.add_argument("--hub-cache", help="look hub ids up in this Hugging Face cache (default: the hub's own)")
 
     sub.add_parser(
         "bench", parents=[bench_parser(add_help=False)], help="throughput benchmarks (JSON lines with ratios)"

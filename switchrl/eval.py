@@ -266,7 +266,7 @@ def main(args: argparse.Namespace) -> int:
     executor = config.executor.overridden(
         executor=getattr(args, "executor", None), ray_address=getattr(args, "ray_address", None)
     )
-    check_config(config, "eval")
+    check_config(config.model_copy(update={"executor": executor}), "eval")
     result = evaluate(
         config,
         executor=executor,

@@ -15,17 +15,20 @@ from switchrl.backends.tokens import check_model_dir
 from switchrl.devices import check_available, check_per_rank, training_settings
 from switchrl.errors import ConfigError
 from switchrl.eval_systems import resolve_systems
+from switchrl.plan import check_fits
 from switchrl.policies.factory import check_saved_switcher
 from switchrl.policies.sb3_switcher import is_sb3_switcher_dir
 from switchrl.run_config import ResolvedRun, RunConfig
 
 COMMANDS = ("generate", "simulate", "sft", "eval", "rl")
+PLANNED = ("simulate", "eval", "rl")  # the commands `switchrl plan` sizes
 RANK_SWITCHER_FIX = "set switcher.device: cuda (each rank's switcher on its own GPU, cuda:LOCAL_RANK)"
 
 
 def check_config(config: RunConfig, command: str, algo: str | None = None) -> ResolvedRun:
     """Everything ``switchrl <command>`` (``algo``: rl's) can refuse about ``config`` without loading a
-    model; returns the resolved run."""
+    model, then (simulate, eval, rl) whether its memory plan fits this machine's devices
+    (:func:`~switchrl.plan.check_fits`); returns the resolved run."""
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
     resolved = ResolvedRun(config)  # task files exist, the testbed family is built
@@ -61,6 +64,8 @@ def check_config(config: RunConfig, command: str, algo: str | None = None) -> Re
                 check_saved_switcher(spec.path, names, f"eval.systems: {spec.name}")
     elif command == "rl":
         _check_rl(resolved, names, algo)
+    if command in PLANNED:
+        check_fits(config, command, algo=algo or "grpo")
     return resolved
 
 
