@@ -128,8 +128,8 @@ def test_kv_rule_is_what_the_cache_holds(tiny_family):
     for path in tiny_family[:2]:
         lm = CachedLM(load_causal_lm(str(path)))
         lm.extend(["a", "b"], [[5, 6, 7], [8, 9, 10, 11, 12]])
-        stored = sum(k.nbytes + v.nbytes for e in lm._entries.values() for k, v in e.layers)
-        assert stored == 8 * model_shape(str(path)).kv_bytes_per_token("float32")
+        assert lm.stored_tokens() == 8
+        assert lm.stored_bytes() == 8 * model_shape(str(path)).kv_bytes_per_token("float32")
 
 
 def test_activation_rule_bounds_what_autograd_keeps(word_tokenizer, tmp_path):
@@ -262,10 +262,10 @@ def test_json_output(capsys, hub_cache):
     data = json.loads(out)
     assert rc == 0 and data["fits"] is True
     assert [m["weight_bytes"] for m in data["models"][:1]] == [16_060_522_496]
-    assert data["devices"]["cuda:1"]["kv_bytes_per_token"] == 131072
+    assert data["devices"]["cuda:2"]["kv_bytes_per_token"] == 131072
     # 2 states x 3 candidates x 32 finishes of 768 positions, plus one call's copy of a third of them
     kv = 192 * 768 * 131072 + 64 * 768 * 131072
-    assert data["devices"]["cuda:1"]["peak"]["simulate"] == 16_060_653_568 + kv + 64 * 128264 * 16
+    assert data["devices"]["cuda:2"]["peak"]["simulate"] == 16_060_653_568 + kv + 64 * 128264 * 16
 
 
 def test_commands_check_before_loading_a_weight(capsys, tmp_path, trio_dirs, monkeypatch):
@@ -281,7 +281,21 @@ def test_commands_check_before_loading_a_weight(capsys, tmp_path, trio_dirs, mon
     data = yaml.safe_load(SHIPPED.read_text())
     candidates = [{**c, "path": trio_dirs[c["path"]], "device": "cuda:0"} for c in data["candidates"]]
     aligned = trio_dirs["allenai/Llama-3.1-Tulu-3-8B"]
-    config = shipped(tmp_path, candidates=candidates, sft={"base": aligned}, rl={"base": aligned})
+    tasks = tmp_path / "tasks.jsonl"  # the config checks (task files, switchers) pass; only memory fails
+    tasks.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "query": "2 + 2?", "reference": "4", "split": split}) + "\n"
+            for i, split in enumerate(["train", "test"])
+        )
+    )
+    config = shipped(
+        tmp_path,
+        candidates=candidates,
+        tasks=[{"source": "jsonl", "path": str(tasks)}],
+        sft={"base": aligned},
+        eval={"systems": ["singles", "random", "untuned"]},
+        rl={"init": None, "base": aligned},
+    )
     for command in (["simulate"], ["eval"], ["rl", "--algo", "grpo"]):
         assert cli.main([command[0], "--config", str(config), *command[1:]]) == 2
         err = capsys.readouterr().err
@@ -342,14 +356,7 @@ def test_simulate_rule_bounds_the_caches_of_a_real_rollout(tiny_family):
     peak = 0
 
     def held() -> int:
-        storages = {
-            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for b in backends
-            for e in b.lm._entries.values()
-            for layer in e.layers
-            for t in layer
-        }
-        return sum(storages.values())
+        return sum(b.lm.stored_bytes() for b in backends)
 
     step = pool.step
 

@@ -95,6 +95,10 @@ class CachedLM:
         """Token positions of KV held for all traces (a prefix shared by forks counts once)."""
         return self._kv.stored_tokens()
 
+    def stored_bytes(self) -> int:
+        """Bytes of KV held for all traces (a prefix shared by forks counts once)."""
+        return self._kv.stored_bytes()
+
     def __len__(self) -> int:
         return len(self._kv)
 

@@ -90,11 +90,19 @@ class KVStore:
 
     def stored_tokens(self) -> int:
         """Token positions held in memory: each shared segment counted once."""
-        seen: dict[int, int] = {}
+        return sum(seg.length - seg.start for seg in self._segments())
+
+    def stored_bytes(self) -> int:
+        """Bytes of keys and values held in memory: each shared segment counted once."""
+        return sum(k.nbytes + v.nbytes for seg in self._segments() for k, v in seg.layers)
+
+    def _segments(self) -> list[Segment]:
+        """Every segment some key's chain holds, once."""
+        seen: dict[int, Segment] = {}
         for tail in self._tails.values():
             for seg in tail.chain():
-                seen[id(seg)] = seg.length - seg.start
-        return sum(seen.values())
+                seen[id(seg)] = seg
+        return list(seen.values())
 
     def _set(self, key: Hashable, tail: Segment | None) -> None:
         if tail is not None:
