@@ -23,7 +23,7 @@ def _lookalike(args: argparse.Namespace) -> int:
         )
     print(f"  tasks      {paths['tasks']}")
     took = ", ".join(f"{k} {v:.0f} s" for k, v in info["build_seconds"].items())
-    print(f"built in {took}; run the trio's chain on them with configs/lookalike.yaml (docs/lookalike.md)")
+    print(f"build took {took}; the trio's chain runs on them with configs/lookalike.yaml (docs/lookalike.md)")
     return 0
 
 

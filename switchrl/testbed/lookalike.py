@@ -32,6 +32,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from switchrl.errors import CheckpointError
 from switchrl.testbed.family import cache_root
 from switchrl.testbed.lookalike_text import base_documents, chat_turns, task_rows, tokenizer_text
 from switchrl.testbed.stages import _atomic_dir
@@ -281,13 +282,19 @@ def build_lookalike(
     or reuse a complete build there. Returns ``{"pretrained", "finetuned", "aligned", "tasks"}`` paths.
 
     The build goes to a temporary directory renamed into place, so a directory with the marker is
-    complete; a build with other ``settings`` or another seed is rebuilt.
+    complete; a build with other ``settings`` or another seed is rebuilt. A non-empty ``out`` without
+    the marker raises :class:`CheckpointError` (the build would replace it).
     """
     settings = settings or LookalikeSettings()
     root = Path(out).expanduser() if out is not None else default_lookalike_root(seed)
     marker = root / MARKER
     wanted = {"format_version": FORMAT_VERSION, "seed": seed, "settings": asdict(settings)}
     built = json.loads(marker.read_text()) if marker.is_file() else None
+    if built is None and root.is_dir() and any(root.iterdir()):
+        raise CheckpointError(
+            f"{root} is not empty and holds no look-alike build (no {MARKER}); a build replaces the "
+            "whole directory, so give a new or empty one with --out"
+        )
     if force or built is None or any(built.get(k) != v for k, v in wanted.items()):
         with _atomic_dir(root) as tmp, torch_threads(1):
             info = _train_all(tmp, seed, settings)
