@@ -14,9 +14,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from switchrl.backends import CandidatePool
 from switchrl.cli import main
+from switchrl.config import SwitcherConfig
+from switchrl.generate import build_policy
 from switchrl.policies.lm_switcher import LMSwitcher
 from switchrl.rewards.builtin import numeric
+from switchrl.rollout import run_switch_generation
+from switchrl.run_config import ResolvedRun, load_config
 from switchrl.testbed.lookalike import (
     EXTRA_ROWS,
     GENERATION_EOS,
@@ -172,13 +177,45 @@ def _run(*argv: str) -> int:
         return main(list(argv))
 
 
-def test_the_trio_chain_through_the_cli(lookalike, tmp_path):
-    """``configs/lookalike.yaml`` with its paths moved to the build and ``tmp_path``:
-    simulate -> sft -> eval -> rl --algo grpo (2 steps), each step's outputs checked."""
+def _config_file(lookalike, tmp_path: Path) -> Path:
+    """``configs/lookalike.yaml`` with its checkpoints and tasks at the build, its runs in ``tmp_path``."""
     text = (REPO / "configs" / "lookalike.yaml").read_text()
     text = text.replace("runs/lookalike/checkpoints", str(lookalike["tasks"].parent))
     config = tmp_path / "lookalike.yaml"
     config.write_text(text.replace("runs/lookalike/", f"{tmp_path}/"))
+    return config
+
+
+def _pool(lookalike, tmp_path: Path) -> CandidatePool:
+    resolved = ResolvedRun(load_config(_config_file(lookalike, tmp_path)))
+    gen = resolved.generation
+    return CandidatePool.from_configs(resolved.candidates, patch_tokens=gen.patch_tokens, seed=gen.seed)
+
+
+def test_the_base_fuses_with_the_tulu_checkpoints(lookalike, tmp_path):
+    """Their tokenizers agree on every id below N, so the N-row base shares one engine with the two
+    N + 8-row checkpoints instead of re-tokenising text at every hand-off (fix 2)."""
+    pool = _pool(lookalike, tmp_path)
+    assert len(pool.engines) == 1, [[m.name for m in e.members] for e in pool.engines]
+
+
+def test_switched_responses_lose_no_character_at_a_patch_boundary(lookalike, tmp_path):
+    """Round-robin switching over train questions: every answer ends in a 3-token ``✅`` that a patch
+    boundary often splits; the response's text must be its ids' text (fix 3)."""
+    pool = _pool(lookalike, tmp_path)
+    rows = [json.loads(line) for line in lookalike["tasks"].read_text().splitlines()][:12]
+    policy = build_policy(SwitcherConfig(type="round_robin"), pool.names)
+    traces = run_switch_generation(pool, policy, [r["query"] for r in rows], max_new_tokens=48)
+    tok = AutoTokenizer.from_pretrained(lookalike["finetuned"])  # decodes every candidate's ids < N alike
+    for t in traces:
+        ids = [i for p in t.patches for i in p.token_ids]
+        assert t.text == tok.decode(ids, skip_special_tokens=True), [p.text for p in t.patches]
+
+
+def test_the_trio_chain_through_the_cli(lookalike, tmp_path):
+    """``configs/lookalike.yaml`` with its paths moved to the build and ``tmp_path``:
+    simulate -> sft -> eval -> rl --algo grpo (2 steps), each step's outputs checked."""
+    config = _config_file(lookalike, tmp_path)
 
     assert _run("simulate", "--config", str(config)) == 0
     records = [json.loads(line) for p in (tmp_path / "simulate").rglob("shard-*.jsonl") for line in p.open()]
