@@ -19,6 +19,7 @@ from switchrl.cli import main
 from switchrl.config import SwitcherConfig
 from switchrl.generate import build_policy
 from switchrl.policies.lm_switcher import LMSwitcher
+from switchrl.policies.sequence import SwitchSequence
 from switchrl.rewards.builtin import numeric
 from switchrl.rollout import run_switch_generation
 from switchrl.run_config import ResolvedRun, load_config
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHAT = ("finetuned", "aligned")
 SYSTEMS = ("pretrained", "finetuned", "aligned", "random", "untuned", "sft")
 TASKS = ("recall", "arithmetic", "compositional")
+STOP = "\nQuestion:"
 
 
 def _tokenizers(paths):
@@ -212,6 +214,42 @@ def test_switched_responses_lose_no_character_at_a_patch_boundary(lookalike, tmp
         assert t.text == tok.decode(ids, skip_special_tokens=True), [p.text for p in t.patches]
 
 
+def _stops_at_the_next_question(text: str, stop_reason: str | None) -> bool:
+    """``\nQuestion:`` appears at most once, at the very end, and then the response stopped on it."""
+    at = text.find(STOP)
+    return at == -1 or (at == len(text) - len(STOP) and stop_reason == "stop")
+
+
+def test_the_base_stops_at_the_next_question(lookalike, tmp_path):
+    """The base alone on train questions (it goes on to write ``\nQuestion: ...``, often across a patch
+    boundary): its stop string ends every response where the next question starts (fix 5)."""
+    pool = _pool(lookalike, tmp_path)
+    rows = [json.loads(line) for line in lookalike["tasks"].read_text().splitlines()][:12]
+    policy = build_policy(SwitcherConfig(type="fixed", candidate="pretrained"), pool.names)
+    traces = run_switch_generation(pool, policy, [r["query"] for r in rows], max_new_tokens=48)
+    for t in traces:
+        assert _stops_at_the_next_question(t.text, t.stop_reason), (
+            t.stop_reason,
+            [p.text for p in t.patches],
+        )
+
+
+def test_switcher_prompts_have_one_bos(lookalike):
+    """The Tulu template writes ``{{ bos_token }}`` and the tokenizer's post-processor adds one too: every
+    switcher prompt format must start with exactly one ``<|begin_of_text|>`` (fix 4)."""
+    tok = AutoTokenizer.from_pretrained(lookalike["aligned"])
+    names = ["pretrained", "finetuned", "aligned"]
+    labels = [f"<|reserved_special_token_{i}|>" for i in (3, 4, 5)]
+    for kwargs in (
+        {"label_tokens": labels},
+        {"label_tokens": labels, "chat_template": True},
+        {"prompt_format": "reference"},  # its digits are the labels
+    ):
+        sequence = SwitchSequence(tok, names, **kwargs)
+        ids = sequence.prompt_ids("How many is 2 plus 3 ?")
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1, (kwargs, ids[:4])
+
+
 def test_the_trio_chain_through_the_cli(lookalike, tmp_path):
     """``configs/lookalike.yaml`` with its paths moved to the build and ``tmp_path``:
     simulate -> sft -> eval -> rl --algo grpo (2 steps), each step's outputs checked."""
@@ -243,7 +281,11 @@ def test_the_trio_chain_through_the_cli(lookalike, tmp_path):
     responses = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").open()]
     assert len(responses) == len(TASKS) * len(SYSTEMS)
     # the base stops where it would start the next question (its stop string, fix 5)
-    assert not any("\nQuestion:" in r["text"] for r in responses if r["system"] == "pretrained")
+    assert all(
+        _stops_at_the_next_question(r["text"], r["stop_reason"])
+        for r in responses
+        if r["system"] == "pretrained"
+    )
     assert (tmp_path / "eval" / "table.md").is_file()
 
     assert _run("rl", "--algo", "grpo", "--config", str(config)) == 0
