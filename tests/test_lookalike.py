@@ -188,6 +188,12 @@ def _config_file(lookalike, tmp_path: Path) -> Path:
     return config
 
 
+def _is_ids_text(text: str, decoded: str) -> bool:
+    """``text`` is the decoded ids' text, up to the bytes of a character still incomplete at the end
+    (they decode to U+FFFD and belong to the next patch's text)."""
+    return decoded.startswith(text) and set(decoded[len(text) :]) <= {"\ufffd"}
+
+
 def _pool(lookalike, tmp_path: Path) -> CandidatePool:
     resolved = ResolvedRun(load_config(_config_file(lookalike, tmp_path)))
     gen = resolved.generation
@@ -211,7 +217,7 @@ def test_switched_responses_lose_no_character_at_a_patch_boundary(lookalike, tmp
     tok = AutoTokenizer.from_pretrained(lookalike["finetuned"])  # decodes every candidate's ids < N alike
     for t in traces:
         ids = [i for p in t.patches for i in p.token_ids]
-        assert t.text == tok.decode(ids, skip_special_tokens=True), [p.text for p in t.patches]
+        assert _is_ids_text(t.text, tok.decode(ids, skip_special_tokens=True)), [p.text for p in t.patches]
 
 
 def _stops_at_the_next_question(text: str, stop_reason: str | None) -> bool:
@@ -263,7 +269,7 @@ def test_the_trio_chain_through_the_cli(lookalike, tmp_path):
     for r in records:
         assert len(r["utilities"]) == 3 and all(0 <= u <= 1 for u in r["utilities"])
         # the prefix's text is its ids' text: no character lost at a patch boundary (fix 3)
-        assert r["prefix_text"] == tok.decode([i for p in r["prefix"] for i in p["token_ids"]])
+        assert _is_ids_text(r["prefix_text"], tok.decode([i for p in r["prefix"] for i in p["token_ids"]]))
 
     assert _run("sft", "--config", str(config)) == 0
     switcher = LMSwitcher.from_pretrained(tmp_path / "sft")
