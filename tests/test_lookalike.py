@@ -139,7 +139,7 @@ def test_generations_are_text_like(lookalike):
         assert all(re.search(r"answer is \d+", t) for t in texts), texts
 
 
-TINY = LookalikeSettings(tokenizer_documents=100, bpe_vocab=400, base_steps=2, sft_steps=2, aligned_steps=2)
+TINY = LookalikeSettings(tokenizer_documents=100, bpe_vocab=400, base_steps=2, sft_steps=1, aligned_steps=2)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -164,6 +164,8 @@ def test_a_build_never_replaces_a_directory_it_did_not_make(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["testbed", "lookalike", "--out", str(tmp_path)]) == 2
     assert "holds no look-alike build" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert main(["testbed", "lookalike", "--out", str(tmp_path / "notes.txt")]) == 2
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
