@@ -176,9 +176,12 @@ def test_cli_reuses_a_build(lookalike, capsys):
     assert all(str(lookalike[name]) in printed for name in ("pretrained", *CHAT, "tasks"))
 
 
-def _run(*argv: str) -> int:
-    with contextlib.redirect_stdout(io.StringIO()):
-        return main(list(argv))
+def _run(*argv: str) -> None:
+    """Run ``switchrl *argv`` in this process; a non-zero exit fails with what it printed to stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    assert code == 0, f"switchrl {argv[0]} exited {code}: {err.getvalue()[-2000:]}"
 
 
 def _config_file(lookalike, tmp_path: Path) -> Path:
@@ -263,7 +266,7 @@ def test_the_trio_chain_through_the_cli(lookalike, tmp_path):
     simulate -> sft -> eval -> rl --algo grpo (2 steps), each step's outputs checked."""
     config = _config_file(lookalike, tmp_path)
 
-    assert _run("simulate", "--config", str(config)) == 0
+    _run("simulate", "--config", str(config))
     records = [json.loads(line) for p in (tmp_path / "simulate").rglob("shard-*.jsonl") for line in p.open()]
     assert len(records) == 3 * 2  # limit 3 queries (one per task) x states_per_query 2
     assert {r["task"] for r in records} == set(TASKS)
@@ -273,13 +276,13 @@ def test_the_trio_chain_through_the_cli(lookalike, tmp_path):
         # the prefix's text is its ids' text: no character lost at a patch boundary (fix 3)
         assert _is_ids_text(r["prefix_text"], tok.decode([i for p in r["prefix"] for i in p["token_ids"]]))
 
-    assert _run("sft", "--config", str(config)) == 0
+    _run("sft", "--config", str(config))
     switcher = LMSwitcher.from_pretrained(tmp_path / "sft")
     assert switcher.candidate_names == ["pretrained", "finetuned", "aligned"]
     prompt = switcher.sequence.prompt_ids("How many is 2 plus 3 ?")
     assert prompt.count(switcher.sequence.tokenizer.bos_token_id) == 1  # one BOS (fix 4)
 
-    assert _run("eval", "--config", str(config)) == 0
+    _run("eval", "--config", str(config))
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert set(results["systems"]) == set(SYSTEMS) and set(results["tasks"]) == set(TASKS)
     for task in TASKS:
@@ -296,7 +299,7 @@ def test_the_trio_chain_through_the_cli(lookalike, tmp_path):
     )
     assert (tmp_path / "eval" / "table.md").is_file()
 
-    assert _run("rl", "--algo", "grpo", "--config", str(config)) == 0
+    _run("rl", "--algo", "grpo", "--config", str(config))
     log = json.loads((tmp_path / "rl" / "rl_log.json").read_text())
     assert len([h for h in log["history"] if "reward" in h]) == 2
     assert {p.name for p in (tmp_path / "rl" / "trainer").glob("checkpoint-*")} == {
