@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the responses as JSONL here")
     p.add_argument("--switcher", help="override: random | round_robin | fixed:NAME | a saved switcher dir")
 
-    p = sub.add_parser("testbed", help="build or check the small pretrained -> finetuned -> aligned family")
+    p = sub.add_parser(
+        "testbed",
+        help="build or check the small pretrained -> finetuned -> aligned family, or the look-alike trio",
+    )
     tsub = p.add_subparsers(dest="testbed_cmd", required=True)
     for name in ("build", "check"):
         tp = tsub.add_parser(name)
@@ -69,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "--n-schedule", type=int, default=120, help="training queries for the label schedule"
             )
             tp.add_argument("--json", help="also write the metrics as JSON here")
+    tp = tsub.add_parser("lookalike", help="tiny checkpoints with the Llama-3.1 -> Tulu-3 trio's interfaces")
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--out", help="build directory (default: ~/.cache/switchrl/lookalike/<seed>)")
+    tp.add_argument("--force", action="store_true", help="rebuild even if a build is present")
 
     p = sub.add_parser("demo", help="the paper's recipe on the testbed family: prints the comparison table")
     p.add_argument("--seed", type=int, default=0)

@@ -195,3 +195,12 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
     with contextlib.redirect_stdout(printed):
         assert main(["demo", "--out", str(root / "runs" / "demo")]) == 0
     return root, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def lookalike() -> dict[str, Path]:
+    """The look-alike trio and its tasks file (``switchrl testbed lookalike``): built into the cache on first
+    use (about half a minute on one thread), reused after that."""
+    from switchrl.testbed.lookalike import build_lookalike
+
+    return build_lookalike()

@@ -1,4 +1,5 @@
-"""``switchrl testbed build | check``: build a family (any seed) or measure one, next to the shipped one."""
+"""``switchrl testbed build | check | lookalike``: build a family (any seed) or measure one, next to the
+shipped one; or build the look-alike checkpoints (:mod:`~switchrl.testbed.lookalike`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,28 @@ import json
 
 from switchrl.testbed.check import check_family, format_check
 from switchrl.testbed.family import STAGES, build_family
+from switchrl.testbed.lookalike import build_lookalike, lookalike_info
 from switchrl.testbed.shipped import max_weight_difference, shipped_check, shipped_root
 
 
+def _lookalike(args: argparse.Namespace) -> int:
+    paths = build_lookalike(out=args.out, seed=args.seed, force=args.force)
+    root = paths["tasks"].parent
+    info = lookalike_info(root)
+    print(f"look-alike checkpoints (seed {info['seed']}) at {root}:")
+    for name, vocab in info["vocab"].items():
+        print(
+            f"  {name:<10} {paths[name]}  (tokenizer {vocab} tokens, final loss {info['final_loss'][name]})"
+        )
+    print(f"  tasks      {paths['tasks']}")
+    took = ", ".join(f"{k} {v:.0f} s" for k, v in info["build_seconds"].items())
+    print(f"build took {took}; the trio's chain runs on them with configs/lookalike.yaml (docs/lookalike.md)")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.testbed_cmd == "lookalike":
+        return _lookalike(args)
     if args.testbed_cmd == "build":
         family = build_family(seed=args.seed, out=args.out, force=args.force, use_shipped=False)
         took = ", ".join(f"{k} {v:.0f} s" for k, v in family.build_seconds.items()) or "reused"

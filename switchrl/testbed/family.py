@@ -37,14 +37,19 @@ EOS_AFTER = r"answer is \d+ \."
 """EOS rule applied to every candidate alike: a response may end only after ``answer is N .``."""
 
 
-def default_root(seed: int) -> Path:
-    """``$SWITCHRL_CACHE/testbed/<seed>`` (default cache root: ``~/.cache/switchrl``)."""
+def cache_root() -> Path:
+    """``$SWITCHRL_CACHE``, default ``~/.cache/switchrl``: where built checkpoints are kept."""
     cache = (
         Path(os.environ["SWITCHRL_CACHE"])
         if os.environ.get("SWITCHRL_CACHE")
         else Path.home() / ".cache" / "switchrl"
     )
-    return cache.expanduser() / "testbed" / str(seed)
+    return cache.expanduser()
+
+
+def default_root(seed: int) -> Path:
+    """``$SWITCHRL_CACHE/testbed/<seed>`` (default cache root: ``~/.cache/switchrl``)."""
+    return cache_root() / "testbed" / str(seed)
 
 
 @dataclass
