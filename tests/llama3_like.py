@@ -67,3 +67,26 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCau
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOT)],
     )
     return LlamaForCausalLM(cfg).double().eval()
+
+
+def scripted_llama(tokenizer: PreTrainedTokenizerFast, script: list[int]) -> LlamaForCausalLM:
+    """A Llama whose greedy next token depends only on the current one: ``script[i]`` -> ``script[i + 1]``,
+    any other token -> EOS. (Attention and MLP write nothing; embeddings of the scripted tokens are
+    orthogonal and the head maps each to its successor.)"""
+    follow = dict(zip(script, script[1:]))
+    if any(follow[a] != b for a, b in zip(script, script[1:])):
+        raise ValueError("script: a token must always be followed by the same token")
+    model = tiny_llama(tokenizer)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        basis = torch.eye(emb.shape[1], dtype=emb.dtype)
+        emb.copy_(basis[0].expand_as(emb))
+        head.zero_()
+        head[tokenizer.eos_token_id] = basis[0]
+        for i, (a, b) in enumerate(follow.items(), start=1):
+            emb[a] = basis[i]
+            head[b] += 10 * basis[i]
+    return model

@@ -27,7 +27,9 @@ def _write(candidates, ids, cuts, max_new_tokens=64, authors=None) -> Trace:
     for i, (a, b) in enumerate(itertools.pairwise(bounds)):
         author = authors[i] if authors else 0
         last = b == len(ids)
-        trace.patches.append(candidates[author].patch_from_ids(trace, author, ids[a:b], "eos" if last else None))
+        trace.patches.append(
+            candidates[author].patch_from_ids(trace, author, ids[a:b], "eos" if last else None)
+        )
     return trace
 
 

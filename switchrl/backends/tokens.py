@@ -256,7 +256,9 @@ class TokenizedCandidate:
         if not self.stop_strings:
             return None
         prompt_len, view = self._view(trace)
-        return RowStops(self.tokenizer, self.stop_strings, list(self._context(prompt_len, view, self._stop_window)))
+        return RowStops(
+            self.tokenizer, self.stop_strings, list(self._context(prompt_len, view, self._stop_window))
+        )
 
     def _cut_at_stop(
         self, trace: Trace, token_ids: list[int], reason: StopReason | None

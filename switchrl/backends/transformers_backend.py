@@ -19,7 +19,6 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from switchrl.backends.base import CandidateSampling, Group, Patch, Trace
 from switchrl.backends.cached_lm import CachedLM, Generation
-from switchrl.backends.stopping import RowStops, StopScan
 from switchrl.backends.fused import (
     FusedCachedLM,
     FusedModel,
@@ -27,6 +26,7 @@ from switchrl.backends.fused import (
     architecture_signature,
     fuse_models,
 )
+from switchrl.backends.stopping import RowStops, StopScan
 from switchrl.backends.tokens import TokenizedCandidate, check_model_dir, load_from_checkpoint, load_tokenizer
 from switchrl.utils.seeding import generator
 
