@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from switchrl.backends.base import CandidateSampling
-from switchrl.backends.stopping import CHECK_EVERY, StopScan
+from switchrl.backends.stopping import CHECK_EVERY, StopScan, stop_rows
 from switchrl.utils.sampling import nucleus_keep
 
 
@@ -189,33 +189,16 @@ class CachedLM:
                     if k:
                         lists[r].append(tok)
             if should_stop is not None and (t + 1) % CHECK_EVERY == 0:
-                _stop_rows(should_stop, written, lengths, hit_eos, hit_stop, active, state.mask, first_col)
+                stop_rows(should_stop, written, lengths, hit_eos, hit_stop, active, state.mask, first_col)
             if not bool(active.any()):
                 break
             logits = state.step(tokens, active)
         if should_stop is not None:
-            _stop_rows(should_stop, written, lengths, hit_eos, hit_stop, active, state.mask, first_col)
+            stop_rows(should_stop, written, lengths, hit_eos, hit_stop, active, state.mask, first_col)
         state.commit()
         rows = written.tolist()
         reasons = ["eos" if e else "stop" if s else None for e, s in zip(hit_eos.tolist(), hit_stop.tolist())]
         return [Generation(row[:n], reason) for row, n, reason in zip(rows, lengths.tolist(), reasons)]
-
-
-def _stop_rows(
-    scan: StopScan,
-    written: torch.Tensor,
-    lengths: torch.Tensor,
-    hit_eos: torch.Tensor,
-    hit_stop: torch.Tensor,
-    active: torch.Tensor,
-    mask: torch.Tensor,
-    first_col: int,
-) -> None:
-    """End the rows whose tokens now hold a stop string at that token, and drop what they read after it."""
-    rows = [row[:n] for row, n in zip(written.tolist(), lengths.tolist())]
-    for r, n in scan.scan(rows).items():
-        lengths[r], hit_stop[r], hit_eos[r], active[r] = n, True, False, False
-        mask[r, first_col + n - 1 :] = 0  # the cache keeps all but the last kept token
 
 
 class _GrowingLayer(DynamicLayer):

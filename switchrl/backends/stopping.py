@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 CHECK_EVERY = 8  # decode steps between two checks (a stopped row runs at most this many tokens more)
@@ -111,3 +112,22 @@ class StopScan:
         for r in fresh:
             self.scanned[r] = len(tokens[r])
         return stops
+
+
+def stop_rows(
+    scan: StopScan,
+    written: torch.Tensor,
+    lengths: torch.Tensor,
+    hit_eos: torch.Tensor,
+    hit_stop: torch.Tensor,
+    active: torch.Tensor,
+    mask: torch.Tensor,
+    first_col: int,
+) -> None:
+    """End the rows of a decode loop whose tokens now hold a stop string at that token (``lengths``,
+    flags) and drop from the attention ``mask`` what they read after it (``first_col``: the column of
+    the first sampled token), so the cache keeps all but the last kept token, as when checked every token."""
+    rows = [row[:n] for row, n in zip(written.tolist(), lengths.tolist())]
+    for r, n in scan.scan(rows).items():
+        lengths[r], hit_stop[r], hit_eos[r], active[r] = n, True, False, False
+        mask[r, first_col + n - 1 :] = 0
