@@ -11,6 +11,7 @@ from test_vllm_backend import FakeLLM
 
 from switchrl.backends import CandidatePool, CandidateSampling, Trace
 from switchrl.backends.stopping import complete
+from switchrl.backends.openai_backend import OpenAIBackend
 from switchrl.backends.transformers_backend import TransformersBackend
 from switchrl.backends.vllm_backend import VLLMBackend
 from switchrl.rewards.builtin import numeric
@@ -121,27 +122,32 @@ def test_the_base_candidate_stops_before_the_next_question(tokenizer, scripted, 
     assert numeric(QUERY, trace.text, "4") == 1.0
 
 
+@pytest.mark.parametrize("engine", ["vllm", "openai"])
 @pytest.mark.parametrize("patch_tokens", [50, 3])
-def test_vllm_stops_where_the_transformers_candidate_stops(tokenizer, scripted, tmp_path, patch_tokens):
+def test_engines_stop_where_the_transformers_candidate_stops(
+    tokenizer, scripted, tmp_path, serve, engine, patch_tokens
+):
+    """The fake vLLM engine checks stop strings in each patch's own text (as vLLM does), the fake
+    completions server not at all: both candidates still stop where the in-process one does."""
     scripted.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    engine = VLLMBackend(
-        "pretrained",
-        FakeLLM(tmp_path),
-        tokenizer,
-        sampling=CandidateSampling(temperature=0),
-        prompt_template=BASE_PROMPT,
-        stop_strings=("\nQuestion:",),
-        params_factory=dict,
+    options = dict(
+        sampling=CandidateSampling(temperature=0), prompt_template=BASE_PROMPT, stop_strings=("\nQuestion:",)
     )
+    if engine == "vllm":
+        served = VLLMBackend("pretrained", FakeLLM(tmp_path), tokenizer, params_factory=dict, **options)
+    else:
+        url, _ = serve(tmp_path)
+        served = OpenAIBackend.from_pretrained("pretrained", str(tmp_path), url, "tiny", **options)
     written = []
-    for backend in (_base(scripted, tokenizer), engine):
+    for backend in (_base(scripted, tokenizer), served):
         pool = CandidatePool([backend], patch_tokens=patch_tokens, seed=0)
         trace = Trace("q", QUERY, max_new_tokens=64)
         while not trace.done:
             pool.step([trace], [0])
         written.append([(p.token_ids, p.text, p.stop_reason) for p in trace.patches])
     assert written[0] == written[1]
+    assert written[0][-1][2] == "stop"
 
 
 def test_the_shipped_base_candidate_has_the_stop_string():
