@@ -10,8 +10,8 @@ from llama3_like import llama3_tokenizer, scripted_llama, tiny_llama
 from test_vllm_backend import FakeLLM
 
 from switchrl.backends import CandidatePool, CandidateSampling, Trace
-from switchrl.backends.stopping import complete
 from switchrl.backends.openai_backend import OpenAIBackend
+from switchrl.backends.stopping import complete
 from switchrl.backends.transformers_backend import TransformersBackend
 from switchrl.backends.vllm_backend import VLLMBackend
 from switchrl.rewards.builtin import numeric
