@@ -45,6 +45,11 @@ class Patch:
     ``token_ids`` are in the author's tokenizer (fingerprinted by ``vocab``) and exclude a final EOS;
     readers with the same ``vocab`` reuse the ids, others re-tokenize ``text``. ``stop_reason`` is
     set when this patch ended the response.
+
+    ``text`` is what the ids add to the response's text, in whole characters: the texts of a response
+    written in one vocabulary join to the decode of all its ids (a character whose bytes continue in
+    the next patch is in that patch's text). A patch that ended on a stop string ends its text where
+    the stop string starts, as vLLM and OpenAI servers do; its ids keep the stop string's tokens.
     """
 
     author: int

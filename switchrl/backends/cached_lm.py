@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from switchrl.backends.base import CandidateSampling
 from switchrl.backends.kv_store import KVStore, Segment, gather_past
+from switchrl.backends.stopping import CHECK_EVERY, StopScan, stop_rows
 from switchrl.utils.sampling import nucleus_keep
 
 
@@ -131,14 +132,15 @@ class CachedLM:
         sampling: CandidateSampling,
         generators: Sequence[torch.Generator] | None = None,
         stop_ids: frozenset[int] = frozenset(),
-        should_stop: Callable[[int, list[int]], bool] | None = None,
+        should_stop: StopScan | None = None,
         may_stop: Callable[[int, list[int]], bool] | None = None,
     ) -> list[Generation]:
         """Read ``new_ids`` then sample up to ``max_new_tokens[i]`` tokens for each trace.
 
         Sampling draws the ``t``-th token of row ``i`` from the ``t``-th uniform of ``generators[i]``
         (not needed when greedy). A row ends at a token in ``stop_ids`` (not returned), at its token
-        limit, or when ``should_stop(row, tokens_so_far)`` says so (e.g. a stop string). While
+        limit, or where ``should_stop`` (a :class:`StopScan`, run every ``CHECK_EVERY`` tokens) finds a
+        stop string; decoding past that token is then rolled back. While
         ``may_stop(row, tokens_so_far)`` is False, ``stop_ids`` are banned for that row. Afterwards each
         cache holds everything the trace read and wrote except its last sampled token, which the next
         call passes in again as part of ``new_ids``. Without callbacks the loop runs on tensors only.
@@ -158,7 +160,8 @@ class CachedLM:
             uniforms = torch.stack([torch.rand(steps, generator=g) for g in generators]).to(device)
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         ban = may_stop is not None and stop.numel() > 0
-        lists: list[list[int]] | None = [[] for _ in keys] if should_stop is not None or ban else None
+        lists: list[list[int]] | None = [[] for _ in keys] if ban else None
+        first_col = state.mask.shape[1]  # the cache column of the first sampled token
         limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=device)
         written = torch.zeros((batch, max(steps, 1)), dtype=torch.long, device=device)
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -180,13 +183,16 @@ class CachedLM:
             hit_eos |= eos
             active = keep & (lengths < limits)
             if lists is not None:
-                for r in keep.nonzero().flatten().tolist():
-                    lists[r].append(int(tokens[r]))
-                    if should_stop is not None and should_stop(r, lists[r]):
-                        hit_stop[r], active[r] = True, False
+                for r, (k, tok) in enumerate(zip(keep.tolist(), tokens.tolist())):
+                    if k:
+                        lists[r].append(tok)
+            if should_stop is not None and (t + 1) % CHECK_EVERY == 0:
+                stop_rows(should_stop, written, lengths, hit_eos, hit_stop, active, state.mask, first_col)
             if not bool(active.any()):
                 break
             logits = state.step(tokens, active)
+        if should_stop is not None:
+            stop_rows(should_stop, written, lengths, hit_eos, hit_stop, active, state.mask, first_col)
         state.commit()
         rows = written.tolist()
         reasons = ["eos" if e else "stop" if s else None for e, s in zip(hit_eos.tolist(), hit_stop.tolist())]

@@ -187,7 +187,8 @@ class OpenAIBackend(TokenizedCandidate):
         patches = []
         for trace, limit, choice in zip(traces, limits, choices):
             ids, reason = self._choice_tokens(choice)
-            patches.append(self.patch_from_ids(trace, author, ids[:limit], reason, seconds))
+            ids, reason = self._cut_at_stop(trace, ids[:limit], reason)
+            patches.append(self.patch_from_ids(trace, author, ids, reason, seconds))
         return patches
 
     def _greedy_batches(self, limits: list[int]) -> list[list[int]]:

@@ -26,10 +26,12 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from switchrl.backends.base import CandidateSampling, Patch, StopReason, Trace
+from switchrl.backends.stopping import RowStops, StopScan, complete, decode, find_stop
 from switchrl.errors import CheckpointError, PromptTooLongError
 from switchrl.utils.seeding import derive_seed
 
 _DETOK_WINDOW = 16  # tokens of left context used to detokenize a patch (keeps word boundaries)
+_MAX_CHAR_TOKENS = 4  # a character spans at most 4 tokens (one per UTF-8 byte)
 
 
 def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -122,6 +124,15 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return load_from_checkpoint("a tokenizer", AutoTokenizer.from_pretrained, path)
 
 
+def single_bos(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[int]:
+    """``ids`` with one BOS where they start with several: a chat template that writes ``{{ bos_token }}``,
+    tokenised by a tokenizer that adds BOS itself (Llama-3's does), gives two."""
+    bos, start = tokenizer.bos_token_id, 0
+    while bos is not None and start + 1 < len(ids) and ids[start] == ids[start + 1] == bos:
+        start += 1
+    return list(ids[start:])
+
+
 class TokenizedCandidate:
     """What every candidate backend shares: its prompt, its token view of each trace, and patch texts.
 
@@ -149,6 +160,10 @@ class TokenizedCandidate:
         self.chat_template = chat_template
         self.prompt_template = prompt_template
         self.stop_strings = tuple(stop_strings)
+        # response tokens read before a patch when looking for stop strings: enough for a stop string
+        # that starts in an earlier patch
+        longest = max((len(x) for x in self.stop_strings), default=0)
+        self._stop_window = max(_DETOK_WINDOW, _MAX_CHAR_TOKENS * longest)
         self.stop_ids = eos_ids(tokenizer, generation_config)
         if not self.stop_ids:
             raise CheckpointError(
@@ -172,16 +187,16 @@ class TokenizedCandidate:
 
     # ------------------------------------------------------------------ token views
     def prompt_ids(self, query: str) -> list[int]:
-        """The tokens this candidate reads before the response: its prompt for ``query``."""
+        """The tokens this candidate reads before the response: its prompt for ``query`` (one BOS at most)."""
         if self.chat_template:
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": query}], add_generation_prompt=True, tokenize=True
             )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
-            return list(ids)
+            return single_bos(self.tokenizer, ids)
         ids = self.tokenizer(self.prompt_template.format(query=query), add_special_tokens=True)["input_ids"]
-        return list(ids) or [self.pad_token_id]
+        return single_bos(self.tokenizer, ids) or [self.pad_token_id]
 
     def fit_prompt(self, trace: Trace, ids: list[int]) -> list[int]:
         """``ids`` (the prompt of ``trace``) if it and the token budget fit :attr:`max_positions`; else
@@ -241,25 +256,63 @@ class TokenizedCandidate:
         stop_reason: StopReason | None = None,
         seconds: float = 0.0,
     ) -> Patch:
-        """The :class:`Patch` that ``token_ids`` (this candidate's tokens) adds to ``trace``, with its text."""
+        """The :class:`Patch` that ``token_ids`` (this candidate's tokens) adds to ``trace``, with its text.
+
+        The text is what the ids add to the response's text: the patches' texts of a response written
+        in one vocabulary join to the decode of all its ids. A character whose bytes continue in the
+        next patch is left to that patch's text (unless this patch ends the response), and a patch that
+        ended on a stop string ends its text where the stop string starts (its ids keep its tokens).
+        """
+        prompt_len, view = self._view(trace)
+        final = stop_reason is not None or trace.num_tokens + len(token_ids) >= trace.max_new_tokens
+        written = trace.text
+        whole = self._continuation_text((), [*view[prompt_len:], *token_ids], final)
+        if whole.startswith(written):
+            text = whole[len(written) :]
+        else:  # earlier patches were re-tokenised from another vocabulary: continue from their tokens here
+            text = self._continuation_text(self._context(prompt_len, view), token_ids, final)
+        if stop_reason == "stop":
+            tail = written[-max(len(x) for x in self.stop_strings) :] if self.stop_strings else ""
+            found = find_stop(tail + text, self.stop_strings, len(tail))
+            text = text[: max(0, found[0] - len(tail))] if found else text
         return Patch(
             author=author,
             token_ids=list(token_ids),
-            text=self._continuation_text(self._context(*self._view(trace)), token_ids),
+            text=text,
             stop_reason=stop_reason,
             vocab=self.vocab,
             seconds=seconds,
         )
 
     @staticmethod
-    def _context(prompt_len: int, view: Sequence[int]) -> Sequence[int]:
-        """The last tokens of the response so far (at most ``_DETOK_WINDOW``), decoded before new ones."""
-        return view[max(prompt_len, len(view) - _DETOK_WINDOW) :]
+    def _context(prompt_len: int, view: Sequence[int], window: int = _DETOK_WINDOW) -> Sequence[int]:
+        """The last tokens of the response so far (at most ``window``), decoded before new ones."""
+        return view[max(prompt_len, len(view) - window) :]
 
-    def _continuation_text(self, context: Sequence[int], new: Sequence[int]) -> str:
-        """The text ``new`` adds after ``context`` (decoding in context keeps spaces between words)."""
-        before = self.tokenizer.decode(list(context), skip_special_tokens=True)
-        return self.tokenizer.decode([*context, *new], skip_special_tokens=True)[len(before) :]
+    def _continuation_text(self, context: Sequence[int], new: Sequence[int], final: bool) -> str:
+        """The text ``new`` adds after ``context`` (decoding in context keeps spaces between words and
+        completes a character split between them); unless ``final``, without a trailing incomplete character."""
+        before = complete(decode(self.tokenizer, context))
+        after = decode(self.tokenizer, [*context, *new])
+        return (after if final else complete(after))[len(before) :]
+
+    def row_stops(self, trace: Trace) -> RowStops | None:
+        """What a :class:`StopScan` needs to stop ``trace``'s next patch at this candidate's stop strings."""
+        if not self.stop_strings:
+            return None
+        prompt_len, view = self._view(trace)
+        return RowStops(
+            self.tokenizer, self.stop_strings, list(self._context(prompt_len, view, self._stop_window))
+        )
+
+    def _cut_at_stop(
+        self, trace: Trace, token_ids: list[int], reason: StopReason | None
+    ) -> tuple[list[int], StopReason | None]:
+        """An engine's patch ended at the first stop string in the response's text, as the in-process
+        candidates end it: engines look only at the text of this patch, not one begun in an earlier patch."""
+        scan = StopScan.of([self.row_stops(trace)])
+        stop = scan.scan([token_ids]).get(0) if scan is not None else None
+        return (token_ids, reason) if stop is None else (token_ids[:stop], "stop")
 
     def _finished(
         self, token_ids: Sequence[int], finish_reason: str | None, stop_reason: object = None

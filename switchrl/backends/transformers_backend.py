@@ -21,6 +21,7 @@ from switchrl.backends.base import CandidateSampling, Group, Patch, Trace
 from switchrl.backends.cached_lm import CachedLM, Generation
 from switchrl.backends.fusable import NotFusable, architecture_signature
 from switchrl.backends.fused import FusedCachedLM, FusedModel, fuse_models
+from switchrl.backends.stopping import RowStops, StopScan
 from switchrl.backends.tokens import TokenizedCandidate, check_model_dir, load_from_checkpoint, load_tokenizer
 from switchrl.utils.seeding import generator
 
@@ -59,13 +60,13 @@ RowCallback = Callable[[int, list[int]], bool]
 
 @dataclass
 class _PatchRequest:
-    """One candidate's share of a generate call: its rows, their new tokens, limits and callbacks."""
+    """One candidate's share of a generate call: its rows, their new tokens, limits, stop strings and callback."""
 
     keys: list[str]
     new_ids: list[list[int]]
     limits: list[int]
     generators: list[torch.Generator] | None
-    should_stop: RowCallback | None
+    stops: list[RowStops | None]
     may_stop: RowCallback | None
 
 
@@ -127,7 +128,7 @@ class TransformersBackend(TokenizedCandidate):
             self.sampling,
             request.generators,
             stop_ids=self.stop_ids,
-            should_stop=request.should_stop,
+            should_stop=StopScan.of(request.stops),
             may_stop=request.may_stop,
         )
         seconds = (time.perf_counter() - start) / len(traces)
@@ -143,13 +144,6 @@ class TransformersBackend(TokenizedCandidate):
             if self.sampling.greedy
             else [generator(seed, t.key, len(t.patches), self.name) for t in traces]
         )
-        should_stop = None
-        if self.stop_strings:
-
-            def should_stop(row: int, toks: list[int]) -> bool:
-                text = self.tokenizer.decode(toks, skip_special_tokens=True)
-                return any(s in text for s in self.stop_strings)
-
         may_stop = None
         if self.eos_after is not None:
             allowed = [self.eos_after.search(t.text) is not None for t in traces]
@@ -157,11 +151,12 @@ class TransformersBackend(TokenizedCandidate):
             def may_stop(row: int, toks: list[int]) -> bool:
                 if not allowed[row]:
                     context = self._context(prompt_lens[row], views[row])
-                    text = traces[row].text + self._continuation_text(context, toks)
+                    text = traces[row].text + self._continuation_text(context, toks, final=True)
                     allowed[row] = self.eos_after.search(text) is not None
                 return allowed[row]
 
-        return _PatchRequest([t.key for t in traces], new, limits, gens, should_stop, may_stop)
+        stops = [self.row_stops(t) for t in traces]
+        return _PatchRequest([t.key for t in traces], new, limits, gens, stops, may_stop)
 
     def prefill(self, traces: Sequence[Trace]) -> None:
         """Read each trace up to its last token (the next call feeds that one), e.g. once before forking it."""
@@ -283,13 +278,13 @@ class FusedCandidates:
         requests = [self.members[g.member]._request(g.traces, patch_tokens, seed) for g in groups]
         owner = [(j, r) for j, req in enumerate(requests) for r in range(len(req.keys))]
 
-        def merged(fns: list[RowCallback | None], default: bool) -> RowCallback | None:
+        def merged(fns: list[RowCallback | None]) -> RowCallback | None:
             if all(fn is None for fn in fns):
                 return None
 
             def callback(row: int, toks: list[int]) -> bool:
                 j, r = owner[row]
-                return default if fns[j] is None else fns[j](r, toks)
+                return True if fns[j] is None else fns[j](r, toks)
 
             return callback
 
@@ -301,8 +296,8 @@ class FusedCandidates:
             first.sampling,
             None if first.sampling.greedy else [gen for req in requests for gen in req.generators],
             stop_ids=first.stop_ids,
-            should_stop=merged([req.should_stop for req in requests], False),
-            may_stop=merged([req.may_stop for req in requests], True),
+            should_stop=StopScan.of([s for req in requests for s in req.stops]),
+            may_stop=merged([req.may_stop for req in requests]),
         )
         seconds = (time.perf_counter() - start) / max(1, len(results))
         out, at = [], 0

@@ -160,5 +160,6 @@ class VLLMBackend(TokenizedCandidate):
             ids, reason = self._finished(
                 done.token_ids, done.finish_reason, getattr(done, "stop_reason", None)
             )
-            patches.append(self.patch_from_ids(trace, author, ids[:limit], reason, seconds))
+            ids, reason = self._cut_at_stop(trace, ids[:limit], reason)
+            patches.append(self.patch_from_ids(trace, author, ids, reason, seconds))
         return patches

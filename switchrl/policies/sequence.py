@@ -26,7 +26,8 @@ from typing import Literal
 from transformers import PreTrainedTokenizerBase
 
 from switchrl.backends.base import Patch
-from switchrl.backends.tokens import vocab_fingerprint
+from switchrl.backends.stopping import decode, splits_character
+from switchrl.backends.tokens import single_bos, vocab_fingerprint
 from switchrl.errors import ConfigError
 
 PromptFormat = Literal["switchrl", "reference"]
@@ -139,13 +140,13 @@ class SwitchSequence:
             templated = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
             )
-            return list(self.tokenizer(templated)["input_ids"])
+            return single_bos(self.tokenizer, self.tokenizer(templated)["input_ids"])
         if self.chat_template:
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
             )
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return list(self.tokenizer(text)["input_ids"])
+            return single_bos(self.tokenizer, ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return single_bos(self.tokenizer, self.tokenizer(text)["input_ids"])
 
     def prompt_ids(self, query: str) -> list[int]:
         """The ``switchrl`` prompt's ids (the start of every sequence)."""
@@ -156,9 +157,15 @@ class SwitchSequence:
         return self._encode_user_turn(self.prompt_text(query))
 
     def patch_ids(self, patch: Patch) -> list[int]:
-        """``patch`` in the switcher's tokens: its own ids when the vocab matches, else its text re-tokenized."""
-        if patch.vocab == self.vocab:
-            return list(patch.token_ids)
+        """``patch`` in the switcher's tokens, holding exactly its text (what the scorer reads): its own ids
+        when the vocab matches and they hold just that text, else its text re-tokenized.
+
+        Ids hold more than the text when the patch shares a character's bytes with a neighbour patch
+        (the text keeps whole characters) or ended on a stop string (the text stops before it).
+        """
+        if patch.vocab == self.vocab and patch.stop_reason != "stop":
+            if not splits_character(decode(self.tokenizer, patch.token_ids)):
+                return list(patch.token_ids)
         return list(self.tokenizer(patch.text, add_special_tokens=False)["input_ids"])
 
     def segment_ids(self, patch: Patch) -> list[int]:
