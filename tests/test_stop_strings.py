@@ -116,10 +116,26 @@ def test_the_base_candidate_stops_before_the_next_question(tokenizer, scripted, 
     ids = [i for p in trace.patches for i in p.token_ids]
     assert tokenizer.decode(ids) == " 4\nQuestion:"  # stopped at the token completing the first stop string
     assert trace.stop_reason == "stop"
-    # the scorer reads the answer, never the invented question (a stop string begun in an earlier
-    # patch keeps that part in it: patches do not change once written)
-    assert trace.text == {50: " 4", 8: " 4", 3: " 4\nQuestio"}[patch_tokens]
+    # the scorer reads the answer, never the invented question: the start of a stop string at the end
+    # of a patch waits for the next patch's text, which ends before the stop string
+    assert trace.text == " 4"
     assert numeric(QUERY, trace.text, "4") == 1.0
+
+
+def test_a_stop_string_start_that_does_not_stop_comes_back_in_the_next_patch(tokenizer):
+    """ "\nQ" at a patch's end waits; when the next patch does not complete "\nQuestion:" the text
+    comes back there, so the response's text is the decode of all its ids."""
+    text = " 4\nQuick"
+    prompt = tokenizer(BASE_PROMPT.format(query=QUERY))["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    model = scripted_llama(tokenizer, [prompt[-1], *ids])
+    pool = CandidatePool([_base(model, tokenizer)], patch_tokens=1, seed=0)
+    trace = Trace("q", QUERY, max_new_tokens=len(ids))
+    while not trace.done:
+        pool.step([trace], [0])
+    assert [i for p in trace.patches for i in p.token_ids] == ids
+    assert trace.text == text
+    assert all(not p.text.endswith("\n") for p in trace.patches)  # "\n" always waited for the next patch
 
 
 @pytest.mark.parametrize("engine", ["vllm", "openai"])

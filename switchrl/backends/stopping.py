@@ -44,6 +44,15 @@ def find_stop(text: str, stop_strings: Sequence[str], after: int) -> tuple[int, 
     return best
 
 
+def stop_prefix_length(text: str, stop_strings: Sequence[str], at_most: int) -> int:
+    """The length (at most ``at_most``) of the longest end of ``text`` that begins a stop string."""
+    longest = max((len(s) for s in stop_strings), default=0)
+    for n in range(min(at_most, longest - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stop_strings):
+            return n
+    return 0
+
+
 @dataclass
 class RowStops:
     """One row's stop strings, and the tokens of its response before this patch that it reads with them."""

@@ -26,7 +26,7 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from switchrl.backends.base import CandidateSampling, Patch, StopReason, Trace
-from switchrl.backends.stopping import RowStops, StopScan, complete, decode, find_stop
+from switchrl.backends.stopping import RowStops, StopScan, complete, decode, find_stop, stop_prefix_length
 from switchrl.errors import CheckpointError, PromptTooLongError
 from switchrl.utils.seeding import derive_seed
 
@@ -260,8 +260,9 @@ class TokenizedCandidate:
 
         The text is what the ids add to the response's text: the patches' texts of a response written
         in one vocabulary join to the decode of all its ids. A character whose bytes continue in the
-        next patch is left to that patch's text (unless this patch ends the response), and a patch that
-        ended on a stop string ends its text where the stop string starts (its ids keep its tokens).
+        next patch is left to that patch's text (unless this patch ends the response), and so is a
+        trailing start of a stop string (the scorer never reads part of one); a patch that ended on a
+        stop string ends its text where the stop string starts (its ids keep its tokens).
         """
         prompt_len, view = self._view(trace)
         final = stop_reason is not None or trace.num_tokens + len(token_ids) >= trace.max_new_tokens
@@ -275,6 +276,8 @@ class TokenizedCandidate:
             tail = written[-max(len(x) for x in self.stop_strings) :] if self.stop_strings else ""
             found = find_stop(tail + text, self.stop_strings, len(tail))
             text = text[: max(0, found[0] - len(tail))] if found else text
+        elif not final:  # a stop string may be under way: its start waits for the next patch's text
+            text = text[: len(text) - stop_prefix_length(written + text, self.stop_strings, len(text))]
         return Patch(
             author=author,
             token_ids=list(token_ids),

@@ -161,10 +161,12 @@ class SwitchSequence:
         when the vocab matches and they hold just that text, else its text re-tokenized.
 
         Ids hold more than the text when the patch shares a character's bytes with a neighbour patch
-        (the text keeps whole characters) or ended on a stop string (the text stops before it).
+        (the text keeps whole characters), ended on a stop string (the text stops before it) or ends
+        with the start of one (that waits for the next patch's text).
         """
         if patch.vocab == self.vocab and patch.stop_reason != "stop":
-            if not splits_character(decode(self.tokenizer, patch.token_ids)):
+            own = decode(self.tokenizer, patch.token_ids)
+            if not splits_character(own) and own.strip() == patch.text.strip():
                 return list(patch.token_ids)
         return list(self.tokenizer(patch.text, add_special_tokens=False)["input_ids"])
 
