@@ -298,7 +298,7 @@ def test_cli_eval_passes_overwrite_and_repair(monkeypatch, config):
         raise CheckpointError("stop here")
 
     monkeypatch.setattr(ev, "evaluate", fake_evaluate)
-    good = config("good.yaml", config.family)
+    good = config("good.yaml", config.family, eval={"systems": ["random"]})  # passes the config checks
     assert main(["eval", "--config", good, "--overwrite"]) == 2 and seen == {
         "overwrite": True,
         "repair": False,
