@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from switchrl.backends.base import CandidateSampling
 from switchrl.backends.kv_store import KVStore, Segment, gather_past
-from switchrl.backends.stopping import CHECK_EVERY, StopScan, stop_rows
+from switchrl.backends.stopping import CHECK_EVERY, StopIds, StopIdSets, StopScan, stop_rows
 from switchrl.utils.sampling import nucleus_keep
 
 
@@ -131,17 +131,18 @@ class CachedLM:
         max_new_tokens: Sequence[int],
         sampling: CandidateSampling,
         generators: Sequence[torch.Generator] | None = None,
-        stop_ids: frozenset[int] = frozenset(),
+        stop_ids: StopIdSets = frozenset(),
         should_stop: StopScan | None = None,
         may_stop: Callable[[int, list[int]], bool] | None = None,
     ) -> list[Generation]:
         """Read ``new_ids`` then sample up to ``max_new_tokens[i]`` tokens for each trace.
 
         Sampling draws the ``t``-th token of row ``i`` from the ``t``-th uniform of ``generators[i]``
-        (not needed when greedy). A row ends at a token in ``stop_ids`` (not returned), at its token
-        limit, or where ``should_stop`` (a :class:`StopScan`, run every ``CHECK_EVERY`` tokens) finds a
-        stop string; decoding past that token is then rolled back. While
-        ``may_stop(row, tokens_so_far)`` is False, ``stop_ids`` are banned for that row. Afterwards each
+        (not needed when greedy). A row ends at one of its ``stop_ids`` (one set for all rows or one
+        per row; the id is not returned), at its token limit, or where ``should_stop`` (a
+        :class:`StopScan`, run every ``CHECK_EVERY`` tokens) finds a stop string; decoding past that
+        token is then rolled back. While ``may_stop(row, tokens_so_far)`` is False, the row's stop ids
+        are banned for it. Afterwards each
         cache holds everything the trace read and wrote except its last sampled token, which the next
         call passes in again as part of ``new_ids``. Without callbacks the loop runs on tensors only.
         """
@@ -158,8 +159,8 @@ class CachedLM:
         uniforms = None
         if not sampling.greedy and steps:
             uniforms = torch.stack([torch.rand(steps, generator=g) for g in generators]).to(device)
-        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-        ban = may_stop is not None and stop.numel() > 0
+        stop = StopIds(stop_ids, batch, device)
+        ban = may_stop is not None and bool(stop)
         lists: list[list[int]] | None = [[] for _ in keys] if ban else None
         first_col = state.mask.shape[1]  # the cache column of the first sampled token
         limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=device)
@@ -173,10 +174,9 @@ class CachedLM:
             if ban:
                 rows = [r for r in active.nonzero().flatten().tolist() if not may_stop(r, lists[r])]
                 if rows:
-                    logits = logits.clone()
-                    logits[torch.tensor(rows, device=device)[:, None], stop[None, :]] = float("-inf")
+                    logits = stop.ban(logits, rows)
             tokens = sample_next(logits, sampling, None if uniforms is None else uniforms[:, t])
-            eos = active & torch.isin(tokens, stop) if stop.numel() else torch.zeros_like(active)
+            eos = active & stop.hits(tokens) if stop else torch.zeros_like(active)
             keep = active & ~eos
             written[:, t] = tokens
             lengths += keep

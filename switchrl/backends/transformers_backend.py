@@ -241,8 +241,9 @@ class FusedCandidates:
     stacked, nothing copied) and each backend's ``lm`` becomes its view of the shared
     :class:`~switchrl.backends.fused.FusedCachedLM`, so a backend used on its own behaves as before,
     while :meth:`write_groups` lets several candidates write their rows of one step together.
-    Members must agree on sampling and stop ids (one generate call serves them all); their
-    vocabularies may differ (each reads its own ids; the fused model masks the ids a member lacks).
+    Members must agree on sampling (one batched sampler serves them all; see :func:`_fusion_key`);
+    their stop ids may differ (each row stops on its member's own) and so may their vocabularies
+    (each reads its own ids; the fused model masks the ids a member lacks).
     """
 
     def __init__(self, backends: Sequence[TransformersBackend]):
@@ -252,9 +253,8 @@ class FusedCandidates:
                 raise NotFusable(f"candidate {b.name!r} is already fused")
             if len(b.lm):
                 raise NotFusable(f"candidate {b.name!r} holds live traces")
-            for what in ("sampling", "stop_ids"):
-                if getattr(b, what) != getattr(first, what):
-                    raise NotFusable(f"candidates {first.name!r} and {b.name!r} differ in {what}")
+            if b.sampling != first.sampling:
+                raise NotFusable(f"candidates {first.name!r} and {b.name!r} differ in sampling")
         # the pad id only fills masked positions (the fused tables have a row for every member's ids)
         pad = min(b.pad_token_id for b in backends)
         self.lm = FusedCachedLM(fuse_models([b.model for b in backends]), pad_token_id=pad)
@@ -295,7 +295,7 @@ class FusedCandidates:
             [n for req in requests for n in req.limits],
             first.sampling,
             None if first.sampling.greedy else [gen for req in requests for gen in req.generators],
-            stop_ids=first.stop_ids,
+            stop_ids=[self.members[g.member].stop_ids for g, req in zip(groups, requests) for _ in req.keys],
             should_stop=StopScan.of([s for req in requests for s in req.stops]),
             may_stop=merged([req.may_stop for req in requests]),
         )
@@ -309,8 +309,11 @@ class FusedCandidates:
 
 
 def _fusion_key(b: TransformersBackend) -> tuple:
-    """Equal for candidates that can share an engine (their vocabularies may differ, see :mod:`~switchrl.backends.fusable`)."""
-    return (architecture_signature(b.model), b.sampling, b.stop_ids)
+    """Equal for candidates that can share an engine (their vocabularies may differ, see
+    :mod:`~switchrl.backends.fusable`, and so may their stop ids). Sampling stays in the key: the
+    batched sampler takes one temperature/top-p/top-k, and per-row values would change the float
+    arithmetic (a tensor divisor, per-row nucleus cut-offs) of every record sampled today."""
+    return (architecture_signature(b.model), b.sampling)
 
 
 def fuse_backends(backends: Sequence[object]) -> list[FusedCandidates]:
