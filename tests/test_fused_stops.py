@@ -1,6 +1,6 @@
-"""Fused candidates with different EOS ids (issue 17, fix 2 follow-up): a base whose generation config
-lists one EOS id and two fine-tunes listing three (Llama-3.1-8B vs Tulu-3) share one engine, and each
-row stops on its own candidate's ids only."""
+"""Fused candidates with different EOS ids and sampling (issue 17, fix 2 follow-up): a base whose
+generation config lists one EOS id and two fine-tunes listing three (Llama-3.1-8B vs Tulu-3) share one
+engine, each row stops on its own candidate's ids only and samples with its own settings."""
 
 from __future__ import annotations
 
@@ -49,11 +49,15 @@ def _model(seed: int, eos_ids: list[int], force: float) -> LlamaForCausalLM:
     return model
 
 
-def _trio(fuse: bool, sampling: CandidateSampling, force: float = 3.0) -> CandidatePool:
+def _trio(
+    fuse: bool, sampling: CandidateSampling | list[CandidateSampling], force: float = 3.0
+) -> CandidatePool:
+    """Base (one EOS id) + two fine-tunes (three); ``sampling``: for all three or for each."""
     eos_lists = [[EOS], [EOS, EOT, EOM], [EOS, EOT, EOM]]  # the base's config names one id, the others three
+    each = sampling if isinstance(sampling, list) else [sampling] * 3
     backends = [
-        TransformersBackend(f"c{i}", _model(i, ids, force), TOKENIZER, sampling=sampling)
-        for i, ids in enumerate(eos_lists)
+        TransformersBackend(f"c{i}", _model(i, ids, force), TOKENIZER, sampling=s)
+        for i, (ids, s) in enumerate(zip(eos_lists, each))
     ]
     return CandidatePool(backends, patch_tokens=3, seed=7, fuse=fuse)
 
@@ -81,9 +85,13 @@ def test_a_trio_with_different_eos_ids_fuses_into_one_engine():
     assert all(b.fused is pool.backends[0].fused is not None for b in pool.backends)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_each_member_stops_on_its_own_eos_ids_as_it_does_alone(temperature):
-    sampling = CandidateSampling(temperature=temperature)
+MIXED = [CandidateSampling(0.0), CandidateSampling(0.7, top_p=0.9), CandidateSampling(1.0, top_k=5)]
+
+
+@pytest.mark.parametrize(
+    "sampling", [CandidateSampling(0.0), CandidateSampling(1.0), MIXED], ids=["greedy", "sampled", "mixed"]
+)
+def test_each_member_stops_on_its_own_eos_ids_as_it_does_alone(sampling):
     by_author: dict[int, list[int]] = {0: [], 1: [], 2: []}
     eos_ends = 0
     for schedule_seed in range(3):
@@ -122,3 +130,24 @@ def test_rows_of_one_generate_call_stop_on_and_ban_their_own_ids():
     assert not {EOS, EOT, EOM} & set(banned[1].token_ids)
     with pytest.raises(ValueError, match="sets of stop ids"):
         lm.generate(["f"], [prompt], [2], greedy, stop_ids=own)
+
+
+def test_rows_of_one_generate_call_sample_with_their_own_settings():
+    """Per-row settings give each row the tokens of a call with its setting alone (same generator seed)."""
+    lm = CachedLM(_model(1, [EOS], force=3.0), pad_token_id=TOKENIZER.pad_token_id)
+    prompts = [TOKENIZER(q, add_special_tokens=False)["input_ids"] for q in QUERIES[:3]]
+
+    def gens(rows):
+        return [None if MIXED[r].greedy else torch.Generator().manual_seed(r) for r in rows]
+
+    together = lm.generate(
+        ["a0", "a1", "a2"], prompts, [6, 6, 6], MIXED, gens(range(3)), stop_ids=frozenset({EOS})
+    )
+    apart = [
+        lm.generate([f"b{r}"], [prompts[r]], [6], MIXED[r], gens([r]), stop_ids=frozenset({EOS}))[0]
+        for r in range(3)
+    ]
+    assert together == apart
+    assert len({tuple(g.token_ids) for g in together}) == 3
+    with pytest.raises(ValueError, match="one generator per key"):
+        lm.generate(["c0", "c1"], prompts[:2], [2, 2], MIXED[:2], [None, None])
