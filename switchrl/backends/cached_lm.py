@@ -20,10 +20,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from switchrl.backends.base import CandidateSampling
 from switchrl.backends.kv_store import KVStore, Segment, gather_past
-from switchrl.backends.stopping import CHECK_EVERY, StopScan, stop_rows
-from switchrl.utils.sampling import nucleus_keep
+from switchrl.backends.sampler import RowSampling, SamplingSets
+from switchrl.backends.sampler import sample_next as sample_next  # re-exported for the switchers
+from switchrl.backends.stopping import CHECK_EVERY, StopIds, StopIdSets, StopScan, stop_rows
 
 
 @dataclass
@@ -32,33 +32,6 @@ class Generation:
 
     token_ids: list[int]
     stop_reason: str | None  # "eos" (a stop id, not in ``token_ids``), "stop" (should_stop) or None
-
-
-def sample_next(
-    logits: torch.Tensor, sampling: CandidateSampling, uniforms: torch.Tensor | None
-) -> torch.Tensor:
-    """One token per row from ``logits`` [B, V], using one uniform draw per row (inverse CDF; unused when greedy).
-
-    Drawing the uniforms from per-trace generators keeps every trace's tokens independent of the
-    batch it happens to share.
-    """
-    if sampling.greedy:
-        return logits.argmax(dim=-1)
-    if uniforms is None:
-        raise ValueError("sampling (temperature > 0) needs one uniform draw per row")
-    logits = logits.float() / sampling.temperature
-    if sampling.top_k:
-        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    cdf = sorted_probs.cumsum(dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs = sorted_probs * nucleus_keep(sorted_probs, sampling.top_p)
-        cdf = sorted_probs.cumsum(dim=-1)
-    target = uniforms.to(cdf.device, cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
-    idx = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[-1] - 1)
-    return order.gather(-1, idx).squeeze(-1)
 
 
 class CachedLM:
@@ -129,37 +102,35 @@ class CachedLM:
         keys: Sequence[str],
         new_ids: Sequence[Sequence[int]],
         max_new_tokens: Sequence[int],
-        sampling: CandidateSampling,
-        generators: Sequence[torch.Generator] | None = None,
-        stop_ids: frozenset[int] = frozenset(),
+        sampling: SamplingSets,
+        generators: Sequence[torch.Generator | None] | None = None,
+        stop_ids: StopIdSets = frozenset(),
         should_stop: StopScan | None = None,
         may_stop: Callable[[int, list[int]], bool] | None = None,
     ) -> list[Generation]:
         """Read ``new_ids`` then sample up to ``max_new_tokens[i]`` tokens for each trace.
 
-        Sampling draws the ``t``-th token of row ``i`` from the ``t``-th uniform of ``generators[i]``
-        (not needed when greedy). A row ends at a token in ``stop_ids`` (not returned), at its token
-        limit, or where ``should_stop`` (a :class:`StopScan`, run every ``CHECK_EVERY`` tokens) finds a
-        stop string; decoding past that token is then rolled back. While
-        ``may_stop(row, tokens_so_far)`` is False, ``stop_ids`` are banned for that row. Afterwards each
-        cache holds everything the trace read and wrote except its last sampled token, which the next
-        call passes in again as part of ``new_ids``. Without callbacks the loop runs on tensors only.
+        ``sampling`` and ``stop_ids`` are one setting for all rows or one per row (fused candidates may
+        differ in both). Sampling draws the ``t``-th token of row ``i`` from the ``t``-th uniform of
+        ``generators[i]`` (None for a greedy row, see :class:`RowSampling`). A row ends at one of its
+        stop ids (not returned), at its token limit, or where ``should_stop`` (a :class:`StopScan`, run
+        every ``CHECK_EVERY`` tokens) finds a stop string; decoding past that token is then rolled back.
+        While ``may_stop(row, tokens_so_far)`` is False, the row's stop ids are banned for it.
+        Afterwards each cache holds everything the trace read and wrote except its last sampled token,
+        which the next call passes in again as part of ``new_ids``. Without callbacks the loop runs on
+        tensors only.
         """
         batch = len(keys)
         if len(max_new_tokens) != batch:
             raise ValueError(f"got {batch} keys but {len(max_new_tokens)} max_new_tokens")
         if any(n < 0 for n in max_new_tokens):
             raise ValueError(f"max_new_tokens must be >= 0, got {list(max_new_tokens)}")
-        if not sampling.greedy and (generators is None or len(generators) != batch):
-            raise ValueError("sampling (temperature > 0) needs one generator per key")
         steps = max(max_new_tokens, default=0)
+        draw = RowSampling(sampling, generators, batch, steps, self.device)
         state = _BatchState.start(self, keys, new_ids, room=steps)
         device = state.mask.device
-        uniforms = None
-        if not sampling.greedy and steps:
-            uniforms = torch.stack([torch.rand(steps, generator=g) for g in generators]).to(device)
-        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-        ban = may_stop is not None and stop.numel() > 0
+        stop = StopIds(stop_ids, batch, device)
+        ban = may_stop is not None and bool(stop)
         lists: list[list[int]] | None = [[] for _ in keys] if ban else None
         first_col = state.mask.shape[1]  # the cache column of the first sampled token
         limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=device)
@@ -173,10 +144,9 @@ class CachedLM:
             if ban:
                 rows = [r for r in active.nonzero().flatten().tolist() if not may_stop(r, lists[r])]
                 if rows:
-                    logits = logits.clone()
-                    logits[torch.tensor(rows, device=device)[:, None], stop[None, :]] = float("-inf")
-            tokens = sample_next(logits, sampling, None if uniforms is None else uniforms[:, t])
-            eos = active & torch.isin(tokens, stop) if stop.numel() else torch.zeros_like(active)
+                    logits = stop.ban(logits, rows)
+            tokens = draw(logits, t)
+            eos = active & stop.hits(tokens) if stop else torch.zeros_like(active)
             keep = active & ~eos
             written[:, t] = tokens
             lengths += keep

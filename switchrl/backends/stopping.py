@@ -140,3 +140,44 @@ def stop_rows(
     for r, n in scan.scan(rows).items():
         lengths[r], hit_stop[r], hit_eos[r], active[r] = n, True, False, False
         mask[r, first_col + n - 1 :] = 0
+
+
+StopIdSets = frozenset[int] | Sequence[frozenset[int]]
+
+
+class StopIds:
+    """The stop ids of a batch's rows as tensors: their union ``ids`` [S] and, when rows differ (fused
+    candidates with different EOS ids), ``mask`` [B, S], True where row ``b`` stops on ``ids[s]``.
+
+    ``stop_ids`` is one set for every row or one set per row.
+    """
+
+    def __init__(self, stop_ids: StopIdSets, batch: int, device: torch.device):
+        per_row = [stop_ids] * batch if isinstance(stop_ids, (set, frozenset)) else list(stop_ids)
+        if len(per_row) != batch:
+            raise ValueError(f"got {batch} rows but {len(per_row)} sets of stop ids")
+        union = sorted(set().union(*per_row))
+        self.ids = torch.tensor(union, dtype=torch.long, device=device)
+        self.mask: torch.Tensor | None = None
+        if len(set(per_row)) > 1:
+            rows = [[i in row for i in union] for row in per_row]
+            self.mask = torch.tensor(rows, dtype=torch.bool, device=device)
+
+    def __bool__(self) -> bool:
+        return self.ids.numel() > 0
+
+    def hits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B] bool: whether each row's token in ``tokens`` [B] is one of that row's stop ids."""
+        if self.mask is None:
+            return torch.isin(tokens, self.ids)
+        return ((tokens[:, None] == self.ids[None, :]) & self.mask).any(dim=-1)
+
+    def ban(self, logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """``logits`` [B, V] with each of ``rows``' own stop ids set to -inf (a copy)."""
+        logits = logits.clone()
+        at = torch.tensor(list(rows), device=logits.device)[:, None], self.ids[None, :]
+        if self.mask is None:
+            logits[at] = float("-inf")
+        else:
+            logits[at] = logits[at].masked_fill(self.mask[at[0].squeeze(1)], float("-inf"))
+        return logits

@@ -241,20 +241,16 @@ class FusedCandidates:
     stacked, nothing copied) and each backend's ``lm`` becomes its view of the shared
     :class:`~switchrl.backends.fused.FusedCachedLM`, so a backend used on its own behaves as before,
     while :meth:`write_groups` lets several candidates write their rows of one step together.
-    Members must agree on sampling and stop ids (one generate call serves them all); their
-    vocabularies may differ (each reads its own ids; the fused model masks the ids a member lacks).
+    Members may differ in sampling and stop ids (each row samples and stops as its member does alone)
+    and in vocabulary size (each reads its own ids; the fused model masks the ids a member lacks).
     """
 
     def __init__(self, backends: Sequence[TransformersBackend]):
-        first = backends[0]
         for b in backends:
             if b.fused is not None or not isinstance(b.lm, CachedLM):
                 raise NotFusable(f"candidate {b.name!r} is already fused")
             if len(b.lm):
                 raise NotFusable(f"candidate {b.name!r} holds live traces")
-            for what in ("sampling", "stop_ids"):
-                if getattr(b, what) != getattr(first, what):
-                    raise NotFusable(f"candidates {first.name!r} and {b.name!r} differ in {what}")
         # the pad id only fills masked positions (the fused tables have a row for every member's ids)
         pad = min(b.pad_token_id for b in backends)
         self.lm = FusedCachedLM(fuse_models([b.model for b in backends]), pad_token_id=pad)
@@ -288,14 +284,14 @@ class FusedCandidates:
 
             return callback
 
-        first = self.members[0]
+        member = [self.members[g.member] for g, req in zip(groups, requests) for _ in req.keys]
         results = self.lm.generate(
             [(g.member, key) for g, req in zip(groups, requests) for key in req.keys],
             [ids for req in requests for ids in req.new_ids],
             [n for req in requests for n in req.limits],
-            first.sampling,
-            None if first.sampling.greedy else [gen for req in requests for gen in req.generators],
-            stop_ids=first.stop_ids,
+            [m.sampling for m in member],
+            [gen for req in requests for gen in (req.generators or [None] * len(req.keys))],
+            stop_ids=[m.stop_ids for m in member],
             should_stop=StopScan.of([s for req in requests for s in req.stops]),
             may_stop=merged([req.may_stop for req in requests]),
         )
@@ -308,9 +304,10 @@ class FusedCandidates:
         return out
 
 
-def _fusion_key(b: TransformersBackend) -> tuple:
-    """Equal for candidates that can share an engine (their vocabularies may differ, see :mod:`~switchrl.backends.fusable`)."""
-    return (architecture_signature(b.model), b.sampling, b.stop_ids)
+def _fusion_key(b: TransformersBackend) -> str:
+    """Equal for candidates that can share an engine: their vocabularies may differ (see
+    :mod:`~switchrl.backends.fusable`), and so may their sampling and stop ids (set per row)."""
+    return architecture_signature(b.model)
 
 
 def fuse_backends(backends: Sequence[object]) -> list[FusedCandidates]:
@@ -319,7 +316,7 @@ def fuse_backends(backends: Sequence[object]) -> list[FusedCandidates]:
     Candidates that cannot be fused (another architecture, a layer type :func:`fuse_models` does not
     know, live traces) keep their own model; the reason is logged.
     """
-    groups: dict[tuple, list[TransformersBackend]] = {}
+    groups: dict[str, list[TransformersBackend]] = {}
     for b in backends:
         if isinstance(b, TransformersBackend) and b.fused is None and isinstance(b.lm, CachedLM):
             groups.setdefault(_fusion_key(b), []).append(b)
