@@ -338,7 +338,7 @@ def test_cli_on_a_real_read_only_filesystem(config):
     ro.mkdir()
     if not _ro_mount_works(ro):
         pytest.skip("cannot mount a read-only tmpfs here (needs unshare -m)")
-    cfg = config("ro.yaml", config.family, sft={"out_dir": str(ro / "sft")})
+    cfg = config("ro.yaml", config.family, sft={"out_dir": str(ro / "sft"), "base": str(config.family[0])})
     cfg_text = yaml.safe_load(Path(cfg).read_text())
     cfg_text["simulate"]["out_dir"] = str(ro / "sim")
     Path(cfg).write_text(yaml.safe_dump(cfg_text))
