@@ -231,8 +231,8 @@ class CandidatePool(CandidateNames):
         places: dict[str, list[int]] = defaultdict(list)  # engines in one place run in turn
         for engine in calls:
             places[placement(self.engines[engine])].append(engine)
-        if len(places) == 1:
-            results = run(next(iter(places.values())))
+        if len(places) <= 1:
+            results = [r for engines in places.values() for r in run(engines)]
         else:  # one thread per device or server: kernels and HTTP waits release the GIL
             with ThreadPoolExecutor(max_workers=len(places)) as workers:
                 results = [r for done in workers.map(run, places.values()) for r in done]
