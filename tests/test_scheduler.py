@@ -3,6 +3,7 @@ model that picks fused passes where they are cheaper, and engines in different p
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -180,3 +181,16 @@ def test_two_openai_servers_answer_at_the_same_time(tiny_family, serve):
     pool = CandidatePool(backends, patch_tokens=2)
     _step_seconds(pool)  # connections opened
     assert _step_seconds(pool) < 0.5
+
+
+def test_dataset_throughput_benchmark(capsys):
+    """All four paths in one run; the scheduler and lock-step write the same tokens, and candidate 0
+    alone writes what HF ``generate`` does."""
+    from switchrl.bench.cli import run
+
+    tiny = ["--arch", "tiny", "--prompt-len", "6", "--max-new-tokens", "8", "--patch-tokens", "3"]
+    assert run(["dataset_throughput", "--queries", "6", "--max-batch", "2", "--repeats", "1", *tiny]) == 0
+    [record] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert record["same_tokens"] == 1.0 and record["same_tokens_hf"] == 1.0
+    assert record["ratio_grouped"] > 0 and record["ratio_lockstep"] > 0 and record["hf_generate_tok_s"] > 0
+    assert 0 < record["rows_per_pass"] <= 2 and set(record["pass_cost_ms"]) == {"alpha", "beta", "gamma"}
