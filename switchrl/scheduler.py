@@ -186,7 +186,7 @@ class Scheduler:
         """Write patches until every trace of ``traces`` is done (EOS, stop string or token budget);
         ``on_finished`` hears of the traces that ended in each pass (after they are released)."""
         waiting = deque(t for t in traces if not t.done)
-        queues: list[deque[tuple[Trace, Decision]]] = [deque() for _ in range(len(self.pool))]
+        queues: list[list[tuple[Trace, Decision]]] = [[] for _ in range(len(self.pool))]
         undecided: list[Trace] = []
         inflight = 0
         while waiting or inflight:
@@ -199,7 +199,7 @@ class Scheduler:
                 for t, a, d in zip(undecided, actions, decisions):
                     queues[a].append((t, d))
                 undecided = []
-            served = [queues[c].popleft() for c, n in self._plan(queues) for _ in range(n)]
+            served = [row for c, n in self._plan(queues) for row in self._take(queues[c], n)]
             rows = [t for t, _ in served]
             actions = [d.action for _, d in served]
             self.pool.step(rows, actions)
@@ -216,7 +216,20 @@ class Scheduler:
                 if on_finished is not None:
                     on_finished(finished)
 
-    def _plan(self, queues: Sequence[deque]) -> list[tuple[int, int]]:
+    def _take(self, queue: list[tuple[Trace, Decision]], n: int) -> list[tuple[Trace, Decision]]:
+        """``n`` rows of ``queue``: those with the longest next patch first, in queue order.
+
+        A pass decodes as many tokens as its longest patch, so a row with few tokens left (its last
+        patch) would idle in a pass of full patches; such rows wait and share a short pass instead.
+        As every admitted trace ends, none waits for ever."""
+        patch = self.pool.patch_tokens
+        order = sorted(range(len(queue)), key=lambda i: -min(patch, queue[i][0].remaining_tokens))
+        chosen = set(order[:n])
+        taken = [row for i, row in enumerate(queue) if i in chosen]
+        queue[:] = [row for i, row in enumerate(queue) if i not in chosen]
+        return taken
+
+    def _plan(self, queues: Sequence[list]) -> list[tuple[int, int]]:
         """(candidate, rows) to serve this pass, engine by engine."""
         out = []
         for members in self.engines:
