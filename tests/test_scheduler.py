@@ -193,4 +193,5 @@ def test_dataset_throughput_benchmark(capsys):
     [record] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert record["same_tokens"] == 1.0 and record["same_tokens_hf"] == 1.0
     assert record["ratio_grouped"] > 0 and record["ratio_lockstep"] > 0 and record["hf_generate_tok_s"] > 0
+    assert 0 < record["ratio_cap_from_reading"] <= 1
     assert 0 < record["rows_per_pass"] <= 2 and set(record["pass_cost_ms"]) == {"alpha", "beta", "gamma"}

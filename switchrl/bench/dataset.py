@@ -10,7 +10,16 @@ import torch
 
 from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
-from switchrl.bench.setup import BenchSetup, check_sizes, compare, device_name, emit, match_rate
+from switchrl.bench.setup import (
+    BenchSetup,
+    check_sizes,
+    compare,
+    device_name,
+    emit,
+    match_rate,
+    prefill_seconds,
+    tokens_read,
+)
 from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher
 from switchrl.rollout import SwitchPolicy
 from switchrl.scheduler import Schedule, Scheduler, pass_cost
@@ -116,6 +125,9 @@ def dataset_throughput(
                 ("hf_generate", t_hf, hf),
             )
         }
+        # reading the other candidates' patches, at this engine's prompt-prefill speed, caps the ratio
+        extra = sum(tokens_read(t, prompt_len) for t in group_traces) - queries * prompt_len
+        t_reading = extra / (b * prompt_len / prefill_seconds(setup, texts[:b], repeats))
         members = switched.engine_candidates[0]
         cost = pass_cost(switched, members) if len(members) > 1 else None
         records.append(
@@ -134,6 +146,7 @@ def dataset_throughput(
                     **{f"{name}_tok_s": round(v, 1) for name, v in tok_s.items()},
                     "ratio_grouped": round(tok_s["grouped"] / tok_s["single"], 3),
                     "ratio_lockstep": round(tok_s["lockstep"] / tok_s["single"], 3),
+                    "ratio_cap_from_reading": round(t_single / (t_single + t_reading), 3),
                     "single_vs_hf_generate": round(tok_s["single"] / tok_s["hf_generate"], 3),
                     "same_tokens": match_rate(group_traces, lock_traces),
                     "same_tokens_hf": match_rate(single_traces, hf),
