@@ -13,7 +13,7 @@ from switchrl.backends import CandidatePool, CandidateSampling, Patch, Trace
 from switchrl.backends.fused import RowAssignment, fuse_models
 from switchrl.backends.openai_backend import OpenAIBackend
 from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm
-from switchrl.policies import LMSwitcher, RandomSwitcher
+from switchrl.policies import FixedSwitcher, LMSwitcher, RandomSwitcher
 from switchrl.rollout import run_switch_generation
 from switchrl.scheduler import PassCost, Scheduler, plan_pass, spread
 from tests.conftest import make_word_tokenizer, save_tiny_model
@@ -92,6 +92,35 @@ def test_max_inflight_bounds_the_traces_in_flight(tiny_family):
     traces = [Trace(f"q{i}", q, 8) for i, q in enumerate(QUERIES)]
     Scheduler(pool, Watch(3, seed=2), max_batch=4, max_inflight=3).run(traces)
     assert all(t.done for t in traces) and seen == {t.key for t in traces}
+
+
+class _CountingPool:
+    """A pool of two candidates on one engine that writes each trace's next patch in full and
+    records the keys of every step."""
+
+    names, patch_tokens, seed, engine_candidates = ["a", "b"], 4, 0, [[0, 1]]
+
+    def __init__(self):
+        self.steps: list[list[str]] = []
+
+    def __len__(self) -> int:
+        return 2
+
+    def step(self, traces, actions):
+        self.steps.append([t.key for t in traces])
+        for t, a in zip(traces, actions):
+            t.patches.append(Patch(a, [1] * min(self.patch_tokens, t.remaining_tokens), "x"))
+
+    def release(self, keys):
+        pass
+
+
+def test_a_pass_takes_the_rows_with_the_longest_next_patch_first():
+    """Rows in their last, short patch wait and share a short pass instead of idling in a full one."""
+    pool = _CountingPool()
+    traces = [Trace("short0", "q", 2), Trace("full0", "q", 4), Trace("short1", "q", 2), Trace("full1", "q", 4)]
+    Scheduler(pool, FixedSwitcher(2, 0), max_batch=2, schedule="grouped").run(traces)
+    assert pool.steps == [["full0", "full1"], ["short0", "short1"]]
 
 
 def test_plan_pass_follows_the_cost_model():
