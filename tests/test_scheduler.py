@@ -118,7 +118,12 @@ class _CountingPool:
 def test_a_pass_takes_the_rows_with_the_longest_next_patch_first():
     """Rows in their last, short patch wait and share a short pass instead of idling in a full one."""
     pool = _CountingPool()
-    traces = [Trace("short0", "q", 2), Trace("full0", "q", 4), Trace("short1", "q", 2), Trace("full1", "q", 4)]
+    traces = [
+        Trace("short0", "q", 2),
+        Trace("full0", "q", 4),
+        Trace("short1", "q", 2),
+        Trace("full1", "q", 4),
+    ]
     Scheduler(pool, FixedSwitcher(2, 0), max_batch=2, schedule="grouped").run(traces)
     assert pool.steps == [["full0", "full1"], ["short0", "short1"]]
 
