@@ -116,7 +116,8 @@ class _CountingPool:
 
 
 def test_a_pass_takes_the_rows_with_the_longest_next_patch_first():
-    """Rows in their last, short patch wait and share a short pass instead of idling in a full one."""
+    """Rows in their last, short patch wait and share a short pass instead of idling in a full one;
+    among the others the least advanced go first."""
     pool = _CountingPool()
     traces = [
         Trace("short0", "q", 2),
@@ -126,6 +127,11 @@ def test_a_pass_takes_the_rows_with_the_longest_next_patch_first():
     ]
     Scheduler(pool, FixedSwitcher(2, 0), max_batch=2, schedule="grouped").run(traces)
     assert pool.steps == [["full0", "full1"], ["short0", "short1"]]
+    # then the least advanced: the traces of a pass stay at like lengths (little cache padding)
+    pool = _CountingPool()
+    ahead = Trace("ahead", "q", 16, [Patch(0, [1] * 8, "x")])
+    Scheduler(pool, FixedSwitcher(2, 0), max_batch=1).run([ahead, Trace("behind", "q", 16)])
+    assert pool.steps[:2] == [["behind"], ["behind"]]
 
 
 def test_plan_pass_follows_the_cost_model():
