@@ -15,7 +15,7 @@ from switchrl.backends.openai_backend import OpenAIBackend
 from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm
 from switchrl.policies import FixedSwitcher, LMSwitcher, RandomSwitcher
 from switchrl.rollout import run_switch_generation
-from switchrl.scheduler import PassCost, Scheduler, plan_pass, spread
+from switchrl.scheduler import PassCost, Scheduler, measure_pass_cost, plan_pass, spread
 from tests.conftest import make_word_tokenizer, save_tiny_model
 
 QUERIES = ["the town", "one two", "a red river", "the answer is", "two", "the red", "one", "a town"]
@@ -132,6 +132,28 @@ def test_a_pass_takes_the_rows_with_the_longest_next_patch_first():
     ahead = Trace("ahead", "q", 16, [Patch(0, [1] * 8, "x")])
     Scheduler(pool, FixedSwitcher(2, 0), max_batch=1).run([ahead, Trace("behind", "q", 16)])
     assert pool.steps[:2] == [["behind"], ["behind"]]
+
+
+class _TimedPool(_CountingPool):
+    """One engine whose pass takes 20 ms (a prefill) + per token 4 ms + 6 ms per model + 1 ms per row slot."""
+
+    names, patch_tokens, engine_candidates = ["a", "b", "c"], 9, [[0, 1, 2]]
+
+    def __len__(self) -> int:
+        return 3
+
+    def step(self, traces, actions):
+        models, width = len(set(actions)), max(actions.count(a) for a in set(actions))
+        tokens = max(min(self.patch_tokens, t.remaining_tokens) for t in traces)
+        time.sleep(0.020 + tokens * (0.004 + 0.006 * models + 0.001 * models * width))
+        super().step(traces, actions)
+
+
+def test_the_pass_cost_is_fitted_from_timed_probe_passes():
+    cost = measure_pass_cost(_TimedPool(), [0, 1, 2])
+    assert cost.alpha == pytest.approx(0.004, abs=0.002)
+    assert cost.beta == pytest.approx(0.006, abs=0.002)
+    assert cost.gamma == pytest.approx(0.001, abs=0.0005)
 
 
 def test_plan_pass_follows_the_cost_model():
