@@ -10,7 +10,8 @@ that is cheaper per row (few rows in flight, or many rows per candidate). Engine
 nothing (other devices, servers) are served in the same pass, so they run at the same time.
 
 Decisions and tokens depend only on (seed, trace key, patch index), never on which traces share a
-pass, so the records are those of lock-step generation.
+pass, so the records are those of lock-step generation (up to float rounding that depends on the
+batch, which lock-step at another batch size shows too).
 """
 
 from __future__ import annotations
@@ -178,9 +179,8 @@ class Scheduler:
         self.pool, self.policy = pool, policy
         self.max_batch, self.max_inflight, self.schedule = max_batch, max_inflight, schedule
         self.engines = engine_candidates(pool)
-        self.passes: list[
-            list[int]
-        ] = []  # per pass, the candidate of each row served (for reports and tests)
+        # per pass, the candidate of each row served (for reports and tests)
+        self.passes: list[list[int]] = []
 
     def run(self, traces: Sequence[Trace], on_finished: Callable[[list[Trace]], None] | None = None) -> None:
         """Write patches until every trace of ``traces`` is done (EOS, stop string or token budget);
