@@ -1,25 +1,26 @@
 """The generation loop shared by eval, simulate, RL, the environments, the testbed and the benchmarks.
 
 A policy (anything with the :class:`SwitchPolicy` shape) picks who writes next; a pool writes the
-patches. Both loops advance many traces at once; each step asks the policy for every live trace,
-then the pool runs one batched call per chosen candidate. Everything random derives from (seed,
-trace key, patch index), so results do not depend on batch composition, order or worker.
+patches. Both loops advance many traces at once through a :class:`~switchrl.scheduler.Scheduler`
+(per-candidate queues; each pass one batched call per engine). Everything random derives from
+(seed, trace key, patch index), so results do not depend on batch composition, order or worker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 from tqdm.auto import tqdm
 
 from switchrl.backends.base import Patch, Pool, Trace, count_switches
 from switchrl.rewards.base import Scorer, ScoreResult, safe_score_batch
+from switchrl.scheduler import Decision, Schedule, Scheduler, SwitchPolicy
 
 __all__ = [
     "Decision",
     "StateUtilities",
+    "Schedule",
     "SwitchPolicy",
     "advance",
     "estimate_utilities",
@@ -27,51 +28,19 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Decision:
-    """The chosen candidate and, when the policy has one, its distribution over candidates."""
-
-    action: int
-    probs: tuple[float, ...] | None = None
-
-
-@runtime_checkable
-class SwitchPolicy(Protocol):
-    """Decides who writes next. Randomness must come from (seed, trace key, patch index).
-
-    A policy whose decisions never depend on who wrote the patches so far (random switching) may
-    set ``ignores_authors = True``: simulated rollouts then share finishes between candidates that
-    wrote the very same patch (:func:`estimate_utilities`).
-    """
-
-    n_candidates: int
-
-    def decide(self, traces: Sequence[Trace]) -> list[Decision]: ...
-
-    def release(self, keys: Sequence[str]) -> None:
-        """Forget per-trace state (e.g. an LM switcher's KV cache)."""
-
-
 def advance(
     pool: Pool,
     policy: SwitchPolicy,
     traces: Sequence[Trace],
-    on_step: Callable[[list[Trace]], None] | None = None,
+    max_batch: int | None = None,
+    max_inflight: int | None = None,
+    schedule: Schedule = "auto",
 ) -> None:
-    """Run ``policy`` over ``traces`` until every one is done (EOS, stop string or token budget)."""
-    live = [t for t in traces if not t.done]
-    while live:
-        decisions = policy.decide(live)
-        pool.step(live, [d.action for d in decisions])
-        for t, d in zip(live, decisions):
-            t.patches[-1].probs = d.probs
-        if on_step is not None:
-            on_step(live)
-        finished = [t.key for t in live if t.done]
-        if finished:
-            pool.release(finished)
-            policy.release(finished)
-        live = [t for t in live if not t.done]
+    """Run ``policy`` over ``traces`` until every one is done (EOS, stop string or token budget).
+
+    A :class:`~switchrl.scheduler.Scheduler` picks the rows of each pass (at most ``max_batch``, of
+    at most ``max_inflight`` traces in flight; None: no limit); the records do not depend on it."""
+    Scheduler(pool, policy, max_batch, max_inflight, schedule).run(traces)
 
 
 def run_switch_generation(
@@ -82,8 +51,13 @@ def run_switch_generation(
     keys: Sequence[str] | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    max_inflight: int | None = None,
+    schedule: Schedule = "auto",
 ) -> list[Trace]:
-    """Write one switched response per query; returns the finished traces in query order."""
+    """Write one switched response per query; returns the finished traces in query order.
+
+    ``batch_size``: the most rows of one forward pass; ``max_inflight``: the most responses in
+    flight (default: ``batch_size`` per candidate, so each candidate's queue can fill a pass)."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if batch_size <= 0:
@@ -92,12 +66,10 @@ def run_switch_generation(
     if len(keys) != len(queries) or len(set(keys)) != len(keys):
         raise ValueError("keys must be unique and one per query")
     traces = [Trace(key=k, query=q, max_new_tokens=max_new_tokens) for k, q in zip(keys, queries)]
-    bar = tqdm(total=len(traces), desc="generate", unit="resp", disable=not progress)
-    for start in range(0, len(traces), batch_size):
-        chunk = traces[start : start + batch_size]
-        advance(pool, policy, chunk)
-        bar.update(len(chunk))
-    bar.close()
+    inflight = len(pool) * batch_size if max_inflight is None else max_inflight
+    with tqdm(total=len(traces), desc="generate", unit="resp", disable=not progress) as bar:
+        scheduler = Scheduler(pool, policy, batch_size, inflight, schedule)
+        scheduler.run(traces, on_finished=lambda done: bar.update(len(done)))
     return traces
 
 

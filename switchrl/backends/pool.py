@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from switchrl.backends.base import (
     CandidateBackend,
@@ -137,6 +138,17 @@ class CandidateNames:
             raise ValueError(f"no candidate named {name!r}; candidates are {self.names}") from None
 
 
+def placement(engine: CandidateEngine) -> str:
+    """Where ``engine`` computes: its server's URL, else its model's device (engines in one place
+    share it, so they run in turn)."""
+    member = engine.members[0]
+    url = getattr(member, "base_url", None)
+    if url:
+        return str(url)
+    lm = getattr(member, "lm", None)
+    return str(getattr(lm, "device", None) or getattr(member, "device", "local"))
+
+
 class _OwnEngine:
     """The engine of a candidate that shares none: one call of its own per step."""
 
@@ -217,7 +229,8 @@ class CandidatePool(CandidateNames):
         """Let candidate ``actions[i]`` write the next patch of ``traces[i]`` and append it.
 
         Traces are grouped per candidate, and each engine writes the groups of its candidates in one
-        call. Returns the new patches in the order of ``traces``.
+        call; engines on different devices or servers (:func:`placement`) run at the same time.
+        Returns the new patches in the order of ``traces``.
         """
         rows: dict[int, list[int]] = defaultdict(list)  # candidate -> the traces it writes
         for i, a in enumerate(check_step(traces, actions, self.names)):
@@ -227,13 +240,35 @@ class CandidatePool(CandidateNames):
             engine, member = self._engine_of[a]
             calls[engine].append(Group(member, a, [traces[i] for i in rows_of_a]))
         out: list[Patch | None] = [None] * len(traces)
-        for engine, groups in calls.items():
-            written = self.engines[engine].write_groups(groups, self.patch_tokens, self.seed)
+
+        def run(engines: list[int]) -> list[tuple[Sequence[Group], list[list[Patch]]]]:
+            return [
+                (calls[e], self.engines[e].write_groups(calls[e], self.patch_tokens, self.seed))
+                for e in engines
+            ]
+
+        places: dict[str, list[int]] = defaultdict(list)  # engines in one place run in turn
+        for engine in calls:
+            places[placement(self.engines[engine])].append(engine)
+        if len(places) <= 1:
+            results = [r for engines in places.values() for r in run(engines)]
+        else:  # one thread per device or server: kernels and HTTP waits release the GIL
+            with ThreadPoolExecutor(max_workers=len(places)) as workers:
+                results = [r for done in workers.map(run, places.values()) for r in done]
+        for groups, written in results:
             for group, patches in zip(groups, written):
                 for i, patch in zip(rows[group.author], patches):
                     out[i] = patch
                     traces[i].patches.append(patch)
         return out  # type: ignore[return-value]
+
+    @property
+    def engine_candidates(self) -> list[list[int]]:
+        """The candidates of each engine: one fused pass can serve several of them at once."""
+        out: list[list[int]] = [[] for _ in self.engines]
+        for candidate, (engine, _) in enumerate(self._engine_of):
+            out[engine].append(candidate)
+        return out
 
     def prefill(self, traces: Sequence[Trace]) -> None:
         """Let every candidate read ``traces`` as they stand (one call per engine), e.g. before forking

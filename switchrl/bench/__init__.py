@@ -8,6 +8,7 @@ compared on equal work. Greedy decoding is used throughout; ``switch_vs_reencode
 fraction of responses on which both paths wrote the same tokens (``same_tokens``).
 
 The package: :mod:`~switchrl.bench.setup` (models, timing), :mod:`~switchrl.bench.measures` (the
-benchmarks), :mod:`~switchrl.bench.cli` (options, parsed without importing torch, so that
+benchmarks), :mod:`~switchrl.bench.dataset` (``dataset_throughput``: the scheduler over a dataset),
+:mod:`~switchrl.bench.cli` (options, parsed without importing torch, so that
 ``switchrl --help`` stays fast).
 """

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from switchrl.bench.archs import ARCHS
 
-BENCHMARKS = ("switch_vs_single", "switch_vs_reencode", "simulate_throughput")
+BENCHMARKS = ("switch_vs_single", "switch_vs_reencode", "simulate_throughput", "dataset_throughput")
 
 
 def _int_list(text: str) -> list[int]:
@@ -33,6 +33,13 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="switch_vs_single: 1,8,32; switch_vs_reencode: 1,8",
     )
+    p.add_argument("--queries", type=int, default=64, help="dataset_throughput: responses per path")
+    p.add_argument(
+        "--max-batch",
+        type=_int_list,
+        default=[8],
+        help="dataset_throughput: rows per forward pass (e.g. 8,32)",
+    )
     p.add_argument("--states", type=_int_list, default=[1, 2, 4], help="simulate_throughput: states per call")
     p.add_argument("--k", type=int, default=32, help="simulate_throughput: finishes per candidate and state")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -46,6 +53,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     """``switchrl bench NAME [options]``: prints one JSON line per measurement to stdout."""
+    from switchrl.bench.dataset import dataset_throughput
     from switchrl.bench.measures import simulate_throughput, switch_vs_reencode, switch_vs_single
     from switchrl.bench.setup import build_setup
 
@@ -70,6 +78,8 @@ def main(args: argparse.Namespace) -> int:
         switch_vs_reencode(setup, batch_sizes=args.batch_sizes or (1, 8), **common)
     if "simulate_throughput" in names:
         simulate_throughput(setup, states=args.states, k=args.k, **common)
+    if "dataset_throughput" in names:
+        dataset_throughput(setup, queries=args.queries, batch_sizes=args.max_batch, **common)
     return 0
 
 
