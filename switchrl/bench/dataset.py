@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial
 
-import torch
-
 from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool
+from switchrl.bench.measures import hf_generate_single
 from switchrl.bench.setup import (
     BenchSetup,
     check_sizes,
@@ -48,24 +47,11 @@ def scheduled(
 def hf_generate(setup: BenchSetup, queries: Sequence[str], max_new_tokens: int, batch: int) -> list[Trace]:
     """What a user would run instead: candidate 0 alone through Hugging Face ``generate``, greedy, in
     batches of ``batch`` (the prompts have one length, so there is no padding)."""
-    backend = setup.backends[0]
-    traces = []
-    for start in range(0, len(queries), batch):
-        chunk = queries[start : start + batch]
-        ids = torch.tensor([backend.prompt_ids(q) for q in chunk], device=setup.device)
-        out = backend.model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        for i, (q, row) in enumerate(zip(chunk, out[:, ids.shape[1] :].tolist())):
-            trace = Trace(f"hf/q{start + i}", q, max_new_tokens)
-            trace.patches.append(backend.patch_from_ids(trace, 0, row))
-            traces.append(trace)
-    return traces
+    return [
+        trace
+        for start in range(0, len(queries), batch)
+        for trace in hf_generate_single(setup, queries[start : start + batch], max_new_tokens, f"hf/{start}")
+    ]
 
 
 def dataset_throughput(
