@@ -86,7 +86,13 @@ def timed(fn, *args, **kwargs) -> tuple[object, float]:
 
 
 def sweep(
-    costs: list[float], seed: int, out: Path, labels: str = "cost", rl_from: str = "sft", quick: bool = False
+    costs: list[float],
+    seed: int,
+    out: Path,
+    labels: str = "cost",
+    rl_from: str = "sft",
+    quick: bool = False,
+    rl_seed: int | None = None,
 ) -> list[dict]:
     """The table's rows. ``labels``: cost (every state, as `switchrl simulate` labels it) or decisive
     (only states whose scores differ); ``rl_from``: sft (the cost's own SFT switcher) or paper (cost 0)."""
@@ -96,6 +102,8 @@ def sweep(
     from switchrl.trainers.simulate import simulate
 
     base = yaml.safe_load((HERE / "cost_sweep.yaml").read_text())
+    if rl_seed is not None:
+        base["rl"]["seed"] = rl_seed
     if quick:  # a smoke run of the whole pipeline (seconds, not a measurement)
         base["simulate"].update(limit=6, k=4)
         base["sft"].update(max_steps=4, drop_all_equal=False)
@@ -164,6 +172,7 @@ def main() -> int:
     parser.add_argument(
         "--rl-from", choices=["sft", "paper"], default="sft", help="GRPO's start: see sweep()"
     )
+    parser.add_argument("--rl-seed", type=int, default=None, help="GRPO's seed (default: the config's, 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
     costs = [float(c) for c in args.costs.split(",")]
@@ -171,7 +180,7 @@ def main() -> int:
     prov = provenance()
     start = time.perf_counter()
     with torch_threads(args.threads):
-        rows = sweep(costs, args.seed, out, args.labels, args.rl_from, args.quick)
+        rows = sweep(costs, args.seed, out, args.labels, args.rl_from, args.quick, args.rl_seed)
     prov_end = provenance()
     text = table(rows)
     cpu = prov["cpu"]
