@@ -73,14 +73,12 @@ def _family(config: RunConfig):
     """The testbed family of a ``testbed:`` config (``None`` without one), if it is built."""
     if config.testbed is None:
         return None
-    from switchrl.testbed.family import MARKER, TestbedFamily, default_root
-    from switchrl.testbed.shipped import shipped_root
+    from switchrl.testbed.family import TestbedFamily, existing_root
 
-    own = Path(config.testbed.root) if config.testbed.root else default_root(config.testbed.seed)
-    for root in (own, shipped_root(config.testbed.seed)):
-        if root is not None and (root / MARKER).is_file():
-            return TestbedFamily.load(root)
-    raise ConfigUnavailable(f"the testbed family of seed {config.testbed.seed} is not built yet")
+    root = existing_root(config.testbed.seed, config.testbed.root)
+    if root is None:
+        raise ConfigUnavailable(f"the testbed family of seed {config.testbed.seed} is not built yet")
+    return TestbedFamily.load(root)
 
 
 def _adapter_base(directory: str | None) -> str | None:

@@ -148,6 +148,16 @@ def _jsonable(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+def existing_root(seed: int, out: str | Path | None = None) -> Path | None:
+    """Where :func:`build_family` finds the family of ``seed`` without training one: a complete family in
+    ``out`` (default: the cache), else, with ``out`` unset, the family shipped for ``seed``; ``None``
+    when it would have to build."""
+    root = Path(out).expanduser() if out is not None else default_root(seed)
+    if (root / MARKER).is_file():
+        return root
+    return shipped_root(seed) if out is None else None
+
+
 def build_family(
     seed: int = 0,
     out: str | Path | None = None,
@@ -184,8 +194,9 @@ def build_family(
                 stacklevel=2,
             )
         return family
-    shipped = shipped_root(seed) if use_shipped and out is None and settings is None and not force else None
-    if shipped is not None:  # the canonical family: the same weights on every machine
+    # not in ``root``: the one shipped for ``seed`` (the canonical family: the same weights on every machine)
+    shipped = existing_root(seed) if use_shipped and out is None and settings is None and not force else None
+    if shipped is not None:
         return TestbedFamily.load(shipped)
     settings = settings or stages.StageConfig()
     world = World(seed)
