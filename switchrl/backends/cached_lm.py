@@ -22,7 +22,6 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from switchrl.backends.kv_store import KVStore, Segment, gather_past
 from switchrl.backends.sampler import RowSampling, SamplingSets
-from switchrl.backends.sampler import sample_next as sample_next  # re-exported for the switchers
 from switchrl.backends.stopping import CHECK_EVERY, StopIds, StopIdSets, StopScan, stop_rows
 
 

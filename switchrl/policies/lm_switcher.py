@@ -19,7 +19,8 @@ from pydantic import Field, ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from switchrl.backends.base import CandidateSampling, Trace
-from switchrl.backends.cached_lm import CachedLM, sample_next
+from switchrl.backends.cached_lm import CachedLM
+from switchrl.backends.sampler import sample_next
 from switchrl.backends.tokens import load_tokenizer
 from switchrl.backends.transformers_backend import load_causal_lm
 from switchrl.config import StrictModel, format_validation_error

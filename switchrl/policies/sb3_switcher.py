@@ -21,7 +21,7 @@ from gymnasium import spaces
 from pydantic import Field, ValidationError
 
 from switchrl.backends.base import CandidateSampling, Trace
-from switchrl.backends.cached_lm import sample_next
+from switchrl.backends.sampler import sample_next
 from switchrl.config import StrictModel, format_validation_error
 from switchrl.envs.switch_env import ObservationLayout
 from switchrl.envs.wrappers import FeatureObservation

@@ -1,6 +1,6 @@
 """The nucleus (top-p) rule, in one place for the candidates' sampler and the switcher's log-probs.
 
-Sampling (:func:`switchrl.backends.cached_lm.sample_next`) and the RL trainers' behaviour
+Sampling (:func:`switchrl.backends.sampler.sample_next`) and the RL trainers' behaviour
 log-probabilities must apply exactly the same rule, or the importance ratios are wrong.
 """
 
