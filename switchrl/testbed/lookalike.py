@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from switchrl.errors import CheckpointError
@@ -181,7 +182,12 @@ def _chat_batches(
 
 
 def _fit(
-    model: LlamaForCausalLM, batches: Iterator[tuple[torch.Tensor, ...]], steps: int, lr: float
+    model: LlamaForCausalLM,
+    batches: Iterator[tuple[torch.Tensor, ...]],
+    steps: int,
+    lr: float,
+    desc: str,
+    progress: bool,
 ) -> float:
     """AdamW with a linear warm-up and a linear decay; returns the last loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -191,7 +197,7 @@ def _fit(
     )
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=f"lookalike {desc}", unit="step", disable=not progress):
         ids, labels, mask = next(batches)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
@@ -245,21 +251,23 @@ def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path
     tokenizer.save_pretrained(out)
 
 
-def _train_all(root: Path, seed: int, s: LookalikeSettings) -> dict:
+def _train_all(root: Path, seed: int, s: LookalikeSettings, progress: bool) -> dict:
     """Train the tokenizer and the three stages into ``root``; returns what the marker records."""
     world = World(seed)
     seconds, losses = {}, {}
     start = time.perf_counter()
     base_tok = build_tokenizer(world, s)
     model = _base_model(base_tok, s, seed)
-    losses["pretrained"] = _fit(model, _packed_batches(world, base_tok, s), s.base_steps, s.base_lr)
+    losses["pretrained"] = _fit(
+        model, _packed_batches(world, base_tok, s), s.base_steps, s.base_lr, "pretrained", progress
+    )
     _save(model, base_tok, root / "pretrained")
     seconds["pretrained"] = time.perf_counter() - start
     chat_tok = chat_tokenizer(base_tok)
     _add_rows(model, chat_tok)
     for name, steps, lr in (("finetuned", s.sft_steps, s.sft_lr), ("aligned", s.aligned_steps, s.aligned_lr)):
         start = time.perf_counter()
-        losses[name] = _fit(model, _chat_batches(world, chat_tok, s, name), steps, lr)
+        losses[name] = _fit(model, _chat_batches(world, chat_tok, s, name), steps, lr, name, progress)
         _save(model, chat_tok, root / name)
         seconds[name] = time.perf_counter() - start
     with open(root / TASKS_FILE, "w") as f:
@@ -276,6 +284,7 @@ def build_lookalike(
     seed: int = 0,
     force: bool = False,
     settings: LookalikeSettings | None = None,
+    progress: bool = True,
 ) -> dict[str, Path]:
     """Build the look-alike trio for world ``seed`` into ``out`` (default :func:`default_lookalike_root`),
     or reuse a complete build there. Returns ``{"pretrained", "finetuned", "aligned", "tasks"}`` paths.
@@ -298,7 +307,7 @@ def build_lookalike(
         )
     if force or built is None or any(built.get(k) != v for k, v in wanted.items()):
         with _atomic_dir(root) as tmp, torch_threads(1):
-            info = _train_all(tmp, seed, settings)
+            info = _train_all(tmp, seed, settings, progress)
             (tmp / MARKER).write_text(json.dumps({**wanted, **info}, indent=2))
     return {**{name: root / name for name in STAGES}, "tasks": root / TASKS_FILE}
 
