@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 from pathlib import Path
 
 import yaml
 
 from switchrl.config import parse
+from switchrl.experiments import Run, metric, table, timed
 from switchrl.run_config import ResolvedRun, RunConfig
-from switchrl.testbed.provenance import provenance
 from switchrl.trainers.simulate import argmax_label
 from switchrl.utils.threads import torch_threads
 
@@ -77,12 +75,6 @@ def decisive(records: list[dict], seed: int) -> list[dict]:
     """The records whose scores alone (cost 0) tell the candidates apart: any cost > 0 makes nearly every
     state unequal (a candidate that continues the prefix's author saves a switch), measured 209 of 240."""
     return [r for r, free in zip(records, relabel(records, 0.0, seed)) if not free["all_equal"]]
-
-
-def timed(fn, *args, **kwargs) -> tuple[object, float]:
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
 
 
 def sweep(
@@ -141,23 +133,6 @@ def sweep(
     return rows
 
 
-def metric(m: dict) -> dict:
-    return {"accuracy": 100 * m["accuracy"], "ci95": 100 * (m["ci95"] or 0.0), "switches": m["switches"]}
-
-
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| cost | system | accuracy ± 95% CI | switches / response | seconds (simulate + training) |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        cost = "–" if r["cost"] is None else f"{r['cost']:g}"
-        secs = "–" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        acc = f"{r['accuracy']:.1f} ± {r['ci95']:.1f}"
-        lines.append(f"| {cost} | {r['system']} | {acc} | {r['switches']:.2f} | {secs} |")
-    return "\n".join(lines)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--costs", default="0,0.05,0.1", help="comma-separated switch costs")
@@ -177,29 +152,13 @@ def main() -> int:
     args = parser.parse_args()
     costs = [float(c) for c in args.costs.split(",")]
     out = Path(args.out or f"runs/experiments/cost_sweep/seed{args.seed}")
-    prov = provenance()
-    start = time.perf_counter()
-    with torch_threads(args.threads):
+    with Run(out, {"seed": args.seed, "costs": costs}) as run, torch_threads(args.threads):
         rows = sweep(costs, args.seed, out, args.labels, args.rl_from, args.quick, args.rl_seed)
-    prov_end = provenance()
-    text = table(rows)
-    cpu = prov["cpu"]
-    print(
-        f"\nworld seed {args.seed}, task compositional, costs {costs}, labels {args.labels}, "
-        f"GRPO from {args.rl_from} SFT, torch threads {args.threads}"
-    )
-    print(
-        f"machine: {cpu['model']} ({cpu['logical_cpus']} logical CPUs), torch {prov['versions'].get('torch')}, "
-        f"load {prov['load_average_1min']} -> {prov_end['load_average_1min']}, "
-        f"{time.perf_counter() - start:.0f} s total, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
-    )
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(text + "\n")
-    (out / "sweep.json").write_text(
-        json.dumps(
-            {"seed": args.seed, "costs": costs, "rows": rows, "provenance": [prov, prov_end]}, indent=2
-        )
+    run.finish(
+        rows,
+        table(rows),
+        f"world seed {args.seed}, task compositional, costs {costs}, labels {args.labels}, "
+        f"GRPO from {args.rl_from} SFT, torch threads {args.threads}",
     )
     return 0
 
