@@ -18,7 +18,7 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from switchrl.backends import CandidatePool, CandidateSampling, Trace, build_backend
-from switchrl.backends.http_client import RetryPolicy
+from switchrl.backends.http_client import RetryPolicy, retry_after
 from switchrl.backends.openai_backend import OpenAIBackend, ServerError
 from switchrl.backends.transformers_backend import TransformersBackend
 from switchrl.config import CandidateConfig, parse
@@ -197,8 +197,8 @@ def test_against_a_real_vllm_server(tmp_path, word_tokenizer):
 # ------------------------------------------------- a fault-injecting server: retries, keep-alive, concurrency
 class _FaultyHandler(BaseHTTPRequestHandler):
     """``/v1/completions`` that answers every prompt with ``srv.ids``, after playing ``srv.faults`` in turn:
-    an HTTP status, ``"stall"`` (no answer for 2 s), ``"drop"`` (close without answering) or ``"reset"``
-    (abort the connection: RST). HTTP/1.1, so connections stay open like vLLM's."""
+    an HTTP status, ``(status, retry_after)`` (with that ``Retry-After`` header), ``"stall"`` (no answer
+    for 2 s), ``"drop"`` (close without answering) or ``"reset"`` (abort the connection: RST). HTTP/1.1, so connections stay open like vLLM's."""
 
     protocol_version = "HTTP/1.1"
 
@@ -235,7 +235,8 @@ class _FaultyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if fault is not None:
-            return self._send(fault, {"error": {"message": f"injected HTTP {fault}"}})
+            status, after = fault if isinstance(fault, tuple) else (fault, None)
+            return self._send(status, {"error": {"message": f"injected HTTP {status}"}}, after)
         time.sleep(self.server.delay)
         prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
         choices = [
@@ -244,9 +245,11 @@ class _FaultyHandler(BaseHTTPRequestHandler):
         ]
         self._send(200, {"choices": choices})
 
-    def _send(self, status: int, payload: dict) -> None:
+    def _send(self, status: int, payload: dict, retry_after: str | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
+        if retry_after is not None:
+            self.send_header("Retry-After", retry_after)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -308,6 +311,21 @@ def test_a_transient_failure_is_retried(tmp_path, word_tokenizer, faulty, fault)
     [patch] = backend.write_patches(_traces(1), 0, 4, seed=0)
     assert patch.token_ids == srv.ids and patch.text == "one two"
     assert len(srv.requests) == 2 and srv.requests[0] == srv.requests[1]
+
+
+def test_a_retry_waits_as_long_as_the_servers_retry_after(tmp_path, word_tokenizer, faulty):
+    url, srv = faulty([(429, "1"), (503, "0")])
+    backend = _candidate(tmp_path, word_tokenizer, url, max_retries=2, retry_backoff=0, temperature=0)
+    start = time.perf_counter()
+    [patch] = backend.write_patches(_traces(1), 0, 4, seed=0)
+    assert patch.token_ids == srv.ids and len(srv.requests) == 3
+    assert 1.0 <= time.perf_counter() - start < 2.0  # the 429's second; "0" and backoff 0 add nothing
+
+
+def test_retry_after_reads_seconds_and_http_dates_and_is_capped():
+    assert retry_after(None) == retry_after("") == retry_after("soon") == 0.0
+    assert retry_after("2") == 2.0 and retry_after("-3") == 0.0 and retry_after("3600") == 60.0
+    assert retry_after("Wed, 01 Dec 2026 12:00:05 GMT", now=1796126400.0) == 5.0
 
 
 def test_retries_end_in_one_error_naming_server_status_attempts_and_fix(tmp_path, word_tokenizer, faulty):

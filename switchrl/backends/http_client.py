@@ -2,8 +2,8 @@
 
 Kept apart from the OpenAI backend because it knows nothing of tokens or completions: it sends a JSON
 body, returns the JSON answer, and decides what a failure means. Transient failures (HTTP 429 and 5xx,
-timeouts, refused, reset or dropped connections) are retried with exponential backoff; any other 4xx is
-the request's fault and fails at once with the server's message. One client per server; several
+timeouts, refused, reset or dropped connections) are retried with exponential backoff, or after the
+server's ``Retry-After`` when it names a longer wait (at most 60 s); any other 4xx is the request's fault and fails at once with the server's message. One client per server; several
 servers are several clients, each with its own connection pool.
 """
 
@@ -14,6 +14,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 import httpx
 
@@ -21,6 +22,22 @@ from switchrl.errors import SwitchRLError
 
 _MAX_DELAY = 60.0  # seconds: the longest wait before a retry, however many retries are allowed
 _TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+def retry_after(value: str | None, now: float | None = None) -> float:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date), 0 when absent or
+    unreadable, at most 60: a server that sheds load (vLLM behind a gateway, hosted APIs on 429) says
+    when to come back, and coming back sooner only earns another refusal."""
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - (time.time() if now is None else now)
+        except (TypeError, ValueError):
+            return 0.0
+    return min(_MAX_DELAY, max(0.0, seconds))
 
 
 class ServerError(SwitchRLError):
@@ -99,10 +116,11 @@ class JSONClient:
         url = f"{self.base_url}/{path}"
         data = json.dumps(body).encode()
         attempts = self.retry.max_retries + 1
-        failure, unreachable = "", False
+        failure, unreachable, asked = "", False, 0.0
         for attempt in range(attempts):
             if attempt:
-                time.sleep(self.retry.delay(attempt - 1, self._jitter.random()))
+                time.sleep(max(asked, self.retry.delay(attempt - 1, self._jitter.random())))
+            asked = 0.0
             try:
                 response = self._client.post(url, content=data)
             except _TRANSIENT as err:
@@ -116,6 +134,7 @@ class JSONClient:
                 except ValueError as err:
                     raise ServerError(f"{self.who}: {url} did not answer JSON: {err}") from None
             failure, unreachable = f"HTTP {response.status_code}: {response.text[:500]}", False
+            asked = retry_after(response.headers.get("Retry-After"))
             if not is_transient(response.status_code):
                 hint = (
                     "; check the candidate's api_key (or the OPENAI_API_KEY environment variable)"
