@@ -213,7 +213,7 @@ def test_build_records_provenance_and_the_pretraining_stopping_rule(tiny_testbed
 def test_tuned_stages_skip_gradient_checkpointing_with_the_same_weights(
     tiny_testbed, tmp_path, monkeypatch, stage
 ):
-    """TRL checkpoints activations by default, recomputing the forward in the backward (~25% of a stage's
+    """TRL checkpoints activations by default, recomputing the forward in the backward (~18% of a stage's
     CPU); the stages turn it off, and the weights are the same bytes as with it on."""
     import hashlib
 
