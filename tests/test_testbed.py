@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -206,6 +207,44 @@ def test_build_records_provenance_and_the_pretraining_stopping_rule(tiny_testbed
     assert sft["lr"] == TINY.sft_lrs[0] and [t["lr"] for t in sft["tried"]] == [TINY.sft_lrs[0]]
     loaded = TestbedFamily.load(tiny_testbed.root)
     assert loaded.provenance == prov and loaded.stage_info == marker["stages"]
+
+
+@pytest.mark.parametrize("stage", ["finetuned", "aligned"])
+def test_tuned_stages_skip_gradient_checkpointing_with_the_same_weights(
+    tiny_testbed, tmp_path, monkeypatch, stage
+):
+    """TRL checkpoints activations by default, recomputing the forward in the backward (~18% of a stage's
+    CPU); the stages turn it off, and the weights are the same bytes as with it on."""
+    import hashlib
+
+    from transformers import PreTrainedModel
+
+    from switchrl.testbed import stages
+
+    enabled: list[bool] = []
+    name = next(
+        n
+        for n in ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+        if hasattr(PreTrainedModel, n)
+    )
+    enable = getattr(PreTrainedModel, name)
+    monkeypatch.setattr(
+        PreTrainedModel, name, lambda self, *a, **kw: (enabled.append(True), enable(self, *a, **kw))[1]
+    )
+    world, tok = tiny_testbed.world, build_tokenizer(tiny_testbed.world)
+    run = {"finetuned": stages.finetune, "aligned": stages.align}[stage]
+    base = tiny_testbed.pretrained if stage == "finetuned" else tiny_testbed.finetuned
+    settings = dataclasses.replace(TINY, sft_steps=3, dpo_steps=3)  # the first step's warm-up rate is 0
+
+    def weights(out):
+        run(world, tok, base, out, settings, progress=False)
+        return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+
+    plain = weights(tmp_path / "plain")
+    assert enabled == []
+    kwargs = stages._trainer_kwargs
+    monkeypatch.setattr(stages, "_trainer_kwargs", lambda *a: kwargs(*a) | {"gradient_checkpointing": True})
+    assert weights(tmp_path / "checkpointed") == plain and enabled == [True]
 
 
 def test_families_without_provenance_still_load(tiny_testbed, tmp_path):

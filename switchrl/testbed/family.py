@@ -204,6 +204,8 @@ def build_family(
     family = TestbedFamily(root=root, seed=seed)
     seconds: dict[str, float] = {}
     prov = provenance()  # before the stages: the load average says how busy the CPU was at the start
+    # One thread whatever the core count: the weights depend on it (20 pretraining steps at 2 threads
+    # differ from 1 thread in their sha256), and a rebuild is compared with the shipped family.
     with torch_threads(1):
         prov["torch_threads"] = torch.get_num_threads()
         for name, run in (
