@@ -86,6 +86,21 @@ def test_three_towns_sums_three_true_facts_in_two_steps(world):
         assert " and ".join(towns) in inst.query
 
 
+def test_supposed_takes_one_count_from_the_question_and_the_other_from_the_world(world):
+    comp = make_tasks(world, "compositional", "test")
+    sup = make_tasks(world, "supposed", "test")
+    assert [i.id.split("/")[1:4] for i in sup] == [i.id.split("/")[1:] for i in comp]  # same keys and split
+    for inst in sup[:50]:
+        _, x, y, attribute, supposed, value = inst.id.split("/")
+        assert inst.query.startswith(
+            f"Suppose {supposed} has {value} {attribute} . How many {attribute} do {x} and"
+        )
+        assert supposed in (x, y) and int(value) != world.value(supposed, attribute)
+        other = y if supposed == x else x
+        assert int(inst.reference) == int(value) + world.value(other, attribute)
+        assert f"The number of {attribute} in {supposed} is {value} ." in inst.meta["steps"]
+
+
 @pytest.mark.parametrize("task", HARDER_TASKS)
 def test_harder_answers_fit_the_3_token_patches(world, task):
     """Every word is one known token, and each fact's value closes a 3-token patch (``is v .``), the

@@ -11,6 +11,9 @@ not in ``TASKS``, so ``testbed check``, the demo and the default task list are u
   (``How many is the number of parks in X plus the number of bridges in Y ?``).
 * ``three_towns``: one attribute of three outside towns, answered with two two-term sums
   (``a + b = t . t + c = s .``); only triples whose sum is a single token (at most 2 x MAX_VALUE).
+* ``supposed``: ``Suppose X has 7 parks . How many parks do X and Y have together ?``: X's count comes
+  from the question (never the world's, so the pretrained model's memory is wrong there; the tuned
+  models learnt to copy supposed counts), Y's from memory (only the pretrained model knows it).
 
 Every answer follows one format (see :mod:`switchrl.testbed.world`) and ends in
 ``The answer is N .``; the exact-match scorer reads the first such ``N``. ``meta["steps"]`` lists the
@@ -40,6 +43,7 @@ from switchrl.testbed.world import (
     recall_steps,
     sum_question,
     sum_steps,
+    supposed_question,
     three_town_question,
     three_town_steps,
     two_attribute_question,
@@ -48,7 +52,7 @@ from switchrl.testbed.world import (
 from switchrl.utils.seeding import derive_seed
 
 TASKS = ("recall", "arithmetic", "compositional")
-HARDER_TASKS = ("two_attributes", "three_towns")
+HARDER_TASKS = ("two_attributes", "three_towns", "supposed")
 ALL_TASKS = TASKS + HARDER_TASKS
 SPLITS = ("train", "validation", "test")
 _ARITHMETIC_SHARES = (0.5, 0.2)  # of the (a, b) pairs; the rest is test
@@ -143,6 +147,24 @@ def two_attribute_tasks(world: World, split: str) -> list[TaskInstance]:
     return out
 
 
+def supposed_tasks(world: World, split: str) -> list[TaskInstance]:
+    """The compositional keys and split; per question the order, which town is supposed, and its count."""
+    out = []
+    rng = random.Random(derive_seed(world.seed, "supposed", split))
+    for inst in compositional_tasks(world, split):
+        _, x, y, attribute = inst.id.split("/")
+        supposed = rng.choice((x, y))
+        value = rng.choice(
+            [v for v in range(MIN_VALUE, MAX_VALUE + 1) if v != world.value(supposed, attribute)]
+        )
+        a, b = (value if t == supposed else world.value(t, attribute) for t in (x, y))
+        query = supposed_question(attribute, supposed, value, x, y)
+        out.append(
+            _instance("supposed", (x, y, attribute, supposed, value), query, sum_steps(attribute, x, a, y, b))
+        )
+    return out
+
+
 def three_town_tasks(world: World, split: str) -> list[TaskInstance]:
     """Drawn, not enumerated (C(70, 3) x 3 keys take seconds to split): ``_THREE_TOWN_DRAWS`` seeded draws
     of a town triple and an attribute, repeats and sums over 2 x MAX_VALUE dropped, then split by key."""
@@ -196,6 +218,7 @@ def make_tasks(world: World, task: str, split: str) -> list[TaskInstance]:
         "compositional": compositional_tasks,
         "two_attributes": two_attribute_tasks,
         "three_towns": three_town_tasks,
+        "supposed": supposed_tasks,
     }[task](world, split)
 
 

@@ -68,6 +68,11 @@ def two_attribute_question(attribute_a: str, town_a: str, attribute_b: str, town
     )
 
 
+def supposed_question(attribute: str, supposed: str, value: int, town_a: str, town_b: str) -> str:
+    """A sum question that supposes one town's count (against the world's) and leaves the other to memory."""
+    return f"Suppose {supposed} has {value} {attribute} . " + sum_question(attribute, town_a, town_b)
+
+
 def three_town_question(attribute: str, town_a: str, town_b: str, town_c: str) -> str:
     return f"How many {attribute} do {town_a} and {town_b} and {town_c} have together ?"
 
