@@ -101,6 +101,20 @@ def test_supposed_takes_one_count_from_the_question_and_the_other_from_the_world
         assert f"The number of {attribute} in {supposed} is {value} ." in inst.meta["steps"]
 
 
+def test_suppose_or_recall_mixes_true_facts_and_counts_unlike_the_worlds(world):
+    insts = make_tasks(world, "suppose_or_recall", "test")
+    supposed = [i for i in insts if i.query.startswith("Suppose")]
+    assert 0.4 < len(supposed) / len(insts) < 0.6
+    for inst in insts[:60]:
+        _, x, y, attribute, *counts = inst.id.split("/")
+        true = [world.value(x, attribute), world.value(y, attribute)]
+        values = [int(c) for c in counts] or true
+        assert int(inst.reference) == sum(values)
+        assert all(v != t for v, t in zip(values, true)) if counts else inst.query.startswith("How many")
+        if counts:
+            assert inst.query.startswith(f"Suppose {x} has {values[0]} {attribute} and {y} has {values[1]} ")
+
+
 @pytest.mark.parametrize("task", HARDER_TASKS)
 def test_harder_answers_fit_the_3_token_patches(world, task):
     """Every word is one known token, and each fact's value closes a 3-token patch (``is v .``), the

@@ -14,6 +14,9 @@ not in ``TASKS``, so ``testbed check``, the demo and the default task list are u
 * ``supposed``: ``Suppose X has 7 parks . How many parks do X and Y have together ?``: X's count comes
   from the question (never the world's, so the pretrained model's memory is wrong there; the tuned
   models learnt to copy supposed counts), Y's from memory (only the pretrained model knows it).
+* ``suppose_or_recall``: half compositional questions (facts from memory: the pretrained model), half
+  the finetuning data's hypotheticals with both counts supposed against the world's (facts copied from
+  the question: the tuned models); which model should write the facts depends on the question.
 
 Every answer follows one format (see :mod:`switchrl.testbed.world`) and ends in
 ``The answer is N .``; the exact-match scorer reads the first such ``N``. ``meta["steps"]`` lists the
@@ -39,6 +42,7 @@ from switchrl.testbed.world import (
     answer_text,
     arithmetic_question,
     arithmetic_steps,
+    hypothetical_question,
     recall_question,
     recall_steps,
     sum_question,
@@ -52,7 +56,7 @@ from switchrl.testbed.world import (
 from switchrl.utils.seeding import derive_seed
 
 TASKS = ("recall", "arithmetic", "compositional")
-HARDER_TASKS = ("two_attributes", "three_towns", "supposed")
+HARDER_TASKS = ("two_attributes", "three_towns", "supposed", "suppose_or_recall")
 ALL_TASKS = TASKS + HARDER_TASKS
 SPLITS = ("train", "validation", "test")
 _ARITHMETIC_SHARES = (0.5, 0.2)  # of the (a, b) pairs; the rest is test
@@ -165,6 +169,27 @@ def supposed_tasks(world: World, split: str) -> list[TaskInstance]:
     return out
 
 
+def suppose_or_recall_tasks(world: World, split: str) -> list[TaskInstance]:
+    """The compositional keys and split; per question a coin: as it is, or both counts supposed (each
+    unlike the world's, so the pretrained model's memory is wrong on both facts)."""
+    rng = random.Random(derive_seed(world.seed, "suppose-or-recall", split))
+    out = []
+    for inst in compositional_tasks(world, split):
+        _, x, y, attribute = inst.id.split("/")
+        if rng.random() < 0.5:
+            out.append(_instance("suppose_or_recall", (x, y, attribute), inst.query, inst.meta["steps"]))
+            continue
+        a, b = (
+            rng.choice([v for v in range(MIN_VALUE, MAX_VALUE + 1) if v != world.value(t, attribute)])
+            for t in (x, y)
+        )
+        query = hypothetical_question(attribute, x, a, y, b)
+        out.append(
+            _instance("suppose_or_recall", (x, y, attribute, a, b), query, sum_steps(attribute, x, a, y, b))
+        )
+    return out
+
+
 def three_town_tasks(world: World, split: str) -> list[TaskInstance]:
     """Drawn, not enumerated (C(70, 3) x 3 keys take seconds to split): ``_THREE_TOWN_DRAWS`` seeded draws
     of a town triple and an attribute, repeats and sums over 2 x MAX_VALUE dropped, then split by key."""
@@ -219,6 +244,7 @@ def make_tasks(world: World, task: str, split: str) -> list[TaskInstance]:
         "two_attributes": two_attribute_tasks,
         "three_towns": three_town_tasks,
         "supposed": supposed_tasks,
+        "suppose_or_recall": suppose_or_recall_tasks,
     }[task](world, split)
 
 
