@@ -4,8 +4,10 @@ verdict it prints against issue 18's target (SFT <= oracle - 10, then GRPO >= SF
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 RUNNER = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "headroom.py"
@@ -55,3 +57,16 @@ def test_verdict_needs_room_then_a_gain_whose_cis_do_not_overlap():
     no_room = verdict([oracle, _row("sft", 90.0, 3.0)])
     assert no_room == ["headroom (oracle - sft) +8.0: NOT met (>= 10)"]
     assert verdict([oracle, _row("random", 40.0, 6.0)]) == []  # a probe: nothing to judge yet
+
+
+@pytest.mark.testbed
+def test_probe_rows_are_the_singles_the_oracle_and_random_on_validation(tmp_path):
+    rows, stages = _runner().probe("compositional", 0, tmp_path, n=3)
+    assert [r["system"] for r in rows] == ["pretrained", "finetuned", "aligned", "oracle", "random"]
+    assert all(r["task"] == "compositional" and r["seconds"] is None for r in rows)
+    assert (
+        rows[3]["accuracy"] == 100.0
+    )  # the shipped seed-0 family: the oracle solves the first 3 validation queries
+    results = json.loads((tmp_path / "probe" / "results.json").read_text())
+    assert results["split"] == "validation" and results["seeds"] == [0]
+    assert set(stages) == {"eval"}
