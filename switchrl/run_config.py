@@ -293,7 +293,8 @@ class ResolvedRun:
                     raise ConfigError("tasks: source 'testbed' needs 'testbed: {seed: N}' in the config")
                 if src.task is None:
                     raise ConfigError(
-                        "tasks: a testbed source needs 'task' (recall | arithmetic | compositional)"
+                        "tasks: a testbed source needs 'task' (recall | arithmetic | compositional | two_attributes "
+                        "| three_towns)"
                     )
                 items = self.family.tasks(src.task, split)
             else:
@@ -334,9 +335,9 @@ class ResolvedRun:
             scorer = self.config.reward.build()
             return {t: scorer for t in tasks}
         from switchrl.rewards import exact_match
+        from switchrl.testbed.tasks import ALL_TASKS
 
-        known = {"recall", "arithmetic", "compositional"}
-        return {t: (self.family.scorer(t) if self.family and t in known else exact_match) for t in tasks}
+        return {t: (self.family.scorer(t) if self.family and t in ALL_TASKS else exact_match) for t in tasks}
 
 
 def _split_rows(

@@ -61,6 +61,22 @@ def hypothetical_question(attribute: str, town_a: str, a: int, town_b: str, b: i
     )
 
 
+def two_attribute_question(attribute_a: str, town_a: str, attribute_b: str, town_b: str) -> str:
+    """A sum of two different attributes, worded like the arithmetic task's ``How many is a plus b ?``."""
+    return (
+        f"How many is the number of {attribute_a} in {town_a} plus the number of {attribute_b} in {town_b} ?"
+    )
+
+
+def supposed_question(attribute: str, supposed: str, value: int, town_a: str, town_b: str) -> str:
+    """A sum question that supposes one town's count (against the world's) and leaves the other to memory."""
+    return f"Suppose {supposed} has {value} {attribute} . " + sum_question(attribute, town_a, town_b)
+
+
+def three_town_question(attribute: str, town_a: str, town_b: str, town_c: str) -> str:
+    return f"How many {attribute} do {town_a} and {town_b} and {town_c} have together ?"
+
+
 ARITHMETIC_QUESTIONS = (
     "How many is {a} plus {b} ?",
     "How many is {a} + {b} ?",
@@ -84,11 +100,30 @@ def recall_steps(attribute: str, town: str, value: int) -> list[str]:
 
 def sum_steps(attribute: str, town_a: str, a: int, town_b: str, b: int) -> list[str]:
     """The reasoning steps of a sum answer: each fact, the sum, the final answer."""
+    return two_attribute_steps(attribute, town_a, a, attribute, town_b, b)
+
+
+def two_attribute_steps(
+    attribute_a: str, town_a: str, a: int, attribute_b: str, town_b: str, b: int
+) -> list[str]:
+    """The steps of a two-attribute sum: the compositional format with each fact's own attribute."""
     return [
-        fact_sentence(attribute, town_a, a),
-        fact_sentence(attribute, town_b, b),
+        fact_sentence(attribute_a, town_a, a),
+        fact_sentence(attribute_b, town_b, b),
         f"{a} + {b} = {a + b} .",
         f"The answer is {a + b} .",
+    ]
+
+
+def three_town_steps(attribute: str, towns: tuple[str, str, str], values: tuple[int, int, int]) -> list[str]:
+    """The steps of a three-town sum: the three facts, then two sums in the two-term format the tuned
+    models know (``a + b = t . t + c = s .``; numbers are single tokens up to 2 x MAX_VALUE), the answer."""
+    a, b, c = values
+    return [
+        *(fact_sentence(attribute, t, v) for t, v in zip(towns, values)),
+        f"{a} + {b} = {a + b} .",
+        f"{a + b} + {c} = {a + b + c} .",
+        f"The answer is {a + b + c} .",
     ]
 
 
