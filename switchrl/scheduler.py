@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
+from switchrl.admission import KVBudget
 from switchrl.backends.base import Pool, Trace
 from switchrl.backends.pool import check_step
 
@@ -156,7 +157,8 @@ def engine_candidates(pool: Pool) -> list[list[int]]:
 class Scheduler:
     """Drives ``policy`` and ``pool`` over many traces until each is done.
 
-    Up to ``max_inflight`` traces are admitted at once (None: all), in order; the admitted traces
+    Up to ``max_inflight`` traces are admitted at once (None: all), in order, and, with
+    ``max_inflight_bytes``, only while their estimated KV cache fits in it (:class:`KVBudget`); the admitted traces
     that need a decision are decided in one batch; each pass serves, per engine of the pool,
     :func:`plan_pass`'s rows (at most ``max_batch`` of them, None: no limit) in one
     :meth:`Pool.step`. ``schedule``: ``auto`` (per pass, by the measured cost), ``grouped`` (one
@@ -170,14 +172,20 @@ class Scheduler:
         max_batch: int | None = None,
         max_inflight: int | None = None,
         schedule: Schedule = "auto",
+        max_inflight_bytes: int | None = None,
     ):
-        for name, value in (("max_batch", max_batch), ("max_inflight", max_inflight)):
+        for name, value in (
+            ("max_batch", max_batch),
+            ("max_inflight", max_inflight),
+            ("max_inflight_bytes", max_inflight_bytes),
+        ):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0 (or None: no limit), got {value}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.pool, self.policy = pool, policy
         self.max_batch, self.max_inflight, self.schedule = max_batch, max_inflight, schedule
+        self.max_inflight_bytes = max_inflight_bytes
         self.engines = engine_candidates(pool)
         # per pass, the candidate of each row served (for reports and tests)
         self.passes: list[list[int]] = []
@@ -189,8 +197,11 @@ class Scheduler:
         queues: list[list[tuple[Trace, Decision]]] = [[] for _ in range(len(self.pool))]
         undecided: list[Trace] = []
         inflight = 0
+        budget = None if self.max_inflight_bytes is None else KVBudget(self.pool, self.max_inflight_bytes)
         while waiting or inflight:
             while waiting and (self.max_inflight is None or inflight < self.max_inflight):
+                if budget is not None and not budget.admit(waiting[0]):
+                    break
                 undecided.append(waiting.popleft())
                 inflight += 1
             if undecided:
@@ -212,6 +223,8 @@ class Scheduler:
                 keys = [t.key for t in finished]
                 self.pool.release(keys)
                 self.policy.release(keys)
+                if budget is not None:
+                    budget.release(keys)
                 inflight -= len(finished)
                 if on_finished is not None:
                     on_finished(finished)
