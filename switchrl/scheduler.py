@@ -21,14 +21,12 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from switchrl.admission import KVBudget
-from switchrl.backends.base import Pool, Trace
+from switchrl.backends.base import Patch, Pool, Trace
 from switchrl.backends.pool import check_step
-
-Schedule = Literal["auto", "grouped", "lockstep"]
-SCHEDULES: tuple[str, ...] = ("auto", "grouped", "lockstep")
+from switchrl.config import SCHEDULES, Schedule
 
 
 @dataclass(frozen=True)
@@ -162,13 +160,14 @@ class Scheduler:
     that need a decision are decided in one batch; each pass serves, per engine of the pool,
     :func:`plan_pass`'s rows (at most ``max_batch`` of them, None: no limit) in one
     :meth:`Pool.step`. ``schedule``: ``auto`` (per pass, by the measured cost), ``grouped`` (one
-    candidate per engine and pass) or ``lockstep`` (every queue at once).
+    candidate per engine and pass) or ``lockstep`` (every queue at once). ``policy`` None: only
+    :meth:`write` (its actions come decided).
     """
 
     def __init__(
         self,
         pool: Pool,
-        policy: SwitchPolicy,
+        policy: SwitchPolicy | None,
         max_batch: int | None = None,
         max_inflight: int | None = None,
         schedule: Schedule = "auto",
@@ -193,6 +192,9 @@ class Scheduler:
     def run(self, traces: Sequence[Trace], on_finished: Callable[[list[Trace]], None] | None = None) -> None:
         """Write patches until every trace of ``traces`` is done (EOS, stop string or token budget);
         ``on_finished`` hears of the traces that ended in each pass (after they are released)."""
+        policy = self.policy
+        if policy is None:
+            raise ValueError("Scheduler.run needs a policy to decide who writes (policy=None: write only)")
         waiting = deque(t for t in traces if not t.done)
         queues: list[list[tuple[Trace, Decision]]] = [[] for _ in range(len(self.pool))]
         undecided: list[Trace] = []
@@ -205,7 +207,7 @@ class Scheduler:
                 undecided.append(waiting.popleft())
                 inflight += 1
             if undecided:
-                decisions = self.policy.decide(undecided)
+                decisions = policy.decide(undecided)
                 actions = check_step(undecided, [d.action for d in decisions], self.pool.names)
                 for t, a, d in zip(undecided, actions, decisions):
                     queues[a].append((t, d))
@@ -222,12 +224,24 @@ class Scheduler:
             if finished:
                 keys = [t.key for t in finished]
                 self.pool.release(keys)
-                self.policy.release(keys)
+                policy.release(keys)
                 if budget is not None:
                     budget.release(keys)
                 inflight -= len(finished)
                 if on_finished is not None:
                     on_finished(finished)
+
+    def write(self, traces: Sequence[Trace], actions: Sequence[int]) -> list[Patch]:
+        """One patch for each of ``traces`` by candidate ``actions[i]`` (decided elsewhere, e.g. by the
+        agents of a vector env), served in this scheduler's passes; returns them in ``traces``' order."""
+        queues: list[list[tuple[Trace, Decision]]] = [[] for _ in range(len(self.pool))]
+        for t, a in zip(traces, check_step(traces, actions, self.pool.names)):
+            queues[a].append((t, Decision(a)))
+        while any(queues):
+            served = [row for c, n in self._plan(queues) for row in self._take(queues[c], n)]
+            self.pool.step([t for t, _ in served], [d.action for _, d in served])
+            self.passes.append([d.action for _, d in served])
+        return [t.patches[-1] for t in traces]
 
     def _take(self, queue: list[tuple[Trace, Decision]], n: int) -> list[tuple[Trace, Decision]]:
         """``n`` rows of ``queue``: those with the longest next patch first, then the least advanced.

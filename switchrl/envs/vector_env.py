@@ -21,6 +21,7 @@ from gymnasium.vector.utils import batch_space, concatenate, create_empty_array
 from switchrl.backends.base import Pool
 from switchrl.envs.switch_env import SwitchEnv, SwitchEnvConfig, coerce_config
 from switchrl.errors import ConfigError
+from switchrl.scheduler import Scheduler
 
 _MODES = {AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP}
 
@@ -60,6 +61,8 @@ class SwitchVectorEnv(VectorEnv):
         first = SwitchEnv(config, pool=pool)
         self.envs = [first] + [SwitchEnv(config, pool=first.pool) for _ in range(num_envs - 1)]
         self.pool = first.pool
+        # the step's rows share forward passes as generation.schedule says (records are the same)
+        self.scheduler = Scheduler(self.pool, None, schedule=config.generation.schedule)
         self.config = config
         self.num_envs = num_envs
         self.metadata = {**self.metadata, "autoreset_mode": mode}
@@ -105,7 +108,7 @@ class SwitchVectorEnv(VectorEnv):
             else:
                 stepping.append((i, env.check_action(actions[i])))
         start = time.perf_counter()
-        patches = self.pool.step([self.envs[i].trace for i, _ in stepping], [a for _, a in stepping])
+        patches = self.scheduler.write([self.envs[i].trace for i, _ in stepping], [a for _, a in stepping])
         seconds = (time.perf_counter() - start) / max(1, len(stepping))
         for (i, a), patch in zip(stepping, patches):
             obs[i], rewards[i], terminated[i], truncated[i], info = self.envs[i].complete_step(
