@@ -1,7 +1,8 @@
 """``SwitchVectorEnv``: N switched responses stepped together over one shared candidate pool.
 
-Each step groups the live traces per chosen candidate, so every candidate runs one batched call
-(:meth:`~switchrl.backends.base.Pool.step`). Observations, rewards and infos come from the same code as
+Each step queues the live traces per chosen candidate and serves them in the passes
+``generation.schedule`` says (:meth:`~switchrl.scheduler.Scheduler.write`; ``lockstep``: one batched
+:meth:`~switchrl.backends.base.Pool.step` for all). Observations, rewards and infos come from the same code as
 :class:`SwitchEnv` (one sub-env object per slot, all sharing the pool), so slot ``i`` reset with
 seed ``s + i`` gives exactly the episode of a single ``SwitchEnv`` reset with ``s + i``.
 """
