@@ -109,6 +109,7 @@ class SwitchVectorEnv(VectorEnv):
             else:
                 stepping.append((i, env.check_action(actions[i])))
         start = time.perf_counter()
+        self.scheduler.passes.clear()  # keep only this step's passes (a long run would pile them up)
         patches = self.scheduler.write([self.envs[i].trace for i, _ in stepping], [a for _, a in stepping])
         seconds = (time.perf_counter() - start) / max(1, len(stepping))
         for (i, a), patch in zip(stepping, patches):
