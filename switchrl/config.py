@@ -13,6 +13,9 @@ from switchrl.errors import ConfigError
 
 __all__ = [
     "CLIENT_SETTINGS",
+    "SCHEDULES",
+    "SCHEDULING",
+    "Schedule",
     "CandidateConfig",
     "StrictModel",
     "SwitchGenerationConfig",
@@ -122,6 +125,14 @@ class CandidateConfig(StrictModel):
         return self
 
 
+Schedule = Literal["auto", "grouped", "lockstep"]
+SCHEDULES: tuple[str, ...] = ("auto", "grouped", "lockstep")
+
+SCHEDULING = frozenset({"schedule", "max_inflight_bytes"})
+"""Generation keys that choose which traces share a forward pass, not what they write (float32 records
+are identical under every value: docs/determinism.md), so fingerprints leave them out."""
+
+
 class SwitchGenerationConfig(StrictModel):
     """How a switched response is written."""
 
@@ -133,6 +144,24 @@ class SwitchGenerationConfig(StrictModel):
         description="a prompt + max_new_tokens longer than a candidate's positions: error (refuse, naming "
         "the trace) or left (keep the prompt's last tokens)",
     )
+    schedule: Schedule = Field(
+        "auto",
+        description="which traces share a forward pass (simulate, eval, rl rollouts, the vector env): auto "
+        "(per pass, by a cost measured at start-up), grouped (one candidate per engine and pass) or "
+        "lockstep (every waiting row at once); float32 records are the same under each",
+    )
+    max_inflight_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="admit traces while the estimated KV cache of those in flight (prompt + max_new_tokens "
+        "per trace, per candidate with a cache here; a fork's shared prefix once) fits in this many bytes; "
+        "null: no limit",
+    )
+
+    def scheduling(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`switchrl.rollout.advance` and the other generation loops that
+        :data:`SCHEDULING` sets."""
+        return {"schedule": self.schedule, "max_inflight_bytes": self.max_inflight_bytes}
 
 
 def format_validation_error(err: ValidationError, source: str | None = None) -> str:

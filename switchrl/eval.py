@@ -78,6 +78,7 @@ class EvalWorker:
         scorers: Mapping[str, Any] | TaskScorers,
         max_new_tokens: int,
         batch_size: int = 64,
+        scheduling: Mapping[str, Any] | None = None,
     ):
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
@@ -85,6 +86,7 @@ class EvalWorker:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         self.pool, self.systems, self.scorers = pool, dict(systems), TaskScorers(scorers)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.scheduling = dict(scheduling or {})  # generation.schedule / max_inflight_bytes
 
     def process(self, items: Sequence[EvalItem]) -> list[dict]:
         """One response record per item (an :class:`EvalResponse` as JSON), in the order of ``items``."""
@@ -110,6 +112,7 @@ class EvalWorker:
                 self.max_new_tokens,
                 keys=list(by_key),
                 batch_size=self.batch_size,
+                **self.scheduling,
             )
             seconds = (time.perf_counter() - start) / len(batch)
             scores = safe_score_batch(
@@ -157,7 +160,12 @@ def make_worker(config: dict, context: WorkerContext) -> EvalWorker:
     switcher_device = devices[min(len(candidates), len(devices) - 1)] if devices else None
     systems = build_systems(resolved, pool, config["systems"], device=switcher_device)
     return EvalWorker(
-        pool, systems, resolved.scorers(config["tasks"]), gen.max_new_tokens, resolved.config.eval.batch_size
+        pool,
+        systems,
+        resolved.scorers(config["tasks"]),
+        gen.max_new_tokens,
+        resolved.config.eval.batch_size,
+        gen.scheduling(),
     )
 
 

@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
     )
     policy = build_policy(config.switcher, pool.names)
     traces = run_switch_generation(
-        pool, policy, queries, gen.max_new_tokens, keys=keys, progress=len(queries) > 8
+        pool, policy, queries, gen.max_new_tokens, keys=keys, progress=len(queries) > 8, **gen.scheduling()
     )
     rows = [
         {

@@ -35,12 +35,14 @@ def advance(
     max_batch: int | None = None,
     max_inflight: int | None = None,
     schedule: Schedule = "auto",
+    max_inflight_bytes: int | None = None,
 ) -> None:
     """Run ``policy`` over ``traces`` until every one is done (EOS, stop string or token budget).
 
     A :class:`~switchrl.scheduler.Scheduler` picks the rows of each pass (at most ``max_batch``, of
-    at most ``max_inflight`` traces in flight; None: no limit); the records do not depend on it."""
-    Scheduler(pool, policy, max_batch, max_inflight, schedule).run(traces)
+    at most ``max_inflight`` traces in flight whose estimated KV fits in ``max_inflight_bytes``;
+    None: no limit); the records do not depend on it."""
+    Scheduler(pool, policy, max_batch, max_inflight, schedule, max_inflight_bytes).run(traces)
 
 
 def run_switch_generation(
@@ -53,11 +55,13 @@ def run_switch_generation(
     progress: bool = False,
     max_inflight: int | None = None,
     schedule: Schedule = "auto",
+    max_inflight_bytes: int | None = None,
 ) -> list[Trace]:
     """Write one switched response per query; returns the finished traces in query order.
 
     ``batch_size``: the most rows of one forward pass; ``max_inflight``: the most responses in
-    flight (default: ``batch_size`` per candidate, so each candidate's queue can fill a pass)."""
+    flight (default: ``batch_size`` per candidate, so each candidate's queue can fill a pass);
+    ``max_inflight_bytes``: the most KV-cache bytes they may hold (estimated, None: no limit)."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if batch_size <= 0:
@@ -68,7 +72,7 @@ def run_switch_generation(
     traces = [Trace(key=k, query=q, max_new_tokens=max_new_tokens) for k, q in zip(keys, queries)]
     inflight = len(pool) * batch_size if max_inflight is None else max_inflight
     with tqdm(total=len(traces), desc="generate", unit="resp", disable=not progress) as bar:
-        scheduler = Scheduler(pool, policy, batch_size, inflight, schedule)
+        scheduler = Scheduler(pool, policy, batch_size, inflight, schedule, max_inflight_bytes)
         scheduler.run(traces, on_finished=lambda done: bar.update(len(done)))
     return traces
 
@@ -120,6 +124,10 @@ def estimate_utilities(
     metas: Sequence[dict] | None = None,
     share_identical: bool | None = None,
     switch_cost: float = 0.0,
+    max_batch: int | None = None,
+    max_inflight: int | None = None,
+    schedule: Schedule = "auto",
+    max_inflight_bytes: int | None = None,
 ) -> list[StateUtilities]:
     """The paper's simulated rollouts: for each state and candidate c_i, c_i writes the next patch,
     then k finishes by ``finisher`` (the paper: random switching) are scored; s_i = mean score.
@@ -136,6 +144,9 @@ def estimate_utilities(
 
     ``switch_cost`` > 0: utilities are the mean of score - cost x author changes of each finished
     response (:class:`StateUtilities`); counted with candidate i's own patch even when finishes are shared.
+
+    ``max_batch``, ``max_inflight``, ``schedule`` and ``max_inflight_bytes`` drive the finishes'
+    :class:`Scheduler` (as in :func:`advance`); the records do not depend on them.
     """
     if k <= 0:
         raise ValueError(f"k must be > 0, got {k}")
@@ -171,7 +182,7 @@ def estimate_utilities(
         finishes[ci] = [child.fork(key) for key in keys]
     pool.release([c.key for c in children])
     flat = [f for ci in distinct for f in finishes[ci]]
-    advance(pool, finisher, flat)
+    advance(pool, finisher, flat, max_batch, max_inflight, schedule, max_inflight_bytes)
     pool.release([f.key for f in flat])
 
     # 3. score (each distinct finish once) and average

@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, model_validator
 
 from switchrl.config import (
     CLIENT_SETTINGS,
+    SCHEDULING,
     CandidateConfig,
     StrictModel,
     SwitcherConfig,
@@ -308,7 +309,7 @@ class ResolvedRun:
 
     def fingerprint(self, scorers: TaskScorers | dict[str, Scorer]) -> dict:
         """What every command's records depend on (each adds its own section): candidates (and a signature
-        of each local checkpoint directory), generation, switcher, the reward spec and each task's
+        of each local checkpoint directory), generation (less :data:`SCHEDULING`), switcher, the reward spec and each task's
         scorer source, and each task source's content (a JSONL file's sha256; the testbed's world
         seed). Resume refuses a run whose fingerprint differs."""
         dump = self.config.model_dump(mode="json", include={"testbed", "switcher", "reward"})
@@ -316,7 +317,7 @@ class ResolvedRun:
         return {
             "candidates": [c.model_dump(mode="json", exclude=CLIENT_SETTINGS) for c in self.candidates],
             "checkpoints": {c.name: dir_signature(c.path) for c in self.candidates},
-            "generation": self.generation.model_dump(mode="json"),
+            "generation": self.generation.model_dump(mode="json", exclude=SCHEDULING),
             "testbed": dump["testbed"],
             "switcher": dump["switcher"],
             "reward": {"spec": dump["reward"], "scorers": TaskScorers(scorers).fingerprint()},

@@ -21,13 +21,12 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-from switchrl.backends.base import Pool, Trace
+from switchrl.admission import KVBudget
+from switchrl.backends.base import Patch, Pool, Trace
 from switchrl.backends.pool import check_step
-
-Schedule = Literal["auto", "grouped", "lockstep"]
-SCHEDULES: tuple[str, ...] = ("auto", "grouped", "lockstep")
+from switchrl.config import SCHEDULES, Schedule
 
 
 @dataclass(frozen=True)
@@ -156,28 +155,36 @@ def engine_candidates(pool: Pool) -> list[list[int]]:
 class Scheduler:
     """Drives ``policy`` and ``pool`` over many traces until each is done.
 
-    Up to ``max_inflight`` traces are admitted at once (None: all), in order; the admitted traces
+    Up to ``max_inflight`` traces are admitted at once (None: all), in order, and, with
+    ``max_inflight_bytes``, only while their estimated KV cache fits in it (:class:`KVBudget`); the admitted traces
     that need a decision are decided in one batch; each pass serves, per engine of the pool,
     :func:`plan_pass`'s rows (at most ``max_batch`` of them, None: no limit) in one
     :meth:`Pool.step`. ``schedule``: ``auto`` (per pass, by the measured cost), ``grouped`` (one
-    candidate per engine and pass) or ``lockstep`` (every queue at once).
+    candidate per engine and pass) or ``lockstep`` (every queue at once). ``policy`` None: only
+    :meth:`write` (its actions come decided).
     """
 
     def __init__(
         self,
         pool: Pool,
-        policy: SwitchPolicy,
+        policy: SwitchPolicy | None,
         max_batch: int | None = None,
         max_inflight: int | None = None,
         schedule: Schedule = "auto",
+        max_inflight_bytes: int | None = None,
     ):
-        for name, value in (("max_batch", max_batch), ("max_inflight", max_inflight)):
+        for name, value in (
+            ("max_batch", max_batch),
+            ("max_inflight", max_inflight),
+            ("max_inflight_bytes", max_inflight_bytes),
+        ):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0 (or None: no limit), got {value}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.pool, self.policy = pool, policy
         self.max_batch, self.max_inflight, self.schedule = max_batch, max_inflight, schedule
+        self.max_inflight_bytes = max_inflight_bytes
         self.engines = engine_candidates(pool)
         # per pass, the candidate of each row served (for reports and tests)
         self.passes: list[list[int]] = []
@@ -185,16 +192,22 @@ class Scheduler:
     def run(self, traces: Sequence[Trace], on_finished: Callable[[list[Trace]], None] | None = None) -> None:
         """Write patches until every trace of ``traces`` is done (EOS, stop string or token budget);
         ``on_finished`` hears of the traces that ended in each pass (after they are released)."""
+        policy = self.policy
+        if policy is None:
+            raise ValueError("Scheduler.run needs a policy to decide who writes (policy=None: write only)")
         waiting = deque(t for t in traces if not t.done)
         queues: list[list[tuple[Trace, Decision]]] = [[] for _ in range(len(self.pool))]
         undecided: list[Trace] = []
         inflight = 0
+        budget = None if self.max_inflight_bytes is None else KVBudget(self.pool, self.max_inflight_bytes)
         while waiting or inflight:
             while waiting and (self.max_inflight is None or inflight < self.max_inflight):
+                if budget is not None and not budget.admit(waiting[0]):
+                    break
                 undecided.append(waiting.popleft())
                 inflight += 1
             if undecided:
-                decisions = self.policy.decide(undecided)
+                decisions = policy.decide(undecided)
                 actions = check_step(undecided, [d.action for d in decisions], self.pool.names)
                 for t, a, d in zip(undecided, actions, decisions):
                     queues[a].append((t, d))
@@ -211,10 +224,24 @@ class Scheduler:
             if finished:
                 keys = [t.key for t in finished]
                 self.pool.release(keys)
-                self.policy.release(keys)
+                policy.release(keys)
+                if budget is not None:
+                    budget.release(keys)
                 inflight -= len(finished)
                 if on_finished is not None:
                     on_finished(finished)
+
+    def write(self, traces: Sequence[Trace], actions: Sequence[int]) -> list[Patch]:
+        """One patch for each of ``traces`` by candidate ``actions[i]`` (decided elsewhere, e.g. by the
+        agents of a vector env), served in this scheduler's passes; returns them in ``traces``' order."""
+        queues: list[list[tuple[Trace, Decision]]] = [[] for _ in range(len(self.pool))]
+        for t, a in zip(traces, check_step(traces, actions, self.pool.names)):
+            queues[a].append((t, Decision(a)))
+        while any(queues):
+            served = [row for c, n in self._plan(queues) for row in self._take(queues[c], n)]
+            self.pool.step([t for t, _ in served], [d.action for _, d in served])
+            self.passes.append([d.action for _, d in served])
+        return [t.patches[-1] for t in traces]
 
     def _take(self, queue: list[tuple[Trace, Decision]], n: int) -> list[tuple[Trace, Decision]]:
         """``n`` rows of ``queue``: those with the longest next patch first, then the least advanced.

@@ -55,6 +55,10 @@ def test_simulate_throughput(capsys):
     assert main(["simulate_throughput", "--states", "1", "--k", "2", *TINY]) == 0
     [record] = _lines(capsys)
     assert record["finishes"] == 1 * 3 * 2 and record["finishes_per_s"] > 0
+    # the scheduler, lock-step and one model over the same rows, in one run; same records
+    assert record["same_records"] is True and record["rows_in_flight"] in (2, 4, 6)
+    assert record["speedup_vs_lockstep"] > 0 and record["lockstep_finishes_per_s"] > 0
+    assert record["single_tok_s_same_rows"] > 0 and record["ratio_single"] > 0
 
 
 def test_bad_arguments_are_named():

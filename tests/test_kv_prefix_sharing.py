@@ -94,3 +94,35 @@ def test_release_frees_a_shared_prefix_with_its_last_child(model):
     gc.collect()
     assert lm.stored_tokens() == 0 and len(lm) == 0
     assert keys() is None and values() is None and prefix.refs == 0
+
+
+def test_a_batch_cache_copies_shared_segments_into_every_row_that_holds_them():
+    """gather_past copies a segment shared by several rows (adjacent or not) once per padding offset,
+    into the room the batch decodes into: the rows hold what a row-by-row copy gives, zeros elsewhere."""
+    from switchrl.backends.kv_store import KVStore, gather_past
+
+    def layers(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(seed)
+        return [
+            (torch.randn(1, 2, n, 3, generator=g), torch.randn(1, 2, n, 3, generator=g)) for _ in range(2)
+        ]
+
+    store = KVStore()
+    store.store("root", layers(5, 0), torch.arange(5), None)
+    store.fork("root", ["a", "b", "c"])
+    grown = [
+        (torch.cat([k, x], 2), torch.cat([v, y], 2)) for (k, v), (x, y) in zip(layers(5, 0), layers(2, 1))
+    ]
+    store.store("b", grown, torch.arange(7), store.get("b"))  # b: the shared 5 + its own 2
+    order = ["a", "b", "other", "c"]  # a and c share root but are not adjacent; "other" holds nothing
+    tails = [store.get(k) for k in order]
+    got = gather_past(tails, 7, room=3)
+    for li, (k, v) in enumerate(got):
+        assert k.shape == (4, 2, 10, 3)
+        for row, key in enumerate(order):
+            want = torch.zeros(2, 10, 3)
+            if key != "other":
+                full = grown[li][0][0] if key == "b" else layers(5, 0)[li][0][0]
+                want[:, 7 - full.shape[1] : 7] = full
+            assert torch.equal(k[row], want)
+        assert torch.equal(v[0, :, 2:7], layers(5, 0)[li][1][0]) and torch.equal(v[1, :, :7], grown[li][1][0])

@@ -80,11 +80,14 @@ def test_vector_env_matches_single_envs(pool, config):
 
 
 def test_one_batched_call_per_step(pool, config):
+    """Under ``generation.schedule: lockstep``; ``auto`` and ``grouped`` may serve a step in several passes
+    (tests/test_generation_knobs.py)."""
     counting = CountingPool(pool)
-    vec = SwitchVectorEnv(config, num_envs=3, pool=counting)
+    lockstep = config.generation.model_copy(update={"schedule": "lockstep"})
+    vec = SwitchVectorEnv(config.model_copy(update={"generation": lockstep}), num_envs=3, pool=counting)
     vec.reset(seed=0)
     vec.step(np.array([2, 0, 2]))
-    assert counting.calls == [[2, 0, 2]]
+    assert counting.calls == [[0, 2, 2]]  # one call, the rows queued per candidate
     vec.close()
 
 

@@ -201,14 +201,31 @@ class _GrowingLayer(DynamicLayer):
         self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
         return self.keys, self.values
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take ``keys`` / ``values`` as the room itself (no copy): their first ``length`` positions hold the cache."""
+        self.lazy_initialization(keys, values)
+        self._k, self._v, self.length = keys, values, length
+        self.keys, self.values = keys[..., :length, :], values[..., :length, :]
+
 
 class _GrowingCache(DynamicCache):
-    """A :class:`DynamicCache` of :class:`_GrowingLayer` s, optionally filled with ``layers`` [(keys, values)]."""
+    """A :class:`DynamicCache` of :class:`_GrowingLayer` s, optionally filled with ``layers`` [(keys, values)]:
+    copied in, or, with ``filled``, taken as the layers' room whose first ``filled`` positions are set."""
 
-    def __init__(self, capacity: int, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()):
+    def __init__(
+        self,
+        capacity: int,
+        layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+        filled: int | None = None,
+    ):
         Cache.__init__(self, layer_class_to_replicate=partial(_GrowingLayer, capacity))
         for idx, (k, v) in enumerate(layers):
-            self.update(k, v, idx)
+            if filled is None:
+                self.update(k, v, idx)
+            else:
+                layer = _GrowingLayer(capacity)
+                layer.adopt(k, v, filled)
+                self.layers.append(layer)
 
 
 def _length_buckets(lengths: Sequence[int]) -> list[list[int]]:
@@ -246,7 +263,11 @@ def _prefill(
         mask[b, P + N - len(ids) :] = 1
         input_ids[b, N - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
         position_ids[b, N - len(ids) :] = torch.arange(pl, pl + len(ids))
-    cache = _GrowingCache(P + N + room, gather_past(entries, P) if P > 0 else [])
+    cache = (
+        _GrowingCache(P + N + room, gather_past(entries, P, N + room), P)
+        if P > 0
+        else _GrowingCache(P + N + room)
+    )
     mask = mask.to(device)
     out = lm._forward(
         rows,

@@ -6,7 +6,8 @@ child's whole cache would store the shared prefix k times, so a trace's cache is
 nothing (the children point at the parent's segment); a commit stores only the tokens a trace gained
 since the segment its chain shares with another trace, and folds its own unshared segment into the
 new one (so a chain grows by one segment per fork point, not per call). The batch assembly
-(:func:`gather_past`) copies each chain into the padded batch cache transiently. Segments count
+(:func:`gather_past`) copies each chain into the padded batch cache transiently (a segment shared by
+several rows once, broadcast). Segments count
 their references (keys and child segments): releasing the last child of a segment frees it, and
 its parent's in turn.
 """
@@ -117,18 +118,31 @@ class KVStore:
             old.layers, old = [], old.parent  # free the tensors even if a batch in flight holds the segment
 
 
-def gather_past(tails: Sequence[Segment | None], width: int) -> Layers:
-    """The stored caches of a batch's rows, left-padded to ``width`` positions: per layer [rows, heads, width, dim]."""
+def gather_past(tails: Sequence[Segment | None], width: int, room: int = 0) -> Layers:
+    """The stored caches of a batch's rows, left-padded to ``width`` positions, in buffers with ``room``
+    more positions for what the batch reads and writes next: per layer [rows, heads, width + room, dim].
+
+    Each segment is copied once per padding offset into every row that holds it (forks share their
+    prefix's segments): a fork's prefix costs one broadcast copy, not one per fork."""
     chains = [[] if t is None else t.chain() for t in tails]
     template = next(c for c in chains if c)[0].layers
+    spans: dict[tuple[int, int], tuple[Segment, int, list[int]]] = {}  # (segment, pad) -> its rows
+    for b, chain in enumerate(chains):
+        pad = width - chain[-1].length if chain else 0
+        for seg in chain:
+            spans.setdefault((id(seg), pad), (seg, pad, []))[2].append(b)
+    targets = []
+    for _, _, rows in spans.values():
+        at: slice | torch.Tensor = slice(rows[0], rows[-1] + 1)
+        if rows[-1] - rows[0] + 1 != len(rows):
+            at = torch.tensor(rows, device=template[0][0].device)
+        targets.append(at)
     layers: Layers = []
     for li, (k0, v0) in enumerate(template):
-        k = k0.new_zeros((len(tails), k0.shape[1], width, k0.shape[3]))
-        v = v0.new_zeros((len(tails), v0.shape[1], width, v0.shape[3]))
-        for b, chain in enumerate(chains):
-            pad = width - chain[-1].length if chain else 0
-            for seg in chain:
-                k[b, :, pad + seg.start : pad + seg.length] = seg.layers[li][0][0]
-                v[b, :, pad + seg.start : pad + seg.length] = seg.layers[li][1][0]
+        k = k0.new_zeros((len(tails), k0.shape[1], width + room, k0.shape[3]))
+        v = v0.new_zeros((len(tails), v0.shape[1], width + room, v0.shape[3]))
+        for (seg, pad, _), at in zip(spans.values(), targets):
+            k[at, :, pad + seg.start : pad + seg.length] = seg.layers[li][0]
+            v[at, :, pad + seg.start : pad + seg.length] = seg.layers[li][1]
         layers.append((k, v))
     return layers

@@ -25,7 +25,7 @@ from switchrl.bench.setup import (
     tokens_read,
 )
 from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher
-from switchrl.rollout import estimate_utilities
+from switchrl.rollout import StateUtilities, advance, estimate_utilities
 
 
 def hf_generate_single(
@@ -244,6 +244,32 @@ def switch_vs_reencode(
     return records
 
 
+def single_finishes(
+    pool: CandidatePool, contexts: Sequence[str], rows_per_context: Sequence[int], new_tokens: int, tag: str
+) -> list[Trace]:
+    """One model's version of simulate's finishes: each context is read once, forked into its rows,
+    and every row writes ``new_tokens`` tokens, all rows in flight at once (one candidate: one pass)."""
+    roots = [Trace(f"{tag}/s{i}", c, new_tokens) for i, c in enumerate(contexts)]
+    pool.prefill(roots)
+    rows: list[Trace] = []
+    for root, n in zip(roots, rows_per_context):
+        keys = [f"{root.key}/f{j}" for j in range(n)]
+        pool.fork(root.key, keys)
+        rows += [root.fork(key) for key in keys]
+    pool.release([r.key for r in roots])
+    advance(pool, FixedSwitcher(1, 0), rows)
+    pool.release([r.key for r in rows])
+    return rows
+
+
+def _outcomes(results: Sequence[StateUtilities]) -> list[tuple]:
+    """What a simulated state's record holds (next patches, finishes, scores), without timings."""
+    return [
+        ([(p.author, p.token_ids, p.stop_reason) for p in u.next_patches], u.responses, u.scores, u.switches)
+        for u in results
+    ]
+
+
 def simulate_throughput(
     setup: BenchSetup,
     states: Sequence[int] = (1, 2, 4),
@@ -256,7 +282,13 @@ def simulate_throughput(
     repeats: int = 1,
     out: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Scored finishes per second of :func:`estimate_utilities` (k finishes per candidate and state)."""
+    """Scored finishes per second of :func:`estimate_utilities` (k finishes per candidate and state)
+    through the scheduler (``auto``) and lock-step, and one model writing the same rows.
+
+    ``single_tok_s_same_rows``: candidate 0 alone over as many rows as simulate's finishes, each
+    forked from a context as long as theirs (prompt, prefix and next patch) and writing as many tokens
+    (EOS is unreachable, so every finish writes its whole budget); ``ratio_single`` is simulate's tok/s
+    (next patches and finishes) over it."""
     check_sizes(
         batch_sizes=states,
         prompt_len=prompt_len,
@@ -270,7 +302,10 @@ def simulate_throughput(
             "prefix_patches must be >= 0 and leave room for a patch and a finish in max_new_tokens"
         )
     pool = CandidatePool(setup.backends, patch_tokens=patch_tokens, seed=seed)
+    single = CandidatePool(setup.backends[:1], patch_tokens=max_new_tokens, seed=seed)
     policy = RandomSwitcher(len(setup.backends), seed=seed)
+    context_len = prompt_len + (prefix_patches + 1) * patch_tokens
+    finish_tokens = max_new_tokens - (prefix_patches + 1) * patch_tokens
 
     def scorer(query: str, response: str, reference: str, **meta) -> float:
         return float(reference in response)
@@ -284,14 +319,25 @@ def simulate_throughput(
         for _ in range(prefix_patches):
             pool.step(prefixes, [d.action for d in policy.decide(prefixes)])
         refs = [p.text.split()[-1] if p.text.split() else "" for p in prefixes]
-        [(elapsed, _, mem)] = compare(
+        run = partial(estimate_utilities, pool, prefixes, refs, scorer, k=k, finisher=policy)
+        warm = run()  # warm-up; the scheduler measures its pass cost here, once per pool
+        # rows in flight: k per distinct next patch (candidates that wrote the same one share them)
+        per_state = [k * len({tuple(r) for r in u.responses}) for u in warm]
+        contexts = setup.queries(s, context_len, seed + 1)
+        single_finishes(single, contexts[:1], [2], finish_tokens, "warmup")
+        [(t_auto, auto, mem), (t_lock, lock, _), (t_single, single_rows, _)] = compare(
             setup.device,
             repeats,
-            partial(estimate_utilities, pool, prefixes, refs, scorer, k=k, finisher=policy),
+            partial(run, schedule="auto"),
+            partial(run, schedule="lockstep"),
+            partial(single_finishes, single, contexts, per_state, finish_tokens, f"single{s}"),
         )
         pool.release([p.key for p in prefixes])
         finishes = s * len(setup.backends) * k
-        tokens = finishes * (max_new_tokens - prefix_patches * patch_tokens)
+        # every candidate writes its next patch; each distinct one is finished k times
+        written = sum(per_state) * finish_tokens + sum(len(p.token_ids) for u in auto for p in u.next_patches)
+        tok_s = written / t_auto
+        single_tok_s = sum(t.num_tokens for t in single_rows) / t_single
         records.append(
             emit(
                 {
@@ -306,9 +352,15 @@ def simulate_throughput(
                     "max_new_tokens": max_new_tokens,
                     "patch_tokens": patch_tokens,
                     "finishes": finishes,
-                    "seconds": round(elapsed, 2),
-                    "finishes_per_s": round(finishes / elapsed, 2),
-                    "tok_s": round(tokens / elapsed, 1),
+                    "rows_in_flight": sum(per_state),
+                    "seconds": round(t_auto, 2),
+                    "finishes_per_s": round(finishes / t_auto, 2),
+                    "lockstep_finishes_per_s": round(finishes / t_lock, 2),
+                    "speedup_vs_lockstep": round(t_lock / t_auto, 3),
+                    "same_records": _outcomes(auto) == _outcomes(lock),
+                    "tok_s": round(tok_s, 1),
+                    "single_tok_s_same_rows": round(single_tok_s, 1),
+                    "ratio_single": round(tok_s / single_tok_s, 3),
                     "repeats": repeats,
                     **mem,
                 },

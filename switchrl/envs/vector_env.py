@@ -1,7 +1,8 @@
 """``SwitchVectorEnv``: N switched responses stepped together over one shared candidate pool.
 
-Each step groups the live traces per chosen candidate, so every candidate runs one batched call
-(:meth:`~switchrl.backends.base.Pool.step`). Observations, rewards and infos come from the same code as
+Each step queues the live traces per chosen candidate and serves them in the passes
+``generation.schedule`` says (:meth:`~switchrl.scheduler.Scheduler.write`; ``lockstep``: one batched
+:meth:`~switchrl.backends.base.Pool.step` for all). Observations, rewards and infos come from the same code as
 :class:`SwitchEnv` (one sub-env object per slot, all sharing the pool), so slot ``i`` reset with
 seed ``s + i`` gives exactly the episode of a single ``SwitchEnv`` reset with ``s + i``.
 """
@@ -21,6 +22,7 @@ from gymnasium.vector.utils import batch_space, concatenate, create_empty_array
 from switchrl.backends.base import Pool
 from switchrl.envs.switch_env import SwitchEnv, SwitchEnvConfig, coerce_config
 from switchrl.errors import ConfigError
+from switchrl.scheduler import Scheduler
 
 _MODES = {AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP}
 
@@ -60,6 +62,8 @@ class SwitchVectorEnv(VectorEnv):
         first = SwitchEnv(config, pool=pool)
         self.envs = [first] + [SwitchEnv(config, pool=first.pool) for _ in range(num_envs - 1)]
         self.pool = first.pool
+        # the step's rows share forward passes as generation.schedule says (records are the same)
+        self.scheduler = Scheduler(self.pool, None, schedule=config.generation.schedule)
         self.config = config
         self.num_envs = num_envs
         self.metadata = {**self.metadata, "autoreset_mode": mode}
@@ -105,7 +109,8 @@ class SwitchVectorEnv(VectorEnv):
             else:
                 stepping.append((i, env.check_action(actions[i])))
         start = time.perf_counter()
-        patches = self.pool.step([self.envs[i].trace for i, _ in stepping], [a for _, a in stepping])
+        self.scheduler.passes.clear()  # keep only this step's passes (a long run would pile them up)
+        patches = self.scheduler.write([self.envs[i].trace for i, _ in stepping], [a for _, a in stepping])
         seconds = (time.perf_counter() - start) / max(1, len(stepping))
         for (i, a), patch in zip(stepping, patches):
             obs[i], rewards[i], terminated[i], truncated[i], info = self.envs[i].complete_step(

@@ -16,8 +16,9 @@ decision at ``d`` and the ones after it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -108,11 +109,13 @@ def sample_episodes(
     max_new_tokens: int,
     credit: str = "episode",
     seed: int = 0,
+    scheduling: Mapping[str, Any] | None = None,
 ) -> list[Episode]:
     """``group_size`` episodes per query (query-major order), sampled by ``switcher`` over ``pool``.
 
     All live traces advance together (one batched call per chosen candidate per step). ``key_prefix``
     must be unique per call (e.g. contain the training step): trace keys seed every random draw.
+    ``scheduling``: :func:`~switchrl.rollout.advance`'s ``schedule`` / ``max_inflight_bytes``.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -128,9 +131,11 @@ def sample_episodes(
                 for i, q in enumerate(queries)
                 for g in range(group_size)
             ]
-            advance(pool, switcher, traces)
+            advance(pool, switcher, traces, **(scheduling or {}))
             return [_to_episode(switcher, t, 0) for t in traces]
-        return _forked_episodes(switcher, pool, queries, group_size, key_prefix, max_new_tokens, seed)
+        return _forked_episodes(
+            switcher, pool, queries, group_size, key_prefix, max_new_tokens, seed, scheduling or {}
+        )
     finally:
         switcher.model.train(was_training)
 
@@ -143,6 +148,7 @@ def _forked_episodes(
     key_prefix: str,
     max_new_tokens: int,
     seed: int,
+    scheduling: Mapping[str, Any],
 ) -> list[Episode]:
     max_decisions = math.ceil(max_new_tokens / pool.patch_tokens)
     trunks = [Trace(f"{key_prefix}/q{i}/trunk", q, max_new_tokens) for i, q in enumerate(queries)]
@@ -171,5 +177,5 @@ def _forked_episodes(
         points.extend([point] * group_size)
     pool.release([t.key for t in trunks])
     switcher.release([t.key for t in trunks])
-    advance(pool, switcher, branches)
+    advance(pool, switcher, branches, **scheduling)
     return [_to_episode(switcher, t, d) for t, d in zip(branches, points)]

@@ -130,7 +130,15 @@ def make_rollout_func(switcher: LMSwitcher, setup: RLSetup) -> Callable[[list, A
         mode = "train" if trainer.model.training else "eval"
         prefix = f"grpo/{mode}/s{trainer.state.global_step}/p{trainer.accelerator.process_index}"
         episodes = sample_episodes(
-            switcher, setup.pool, prompts[::g], g, prefix, max_new_tokens, credit=rl.credit, seed=rl.seed
+            switcher,
+            setup.pool,
+            prompts[::g],
+            g,
+            prefix,
+            max_new_tokens,
+            credit=rl.credit,
+            seed=rl.seed,
+            scheduling=setup.resolved.generation.scheduling(),
         )
         return {
             "prompt_ids": [e.prompt_ids for e in episodes],

@@ -233,6 +233,7 @@ def train_ppo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
             max_new_tokens,
             credit=rl.credit,
             seed=rl.seed,
+            scheduling=setup.resolved.generation.scheduling(),
         )
         instances = [inst for inst in chosen for _ in range(rl.num_generations)]
         scores, failures = setup.rewards.score(instances, [e.trace.text for e in episodes])

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,6 +85,7 @@ class SimulateWorker:
         states_per_batch: int = 8,
         finisher: SwitchPolicy | None = None,
         switch_cost: float = 0.0,
+        scheduling: Mapping[str, Any] | None = None,
     ):
         if k <= 0:
             raise ValueError(f"k must be > 0, got {k}")
@@ -94,6 +96,7 @@ class SimulateWorker:
         self.random = RandomSwitcher(len(pool), seed=seed)
         self.finisher = finisher if finisher is not None else self.random
         self.switch_cost = switch_cost
+        self.scheduling = dict(scheduling or {})  # generation.schedule / max_inflight_bytes
 
     def states(self, items: Sequence[StateItem]) -> list[Trace]:
         """A random-switching prefix per item: a full random response cut at a random patch boundary."""
@@ -101,7 +104,7 @@ class SimulateWorker:
             Trace(key=item.id, query=item.instance.query, max_new_tokens=self.max_new_tokens)
             for item in items
         ]
-        advance(self.pool, self.random, probes)
+        advance(self.pool, self.random, probes, **self.scheduling)
         states = []
         for item, probe in zip(items, probes):
             cut = int(torch.randint(len(probe.patches), (1,), generator=generator(self.seed, item.id, "cut")))
@@ -135,6 +138,7 @@ class SimulateWorker:
                     finisher=self.finisher,
                     metas=[batch[i].instance.meta for i in rows],
                     switch_cost=self.switch_cost,
+                    **self.scheduling,
                 )
                 for i, e in zip(rows, est):
                     results[i] = e
@@ -197,6 +201,7 @@ def build_worker(config: dict, context: WorkerContext) -> SimulateWorker:
         states_per_batch=sim.states_per_batch,
         finisher=finisher,
         switch_cost=sim.switch_cost,
+        scheduling=gen.scheduling(),
     )
 
 
