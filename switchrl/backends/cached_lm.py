@@ -43,6 +43,7 @@ class CachedLM:
         # a prefill needs the logits of its last position only
         keep = "logits_to_keep" in inspect.signature(self._hf_model().forward).parameters
         self._last_logits_only = {"logits_to_keep": 1} if keep else {}
+        self._step_mask_is_padding = _plain_causal_sdpa(self._hf_model())
 
     @property
     def device(self) -> torch.device:
@@ -228,6 +229,21 @@ class _GrowingCache(DynamicCache):
                 self.layers.append(layer)
 
 
+def _plain_causal_sdpa(model: torch.nn.Module) -> bool:
+    """Whether ``model`` attends through SDPA under a plain causal mask (no sliding window, no chunks).
+
+    Then the mask of a one-token decoding step is just the batch's padding mask, [B, 1, 1, L] boolean,
+    which Hugging Face would rebuild through its general mask functions every step (~5% of a padded
+    tiny-model step on CPU); :meth:`_BatchState.step` hands that same tensor over instead.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None):
+        return False
+    return all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())
+
+
 def _length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     """Row indices grouped so that within a group the longest length is less than twice the shortest."""
     buckets: list[list[int]] = []
@@ -351,10 +367,14 @@ class _BatchState:
         """Feed one token per row (``tokens`` [B]); rows not ``active`` [B] are masked out of the cache."""
         col = active.to(self.mask.dtype).unsqueeze(1)
         self.mask = torch.cat([self.mask, col], dim=1)
+        attention: torch.Tensor = self.mask
+        if self.lm._step_mask_is_padding and not bool(self.mask.all()):
+            # the [B, 1, 1, L] boolean mask Hugging Face's SDPA mask functions would build (no padding: none)
+            attention = self.mask.bool()[:, None, None, :]
         out = self.lm._forward(
             self.rows,
             input_ids=tokens.unsqueeze(1),
-            attention_mask=self.mask,
+            attention_mask=attention,
             position_ids=self.next_pos.unsqueeze(1),
             past_key_values=self.cache,
             use_cache=True,
