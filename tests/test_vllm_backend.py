@@ -4,7 +4,9 @@ importable, against a real engine on a tiny checkpoint."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -67,6 +69,56 @@ class FakeLLM:
                 )
             )
         return outputs
+
+
+class SleepyLLM:
+    """``generate`` like ``vllm.LLM`` that takes ``seconds`` (an engine busy elsewhere) and writes one token."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        time.sleep(self.seconds)
+        done = SimpleNamespace(token_ids=[5], finish_reason="length", stop_reason=None)
+        return [SimpleNamespace(outputs=[done]) for _ in prompts]
+
+
+@pytest.mark.parametrize(
+    "a, b, devices, apart",
+    [
+        (("cuda:0", {}), ("cuda:1", {}), [("cuda:0",), ("cuda:1",)], True),
+        (("cpu", {}), ("auto", {}), [("cpu",), ("cuda:0",)], True),
+        (("cuda:1", {}), ("cuda:1", {}), [("cuda:1",), ("cuda:1",)], False),
+        (("cuda", {"tensor_parallel_size": 2}), ("cuda:1", {}), [("cuda:0", "cuda:1"), ("cuda:1",)], False),
+    ],
+    ids=["two-gpus", "cpu-and-gpu", "one-gpu", "tensor-parallel-overlaps"],
+)
+def test_vllm_engines_on_different_devices_write_at_the_same_time(
+    tiny_family, monkeypatch, a, b, devices, apart
+):
+    """A step over two vLLM engines takes the slower one's time when they share no device, the sum
+    when they do (one GPU serves one engine at a time)."""
+    seconds = iter([0.2, 0.3])
+    monkeypatch.setitem(
+        sys.modules, "vllm", SimpleNamespace(LLM=lambda **o: SleepyLLM(next(seconds)), SamplingParams=dict)
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    backends = [
+        VLLMBackend.from_pretrained(
+            name, str(tiny_family[0]), device=device, engine_kwargs=kwargs, sampling=GREEDY
+        )
+        for name, (device, kwargs) in zip("ab", (a, b))
+    ]
+    assert [e.devices for e in backends] == devices
+    pool = CandidatePool(backends, patch_tokens=2)
+    traces = [Trace("x", "one two", 4), Trace("y", "one two", 4)]
+    start = time.perf_counter()
+    patches = pool.step(traces, [0, 1])
+    elapsed = time.perf_counter() - start
+    assert [p.author for p in patches] == [0, 1] and [p.token_ids for p in patches] == [[5], [5]]
+    assert elapsed < 0.45 if apart else elapsed >= 0.5
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") is None  # restored after each engine started
 
 
 def _switch(backends, schedule, patch_tokens=5, max_new_tokens=30):
