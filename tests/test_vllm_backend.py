@@ -4,6 +4,7 @@ importable, against a real engine on a tiny checkpoint."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -17,10 +18,13 @@ from switchrl.backends import CandidatePool, CandidateSampling, Trace
 from switchrl.backends.tokens import load_tokenizer
 from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm
 from switchrl.backends.vllm_backend import VLLMBackend, import_vllm
+from switchrl.bench.setup import build_setup
+from switchrl.bench.vllm_throughput import vllm_throughput
 from switchrl.errors import SwitchRLError
 
 QUERIES = ["the town of red river", "one two three", "the answer is", "a blue bridge in the park"]
 GREEDY = CandidateSampling(temperature=0)
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
 
 class FakeLLM:
@@ -162,9 +166,11 @@ def test_engine_must_generate_and_missing_vllm_is_clear(tiny_family, monkeypatch
         import_vllm()
     with pytest.raises(SwitchRLError, match="needs vLLM"):
         VLLMBackend.from_pretrained("c0", str(tiny_family[0]))
+    with pytest.raises(SwitchRLError, match="needs vLLM"):
+        vllm_throughput(build_setup("tiny", 1))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+@needs_vllm
 def test_real_vllm_engine_matches_transformers(tmp_path, word_tokenizer):
     # vLLM's CPU attention kernels need head_dim >= 32 (the shared tiny family has head_dim 8)
     torch.manual_seed(0)
@@ -199,3 +205,26 @@ def test_real_vllm_engine_matches_transformers(tmp_path, word_tokenizer):
         ]
         for t, p in zip(traces, want):
             t.patches.append(p)
+
+
+@needs_vllm
+def test_vllm_throughput_benchmark_record():
+    """The benchmark on two tiny vLLM engines: candidate 0 in patches writes what vLLM's own
+    ``generate`` writes, and the JSON line holds every field RESULTS.md reports (not timings)."""
+    lines: list[str] = []
+    tiny = dict(queries=3, prompt_len=6, max_new_tokens=8, patch_tokens=3)
+    record = vllm_throughput(build_setup("tiny", 2), **tiny, out=lines.append)
+    assert [json.loads(line) for line in lines] == [record]
+    assert record["same_tokens"] == 1.0 and record["vllm"] == import_vllm().__version__
+    assert {k: record[k] for k in tiny} == tiny and record["candidates"] == 2
+    speeds = (
+        "vllm_generate_tok_s",
+        "single_patched_tok_s",
+        "switched_tok_s",
+        "ratio",
+        "ratio_single_patched",
+    )
+    assert all(record[k] > 0 for k in speeds)
+    # both engines on this machine's one device: one place, so they write in turn
+    assert record["engine_devices"][0] == record["engine_devices"][1] and record["places"] == 1
+    assert record["switches_per_response"] > 0 and record["engine_kwargs"]["max_model_len"] == 14
