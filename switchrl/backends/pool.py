@@ -246,7 +246,7 @@ class CandidatePool(CandidateNames):
         """Let candidate ``actions[i]`` write the next patch of ``traces[i]`` and append it.
 
         Traces are grouped per candidate, and each engine writes the groups of its candidates in one
-        call; engines on different devices or servers (:func:`placement`) run at the same time.
+        call; engines on different devices or servers (:func:`places`) run at the same time.
         Returns the new patches in the order of ``traces``.
         """
         rows: dict[int, list[int]] = defaultdict(list)  # candidate -> the traces it writes
