@@ -4,7 +4,10 @@ importable, against a real engine on a tiny checkpoint."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -15,10 +18,13 @@ from switchrl.backends import CandidatePool, CandidateSampling, Trace
 from switchrl.backends.tokens import load_tokenizer
 from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm
 from switchrl.backends.vllm_backend import VLLMBackend, import_vllm
+from switchrl.bench.setup import build_setup
+from switchrl.bench.vllm_throughput import vllm_throughput
 from switchrl.errors import SwitchRLError
 
 QUERIES = ["the town of red river", "one two three", "the answer is", "a blue bridge in the park"]
 GREEDY = CandidateSampling(temperature=0)
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
 
 class FakeLLM:
@@ -69,6 +75,56 @@ class FakeLLM:
         return outputs
 
 
+class SleepyLLM:
+    """``generate`` like ``vllm.LLM`` that takes ``seconds`` (an engine busy elsewhere) and writes one token."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        time.sleep(self.seconds)
+        done = SimpleNamespace(token_ids=[5], finish_reason="length", stop_reason=None)
+        return [SimpleNamespace(outputs=[done]) for _ in prompts]
+
+
+@pytest.mark.parametrize(
+    "a, b, devices, apart",
+    [
+        (("cuda:0", {}), ("cuda:1", {}), [("cuda:0",), ("cuda:1",)], True),
+        (("cpu", {}), ("auto", {}), [("cpu",), ("cuda:0",)], True),
+        (("cuda:1", {}), ("cuda:1", {}), [("cuda:1",), ("cuda:1",)], False),
+        (("cuda", {"tensor_parallel_size": 2}), ("cuda:1", {}), [("cuda:0", "cuda:1"), ("cuda:1",)], False),
+    ],
+    ids=["two-gpus", "cpu-and-gpu", "one-gpu", "tensor-parallel-overlaps"],
+)
+def test_vllm_engines_on_different_devices_write_at_the_same_time(
+    tiny_family, monkeypatch, a, b, devices, apart
+):
+    """A step over two vLLM engines takes the slower one's time when they share no device, the sum
+    when they do (one GPU serves one engine at a time)."""
+    seconds = iter([0.2, 0.3])
+    monkeypatch.setitem(
+        sys.modules, "vllm", SimpleNamespace(LLM=lambda **o: SleepyLLM(next(seconds)), SamplingParams=dict)
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    backends = [
+        VLLMBackend.from_pretrained(
+            name, str(tiny_family[0]), device=device, engine_kwargs=kwargs, sampling=GREEDY
+        )
+        for name, (device, kwargs) in zip("ab", (a, b))
+    ]
+    assert [e.devices for e in backends] == devices
+    pool = CandidatePool(backends, patch_tokens=2)
+    traces = [Trace("x", "one two", 4), Trace("y", "one two", 4)]
+    start = time.perf_counter()
+    patches = pool.step(traces, [0, 1])
+    elapsed = time.perf_counter() - start
+    assert [p.author for p in patches] == [0, 1] and [p.token_ids for p in patches] == [[5], [5]]
+    assert elapsed < 0.45 if apart else elapsed >= 0.5
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") is None  # restored after each engine started
+
+
 def _switch(backends, schedule, patch_tokens=5, max_new_tokens=30):
     pool = CandidatePool(backends, patch_tokens=patch_tokens, seed=5)
     traces = [Trace(key=f"q{i}", query=q, max_new_tokens=max_new_tokens) for i, q in enumerate(QUERIES)]
@@ -110,9 +166,11 @@ def test_engine_must_generate_and_missing_vllm_is_clear(tiny_family, monkeypatch
         import_vllm()
     with pytest.raises(SwitchRLError, match="needs vLLM"):
         VLLMBackend.from_pretrained("c0", str(tiny_family[0]))
+    with pytest.raises(SwitchRLError, match="needs vLLM"):
+        vllm_throughput(build_setup("tiny", 1))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+@needs_vllm
 def test_real_vllm_engine_matches_transformers(tmp_path, word_tokenizer):
     # vLLM's CPU attention kernels need head_dim >= 32 (the shared tiny family has head_dim 8)
     torch.manual_seed(0)
@@ -147,3 +205,26 @@ def test_real_vllm_engine_matches_transformers(tmp_path, word_tokenizer):
         ]
         for t, p in zip(traces, want):
             t.patches.append(p)
+
+
+@needs_vllm
+def test_vllm_throughput_benchmark_record():
+    """The benchmark on two tiny vLLM engines: candidate 0 in patches writes what vLLM's own
+    ``generate`` writes, and the JSON line holds every field RESULTS.md reports (not timings)."""
+    lines: list[str] = []
+    tiny = dict(queries=3, prompt_len=6, max_new_tokens=8, patch_tokens=3)
+    record = vllm_throughput(build_setup("tiny", 2), **tiny, out=lines.append)
+    assert [json.loads(line) for line in lines] == [record]
+    assert record["same_tokens"] == 1.0 and record["vllm"] == import_vllm().__version__
+    assert {k: record[k] for k in tiny} == tiny and record["candidates"] == 2
+    speeds = (
+        "vllm_generate_tok_s",
+        "single_patched_tok_s",
+        "switched_tok_s",
+        "ratio",
+        "ratio_single_patched",
+    )
+    assert all(record[k] > 0 for k in speeds)
+    # both engines on this machine's one device: one place, so they write in turn
+    assert record["engine_devices"][0] == record["engine_devices"][1] and record["places"] == 1
+    assert record["switches_per_response"] > 0 and record["engine_kwargs"]["max_model_len"] == 14

@@ -138,15 +138,32 @@ class CandidateNames:
             raise ValueError(f"no candidate named {name!r}; candidates are {self.names}") from None
 
 
-def placement(engine: CandidateEngine) -> str:
-    """Where ``engine`` computes: its server's URL, else its model's device (engines in one place
-    share it, so they run in turn)."""
+def placement(engine: CandidateEngine) -> frozenset[str]:
+    """Where ``engine`` computes: its server's URL, else the devices its member names (``devices``:
+    a vLLM engine, several under tensor parallelism), else its model's device."""
     member = engine.members[0]
     url = getattr(member, "base_url", None)
     if url:
-        return str(url)
+        return frozenset({str(url)})
+    devices = getattr(member, "devices", None)
+    if devices:
+        return frozenset(str(d) for d in devices)
     lm = getattr(member, "lm", None)
-    return str(getattr(lm, "device", None) or getattr(member, "device", "local"))
+    return frozenset({str(getattr(lm, "device", None) or getattr(member, "device", "local"))})
+
+
+def places(engines: Sequence[CandidateEngine]) -> list[list[int]]:
+    """``engines`` (by index) in groups that share no device or server: the engines of one group
+    compute in one place, so they run in turn; the groups can run at the same time."""
+    groups: list[tuple[set[str], list[int]]] = []
+    for i, engine in enumerate(engines):
+        where, members = set(placement(engine)), [i]
+        for group in [g for g in groups if g[0] & where]:  # an engine on two devices joins their groups
+            groups.remove(group)
+            where |= group[0]
+            members = group[1] + members
+        groups.append((where, sorted(members)))
+    return [members for _, members in groups]
 
 
 class _OwnEngine:
@@ -229,7 +246,7 @@ class CandidatePool(CandidateNames):
         """Let candidate ``actions[i]`` write the next patch of ``traces[i]`` and append it.
 
         Traces are grouped per candidate, and each engine writes the groups of its candidates in one
-        call; engines on different devices or servers (:func:`placement`) run at the same time.
+        call; engines on different devices or servers (:func:`places`) run at the same time.
         Returns the new patches in the order of ``traces``.
         """
         rows: dict[int, list[int]] = defaultdict(list)  # candidate -> the traces it writes
@@ -247,14 +264,13 @@ class CandidatePool(CandidateNames):
                 for e in engines
             ]
 
-        places: dict[str, list[int]] = defaultdict(list)  # engines in one place run in turn
-        for engine in calls:
-            places[placement(self.engines[engine])].append(engine)
-        if len(places) <= 1:
-            results = [r for engines in places.values() for r in run(engines)]
-        else:  # one thread per device or server: kernels and HTTP waits release the GIL
-            with ThreadPoolExecutor(max_workers=len(places)) as workers:
-                results = [r for done in workers.map(run, places.values()) for r in done]
+        called = list(calls)
+        turns = [[called[i] for i in group] for group in places([self.engines[e] for e in called])]
+        if len(turns) <= 1:
+            results = [r for engines in turns for r in run(engines)]
+        else:  # one thread per place: kernels, vLLM engine processes and HTTP waits release the GIL
+            with ThreadPoolExecutor(max_workers=len(turns)) as workers:
+                results = [r for done in workers.map(run, turns) for r in done]
         for groups, written in results:
             for group, patches in zip(groups, written):
                 for i, patch in zip(rows[group.author], patches):

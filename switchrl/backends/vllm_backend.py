@@ -19,6 +19,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from switchrl.backends.base import CandidateSampling, Patch, Trace
 from switchrl.backends.tokens import TokenizedCandidate, load_tokenizer
+from switchrl.devices import place
 from switchrl.errors import ConfigError, SwitchRLError
 
 
@@ -67,13 +68,25 @@ def visible_gpu(device: str, tensor_parallel_size: int, name: str) -> Iterator[N
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
+def engine_devices(device: str, tensor_parallel_size: int = 1) -> tuple[str, ...]:
+    """The devices, as torch names them in this process, that a vLLM engine started for ``device``
+    computes on: ``cuda:N`` that GPU; ``cuda`` / ``auto`` on a GPU machine the first
+    ``tensor_parallel_size`` visible GPUs (where vLLM puts it); else ``cpu``. A pool runs engines
+    that share none of them at the same time (:func:`~switchrl.backends.pool.places`)."""
+    where = place(device)
+    if where in ("cuda", "xpu"):
+        return tuple(f"{where}:{i}" for i in range(tensor_parallel_size))
+    return (where,)
+
+
 class VLLMBackend(TokenizedCandidate):
     """Writes patches with ``llm.generate(prompts, sampling_params)`` on a ``vllm.LLM``-like engine.
 
     ``llm`` needs only ``generate(prompts: list[dict], sampling_params: list, use_tqdm=False)``
     returning, per prompt, an object whose ``outputs[0]`` has ``token_ids``, ``finish_reason`` and
     ``stop_reason``; ``params_factory`` builds the per-trace sampling params (``vllm.SamplingParams``
-    by default).
+    by default); ``devices``: where the engine computes (:func:`engine_devices`; None: unknown,
+    shared with every other engine of unknown place).
     """
 
     def __init__(
@@ -87,6 +100,7 @@ class VLLMBackend(TokenizedCandidate):
         stop_strings: Sequence[str] = (),
         generation_config: object | None = None,
         params_factory: Callable[..., Any] | None = None,
+        devices: Sequence[str] | None = None,
     ):
         super().__init__(
             name, tokenizer, sampling, chat_template, prompt_template, stop_strings, generation_config
@@ -98,6 +112,7 @@ class VLLMBackend(TokenizedCandidate):
         limit = getattr(engine_config, "max_model_len", None)  # the engine's own limit
         self.max_positions = limit if isinstance(limit, int) else None
         self.params_factory = params_factory or import_vllm().SamplingParams
+        self.devices = tuple(devices) if devices is not None else None
 
     @classmethod
     def from_pretrained(
@@ -122,9 +137,11 @@ class VLLMBackend(TokenizedCandidate):
             generation_config = None
         options = dict(model=path, tokenizer=path, dtype=dtype, enable_prefix_caching=True, seed=0)
         options.update(engine_kwargs or {})
-        with visible_gpu(device, int(options.get("tensor_parallel_size", 1)), name):
+        tensor_parallel_size = int(options.get("tensor_parallel_size", 1))
+        with visible_gpu(device, tensor_parallel_size, name):
             llm = vllm.LLM(**options)
-        return cls(name, llm, tokenizer, generation_config=generation_config, **kwargs)
+        devices = engine_devices(device, tensor_parallel_size)
+        return cls(name, llm, tokenizer, generation_config=generation_config, devices=devices, **kwargs)
 
     def write_patches(
         self, traces: Sequence[Trace], author: int, patch_tokens: int, seed: int

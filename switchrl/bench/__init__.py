@@ -9,6 +9,7 @@ fraction of responses on which both paths wrote the same tokens (``same_tokens``
 
 The package: :mod:`~switchrl.bench.setup` (models, timing), :mod:`~switchrl.bench.measures` (the
 benchmarks), :mod:`~switchrl.bench.dataset` (``dataset_throughput``: the scheduler over a dataset),
+:mod:`~switchrl.bench.vllm_throughput` (switched on vLLM engines vs vLLM's own ``generate``; needs vLLM),
 :mod:`~switchrl.bench.cli` (options, parsed without importing torch, so that
 ``switchrl --help`` stays fast).
 """

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from switchrl.bench.archs import ARCHS
 
 BENCHMARKS = ("switch_vs_single", "switch_vs_reencode", "simulate_throughput", "dataset_throughput")
+VLLM_BENCHMARKS = ("vllm_throughput",)  # need vLLM (its own environment), so not part of "all"
 
 
 def _int_list(text: str) -> list[int]:
@@ -22,7 +23,7 @@ def _int_list(text: str) -> list[int]:
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="switchrl bench", description=__doc__.splitlines()[0], add_help=add_help)
-    p.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
+    p.add_argument("benchmark", choices=[*BENCHMARKS, *VLLM_BENCHMARKS, "all"])
     p.add_argument("--arch", choices=sorted(ARCHS), default="tiny")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -33,7 +34,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="switch_vs_single: 1,8,32; switch_vs_reencode: 1,8",
     )
-    p.add_argument("--queries", type=int, default=64, help="dataset_throughput: responses per path")
+    p.add_argument(
+        "--queries", type=int, default=64, help="dataset_throughput, vllm_throughput: responses per path"
+    )
     p.add_argument(
         "--max-batch",
         type=_int_list,
@@ -80,6 +83,10 @@ def main(args: argparse.Namespace) -> int:
         simulate_throughput(setup, states=args.states, k=args.k, **common)
     if "dataset_throughput" in names:
         dataset_throughput(setup, queries=args.queries, batch_sizes=args.max_batch, **common)
+    if "vllm_throughput" in names:
+        from switchrl.bench.vllm_throughput import vllm_throughput
+
+        vllm_throughput(setup, queries=args.queries, device=args.device, **common)
     return 0
 
 
