@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import torch
+
 from switchrl.admission import KVBudget
 from switchrl.backends.base import Patch, Pool, Trace
 from switchrl.backends.pool import check_step
@@ -104,13 +106,25 @@ _PROBE_WIDTH = 8
 _costs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> {engine members: PassCost}
 
 
+def pass_clock(pool: Pool, members: Sequence[int]) -> Callable[[], float]:
+    """The clock the probes of the engine of ``members`` are timed with: this process's CPU time when
+    that engine is a model on this CPU running one torch thread (its work, which other jobs on the
+    machine do not stretch: under load, wall-clock probes fitted costs that made ``auto`` choose the
+    slower pass), else wall time (the work of a GPU, a server or another process)."""
+    here = getattr(pool, "computes_here_on_cpu", None)
+    if here is not None and here(members) and torch.get_num_threads() == 1:
+        return time.process_time
+    return time.perf_counter
+
+
 def measure_pass_cost(pool: Pool, members: Sequence[int], width: int = _PROBE_WIDTH) -> PassCost:
     """Fit :class:`PassCost` for the engine shared by candidates ``members`` from timed passes of
     short probe traces: one row of one candidate, ``width`` rows of one, ``width`` rows of each.
 
     Each configuration runs with two token budgets; the difference of their times is the decoding
-    time alone (the probes' prefill cancels). Best of two runs, after a warm-up."""
+    time alone (the probes' prefill cancels). Best of two runs, after a warm-up, on :func:`pass_clock`."""
     short, long = 1, max(2, min(pool.patch_tokens, 9))
+    clock = pass_clock(pool, members)
 
     def per_token(rows_of: Sequence[int], tag: str) -> float:
         best = float("inf")
@@ -120,9 +134,9 @@ def measure_pass_cost(pool: Pool, members: Sequence[int], width: int = _PROBE_WI
                 traces = [
                     Trace(f"__probe__/{tag}/{rep}/{budget}/{i}", "probe", budget) for i in range(len(rows_of))
                 ]
-                start = time.perf_counter()
+                start = clock()
                 pool.step(traces, list(rows_of))
-                times.append((time.perf_counter() - start, max(len(t.patches[-1].token_ids) for t in traces)))
+                times.append((clock() - start, max(len(t.patches[-1].token_ids) for t in traces)))
                 pool.release([t.key for t in traces])
             (t1, s1), (t2, s2) = times
             best = min(best, (t2 - t1) / (s2 - s1) if s2 > s1 else t2 / max(1, s2))

@@ -15,7 +15,8 @@ from switchrl.backends.openai_backend import OpenAIBackend
 from switchrl.backends.transformers_backend import TransformersBackend, load_causal_lm
 from switchrl.policies import FixedSwitcher, LMSwitcher, RandomSwitcher
 from switchrl.rollout import run_switch_generation
-from switchrl.scheduler import PassCost, Scheduler, measure_pass_cost, plan_pass, spread
+from switchrl.scheduler import PassCost, Scheduler, measure_pass_cost, pass_clock, plan_pass, spread
+from switchrl.utils.threads import torch_threads
 from tests.conftest import make_word_tokenizer, save_tiny_model
 
 QUERIES = ["the town", "one two", "a red river", "the answer is", "two", "the red", "one", "a town"]
@@ -154,6 +155,24 @@ def test_the_pass_cost_is_fitted_from_timed_probe_passes():
     assert cost.alpha == pytest.approx(0.004, abs=0.002)
     assert cost.beta == pytest.approx(0.006, abs=0.002)
     assert cost.gamma == pytest.approx(0.001, abs=0.0005)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_probes_of_a_local_cpu_engine_on_one_thread_are_timed_in_cpu_seconds(tiny_family, fuse):
+    """Other jobs on the machine stretch wall seconds, not this process's work: under load, wall-clock
+    probes fitted costs that made ``auto`` pick the slower pass. A GPU's, a server's or another
+    process's work is not this process's CPU time, so those keep the wall clock."""
+    pool = _pool(tiny_family, fuse)
+    assert all(pool.computes_here_on_cpu(members) for members in pool.engine_candidates)
+    with torch_threads(1):
+        assert pass_clock(pool, [0]) is time.process_time
+    with torch_threads(2):
+        assert pass_clock(pool, [0]) is time.perf_counter
+    served = CandidatePool([_Sleepy("a", "fake:0"), _Sleepy("b", "fake:1")], patch_tokens=2, fuse=False)
+    assert not served.computes_here_on_cpu([0])
+    with torch_threads(1):
+        assert pass_clock(served, [0]) is time.perf_counter
+        assert pass_clock(_TimedPool(), [0, 1, 2]) is time.perf_counter  # a pool that does not say
 
 
 def test_plan_pass_follows_the_cost_model():

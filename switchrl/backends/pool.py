@@ -152,6 +152,13 @@ def placement(engine: CandidateEngine) -> frozenset[str]:
     return frozenset({str(getattr(lm, "device", None) or getattr(member, "device", "local"))})
 
 
+def computes_here_on_cpu(engine: CandidateEngine) -> bool:
+    """Whether ``engine``'s work is this process's CPU time: a model loaded here, on the CPU (not a
+    server's, not a GPU's, not a vLLM engine process's)."""
+    lm = getattr(engine.members[0], "lm", None)
+    return lm is not None and str(getattr(lm, "device", "")) == "cpu"
+
+
 def places(engines: Sequence[CandidateEngine]) -> list[list[int]]:
     """``engines`` (by index) in groups that share no device or server: the engines of one group
     compute in one place, so they run in turn; the groups can run at the same time."""
@@ -285,6 +292,10 @@ class CandidatePool(CandidateNames):
         for candidate, (engine, _) in enumerate(self._engine_of):
             out[engine].append(candidate)
         return out
+
+    def computes_here_on_cpu(self, members: Sequence[int]) -> bool:
+        """Whether the engine of candidates ``members`` computes in this process on the CPU."""
+        return computes_here_on_cpu(self.engines[self._engine_of[members[0]][0]])
 
     def prefill(self, traces: Sequence[Trace]) -> None:
         """Let every candidate read ``traces`` as they stand (one call per engine), e.g. before forking
