@@ -72,3 +72,19 @@ class Run:
         (self.out / "table.md").write_text(text + "\n")
         payload = {**self.args, "rows": list(rows), "provenance": [self.start_prov, end]}
         (self.out / record).write_text(json.dumps(payload, indent=2))
+
+
+def timed_cpu(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float, float]:
+    """``fn(*args, **kwargs)``, its wall-clock and its CPU seconds (this process, all its threads): on a
+    shared machine wall time grows with the load, CPU time much less, so CPU seconds compare runs."""
+    cpu = time.process_time()
+    result, wall = timed(fn, *args, **kwargs)
+    return result, wall, time.process_time() - cpu
+
+
+def add_cpu_column(text: str, rows: Sequence[dict], key: str = "cpu_seconds") -> str:
+    """``table(rows)``'s markdown with one more column: each row's ``key`` (CPU seconds; dash when None)."""
+    head, rule, *body = text.splitlines()
+    cells = ["–" if r.get(key) is None else f"{r[key]:.0f}" for r in rows]
+    lines = [f"{head} CPU seconds |", f"{rule} --- |"]
+    return "\n".join(lines + [f"{line} {c} |" for line, c in zip(body, cells, strict=True)])
