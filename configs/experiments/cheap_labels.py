@@ -71,14 +71,18 @@ def verdict(rows: list[dict], ks: list[int]) -> dict:
     }
 
 
-def experiment(seed: int, out: Path, ks: list[int], quick: bool = False) -> tuple[list[dict], dict]:
-    """The table's rows (baselines, SFT per k, both GRPO runs) and the stage times."""
+def experiment(
+    seed: int, out: Path, ks: list[int], quick: bool = False, rl_steps: int | None = None
+) -> tuple[list[dict], dict]:
+    """The table's rows (baselines, SFT per k, both GRPO runs of ``rl_steps``, default the config's)."""
     from switchrl.eval import evaluate
     from switchrl.trainers.rl import train
     from switchrl.trainers.sft import train_sft
     from switchrl.trainers.simulate import simulate
 
     base = yaml.safe_load((HERE / "cheap_labels.yaml").read_text())
+    if rl_steps is not None:
+        base["rl"]["steps"] = rl_steps
     if quick:  # a smoke run of the whole pipeline (seconds, not a measurement)
         base["simulate"]["limit"] = 6
         base["sft"].update(max_steps=4, drop_all_equal=False)
@@ -137,18 +141,23 @@ def main() -> int:
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run with tiny sizes (not a measurement)"
     )
+    parser.add_argument("--rl-steps", type=int, default=None, help="GRPO steps (default: the config's, 50)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
     ks = sorted(int(k) for k in args.ks.split(","))
     out = Path(args.out or f"runs/experiments/cheap_labels/seed{args.seed}")
-    with Run(out, {"seed": args.seed, "ks": ks}) as run, torch_threads(args.threads):
-        rows, extra = experiment(args.seed, out, ks, args.quick)
+    with (
+        Run(out, {"seed": args.seed, "ks": ks, "rl_steps": args.rl_steps}) as run,
+        torch_threads(args.threads),
+    ):
+        rows, extra = experiment(args.seed, out, ks, args.quick, args.rl_steps)
     v = verdict(rows, ks)
     figure(extra["metrics"], rows, Path(args.figure or out / "accuracy_vs_seconds.png"))
     run.finish(
         [*rows, {"stages": extra["stages"], "verdict": v}],
         add_cpu_column(table(rows, key="k", key_title="labels k"), rows),
-        f"world seed {args.seed}, task {TASK}, k {ks}, torch threads {args.threads}; "
+        f"world seed {args.seed}, task {TASK}, k {ks}, GRPO steps {args.rl_steps or 'as configured'}, "
+        f"torch threads {args.threads}; "
         f"GRPO from SFT(k={min(ks)}) is {v['points_behind']:.1f} points behind SFT(k={max(ks)}) at "
         f"{100 * v['cpu_share']:.0f}% of its CPU seconds ({100 * v['wall_share']:.0f}% wall): "
         f"target {'met' if v['met'] else 'NOT met'}",
