@@ -75,8 +75,16 @@ class Run:
 
 
 def timed_cpu(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float, float]:
-    """``fn(*args, **kwargs)``, its wall-clock seconds and this process's CPU seconds: on a shared
-    machine the CPU seconds (one torch thread) are the fair comparison between stages and runs."""
-    start_cpu = time.process_time()
+    """``fn(*args, **kwargs)``, its wall-clock and its CPU seconds (this process, all its threads): on a
+    shared machine wall time grows with the load, CPU time much less, so CPU seconds compare runs."""
+    cpu = time.process_time()
     result, wall = timed(fn, *args, **kwargs)
-    return result, wall, time.process_time() - start_cpu
+    return result, wall, time.process_time() - cpu
+
+
+def add_cpu_column(text: str, rows: Sequence[dict], key: str = "cpu_seconds") -> str:
+    """``table(rows)``'s markdown with one more column: each row's ``key`` (CPU seconds; dash when None)."""
+    head, rule, *body = text.splitlines()
+    cells = ["–" if r.get(key) is None else f"{r[key]:.0f}" for r in rows]
+    lines = [f"{head} CPU seconds |", f"{rule} --- |"]
+    return "\n".join(lines + [f"{line} {c} |" for line, c in zip(body, cells, strict=True)])

@@ -120,17 +120,19 @@ def frontier_chart(metrics: Mapping[str, Mapping[str, dict]]) -> str:
 
 
 def seconds_chart(
-    metrics: Mapping[str, Mapping[str, dict]], seconds: Mapping[tuple[str, str], float]
+    metrics: Mapping[str, Mapping[str, dict]],
+    seconds: Mapping[tuple[str, str], float],
+    xlabel: str = "seconds per response",
 ) -> str | None:
-    """Accuracy against ``seconds`` (task, system) -> mean seconds per response; ``None`` when no response
-    carries a time."""
+    """Accuracy against ``seconds`` (task, system) -> mean seconds per response (or, with ``xlabel``
+    saying so, any other seconds, e.g. a system's training cost); ``None`` when no system has a time."""
     if not any(v > 0 for v in seconds.values()):
         return None
     points = {
         t: {s: (seconds[(t, s)], m["accuracy"], m["ci95"]) for s, m in by_system.items() if (t, s) in seconds}
         for t, by_system in metrics.items()
     }
-    return _accuracy_scatter(points, "seconds per response")
+    return _accuracy_scatter(points, xlabel)
 
 
 def find_rl_log(run_dir: Path) -> Path | None:
