@@ -82,9 +82,10 @@ def experiment(seed: int, out: Path, init: str | None, quick: bool) -> tuple[lis
             if abs(cpu_fork - cpu_episode) > TOLERANCE * cpu_episode:
                 runs.append(("fork", equal_cpu_steps(steps, cpu_episode, cpu_fork)))
     rows = []
-    config.eval.systems = ["sft"]
-    evaluated = stages("eval sft", evaluate, config, progress=False, overwrite=True)
-    rows.append({"credit": None, "system": "sft", **metric(evaluated.metrics["compositional"]["sft"])})
+    if init is None:  # a given SFT switcher was evaluated where it was trained (on_policy.py: round 1)
+        config.eval.systems = ["sft"]
+        evaluated = stages("eval sft", evaluate, config, progress=False, overwrite=True)
+        rows.append({"credit": None, "system": "sft", **metric(evaluated.metrics["compositional"]["sft"])})
     for name, result in results.items():
         config.eval.systems, config.eval.rl_path = ["rl"], str(result.policy_dir)
         config.eval.out_dir = str(result.out_dir / "eval")
