@@ -57,3 +57,19 @@ def test_fork_steps_for_equal_cpu_seconds():
     history = [{"frac_reward_zero_std": 0.5}, {"frac_reward_zero_std": 1.0}, {"loss": 0.1}]
     assert credit.zero_std_share(history) == 0.75
     assert credit.zero_std_share([{"loss": 0.1}]) is None
+
+
+def test_the_control_trains_round_one_labels_for_round_twos_optimiser_steps(tmp_path):
+    on_policy = _script("on_policy")
+    assert on_policy.sft_steps(31, 5, 32) == 5  # seed 0's round 1: one batch per epoch
+    assert on_policy.sft_steps(34, 5, 32) == 10  # its round 2: two
+    assert on_policy.sft_steps(34, 2.5, 32) == 5
+    base = yaml.safe_load((EXPERIMENTS / "on_policy.yaml").read_text())
+    r1 = on_policy.config_for(base, 0, tmp_path)
+    (tmp_path / on_policy.R2_SCRATCH).mkdir()
+    (tmp_path / on_policy.R2_SCRATCH / "sft_log.json").write_text('{"examples": 34, "history": []}')
+    c = on_policy.control(r1, tmp_path)
+    assert c.sft.max_steps == 10 and c.sft.init is None
+    assert c.simulate.out_dir == r1.simulate.out_dir  # round 1's labels (random finishes)
+    assert c.sft.out_dir not in (r1.sft.out_dir, str(tmp_path / on_policy.R2_SCRATCH))
+    assert r1.sft.max_steps == -1  # round 1 itself untouched

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -29,6 +30,7 @@ from switchrl.utils.threads import torch_threads
 
 HERE = Path(__file__).resolve().parent
 R1, R2_SCRATCH, R2_FROM_R1 = "sft-r1", "sft-r2-scratch", "sft-r2-from-r1"
+CONTROL = "sft-r1-steps-of-r2"  # round 1's labels, as many optimiser steps as round 2
 
 
 def informative(records: list[dict]) -> list[dict]:
@@ -60,6 +62,22 @@ def round2(config: RunConfig, out: Path, init: str | None, name: str) -> RunConf
     return cfg
 
 
+def sft_steps(examples: int, epochs: float, batch_size: int) -> int:
+    """The optimiser steps of an SFT run (TRL's count: epochs x batches per epoch, rounded up)."""
+    return math.ceil(epochs * math.ceil(examples / batch_size))
+
+
+def control(config: RunConfig, out: Path) -> RunConfig:
+    """Round 1's labels trained for as many optimiser steps as round 2 took: more informative states
+    mean more batches per epoch (31 states are 1 batch of 32, 34 are 2), which alone could explain
+    a gain of round 2."""
+    examples = json.loads((out / R2_SCRATCH / "sft_log.json").read_text())["examples"]
+    cfg = config.model_copy(deep=True)
+    cfg.sft.out_dir = str(out / CONTROL)
+    cfg.sft.max_steps = sft_steps(examples, cfg.sft.epochs, cfg.sft.batch_size)
+    return cfg
+
+
 def experiment(seed: int, out: Path, quick: bool = False) -> tuple[list[dict], Stages, dict]:
     """The table's rows, each stage's (wall, CPU) seconds and each system's (simulate + training)."""
     from switchrl.eval import evaluate
@@ -77,8 +95,9 @@ def experiment(seed: int, out: Path, quick: bool = False) -> tuple[list[dict], S
     print(f"round 2: {len(labels)} of {len(store.records())} states informative", flush=True)
     stage("SFT round 2 (scratch)", train_sft, scratch, labels)
     stage("SFT round 2 (from round 1)", train_sft, cont, labels)
+    stage("SFT round 1, round 2's steps", train_sft, control(config, out))
     stage("GRPO from round 1", train, config, "grpo", overwrite=True)
-    config.eval.systems = [*config.eval.systems, str(out / R2_SCRATCH), str(out / R2_FROM_R1)]
+    config.eval.systems = [*config.eval.systems, *(str(out / d) for d in (R2_SCRATCH, R2_FROM_R1, CONTROL))]
     result = stage("eval", evaluate, config, progress=False, overwrite=True)
 
     r1 = ("simulate, random finishes", "SFT round 1")
@@ -88,12 +107,14 @@ def experiment(seed: int, out: Path, quick: bool = False) -> tuple[list[dict], S
         R2_SCRATCH: stage.total(*r2, "SFT round 2 (scratch)"),
         R2_FROM_R1: stage.total(*r2, "SFT round 2 (from round 1)"),
         "rl": stage.total(*r1, "GRPO from round 1"),
+        CONTROL: stage.total(r1[0], "SFT round 1, round 2's steps"),
     }
     names = {
         "sft": (1, "sft, round 1"),
         R2_SCRATCH: (2, "sft, round 2 from scratch"),
         R2_FROM_R1: (2, "sft, round 2 from round 1"),
         "rl": (1, "GRPO from round 1"),
+        CONTROL: (1, "sft, round 1 labels, round 2's steps"),
     }
     rows = []
     for system, m in result.metrics["compositional"].items():
@@ -104,6 +125,21 @@ def experiment(seed: int, out: Path, quick: bool = False) -> tuple[list[dict], S
     return rows, stage, totals
 
 
+def control_only(seed: int, out: Path, quick: bool = False) -> tuple[list[dict], Stages]:
+    """The control alone, for a run of :func:`experiment` made before it existed (same ``out``)."""
+    from switchrl.eval import evaluate
+    from switchrl.trainers.sft import train_sft
+
+    config = config_for(yaml.safe_load((HERE / "on_policy.yaml").read_text()), seed, out, quick)
+    stages = Stages()
+    stages("SFT round 1, round 2's steps", train_sft, control(config, out))
+    config.eval.systems, config.eval.out_dir = [str(out / CONTROL)], str(out / "eval-control")
+    result = stages("eval", evaluate, config, progress=False, overwrite=True)
+    m = result.metrics["compositional"][CONTROL]
+    row = {"round": 1, "system": "sft, round 1 labels, round 2's steps", **metric(m), "seconds": None}
+    return [row], stages
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="testbed world seed")
@@ -112,8 +148,17 @@ def main() -> int:
         "--quick", action="store_true", help="a smoke run with tiny sizes (not a measurement)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--control-only", action="store_true", help="only the control, in --out of an earlier run"
+    )
     args = parser.parse_args()
     out = Path(args.out or f"runs/experiments/on_policy/seed{args.seed}")
+    if args.control_only:
+        with Run(out, {"seed": args.seed, "control_only": True}) as run, torch_threads(args.threads):
+            rows, stages = control_only(args.seed, out, args.quick)
+        text = table(rows, key="round") + "\n\n" + stages.markdown()
+        run.finish([*rows, {"stages": stages}], text, f"world seed {args.seed}: the control", "control.json")
+        return 0
     with Run(out, {"seed": args.seed, "quick": args.quick}) as run, torch_threads(args.threads):
         rows, stages, totals = experiment(args.seed, out, args.quick)
     run.finish(
