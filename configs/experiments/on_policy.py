@@ -149,15 +149,17 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument(
-        "--control-only", action="store_true", help="only the control, in --out of an earlier run"
+        "--control-only",
+        action="store_true",
+        help="only the control, for an earlier run in --out (table in --out/control)",
     )
     args = parser.parse_args()
     out = Path(args.out or f"runs/experiments/on_policy/seed{args.seed}")
     if args.control_only:
-        with Run(out, {"seed": args.seed, "control_only": True}) as run, torch_threads(args.threads):
+        with Run(out / "control", {"seed": args.seed}) as run, torch_threads(args.threads):
             rows, stages = control_only(args.seed, out, args.quick)
         text = table(rows, key="round") + "\n\n" + stages.markdown()
-        run.finish([*rows, {"stages": stages}], text, f"world seed {args.seed}: the control", "control.json")
+        run.finish([*rows, {"stages": stages}], text, f"world seed {args.seed}: the control")
         return 0
     with Run(out, {"seed": args.seed, "quick": args.quick}) as run, torch_threads(args.threads):
         rows, stages, totals = experiment(args.seed, out, args.quick)
