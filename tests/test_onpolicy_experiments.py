@@ -59,17 +59,20 @@ def test_fork_steps_for_equal_cpu_seconds():
     assert credit.zero_std_share([{"loss": 0.1}]) is None
 
 
-def test_the_control_trains_round_one_labels_for_round_twos_optimiser_steps(tmp_path):
+def test_the_controls_train_round_one_labels_for_round_twos_optimiser_steps(tmp_path):
     on_policy = _script("on_policy")
     assert on_policy.sft_steps(31, 5, 32) == 5  # seed 0's round 1: one batch per epoch
     assert on_policy.sft_steps(34, 5, 32) == 10  # its round 2: two
     assert on_policy.sft_steps(34, 2.5, 32) == 5
     base = yaml.safe_load((EXPERIMENTS / "on_policy.yaml").read_text())
     r1 = on_policy.config_for(base, 0, tmp_path)
-    (tmp_path / on_policy.R2_SCRATCH).mkdir()
-    (tmp_path / on_policy.R2_SCRATCH / "sft_log.json").write_text('{"examples": 34, "history": []}')
-    c = on_policy.control(r1, tmp_path)
-    assert c.sft.max_steps == 10 and c.sft.init is None
-    assert c.simulate.out_dir == r1.simulate.out_dir  # round 1's labels (random finishes)
-    assert c.sft.out_dir not in (r1.sft.out_dir, str(tmp_path / on_policy.R2_SCRATCH))
+    for name, examples in ((on_policy.R1, 31), (on_policy.R2_SCRATCH, 34)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sft_log.json").write_text(f'{{"examples": {examples}, "history": []}}')
+    short, long = on_policy.controls(r1, tmp_path)
+    assert (short.sft.max_steps, long.sft.max_steps) == (10, 15)  # round 2; round 1 then round 2
+    for c in (short, long):
+        assert c.sft.init is None and c.simulate.out_dir == r1.simulate.out_dir  # round 1's labels
+        assert c.sft.out_dir not in (r1.sft.out_dir, str(tmp_path / on_policy.R2_SCRATCH))
+    assert short.sft.out_dir != long.sft.out_dir
     assert r1.sft.max_steps == -1  # round 1 itself untouched

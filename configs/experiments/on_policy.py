@@ -30,7 +30,11 @@ from switchrl.utils.threads import torch_threads
 
 HERE = Path(__file__).resolve().parent
 R1, R2_SCRATCH, R2_FROM_R1 = "sft-r1", "sft-r2-scratch", "sft-r2-from-r1"
-CONTROL = "sft-r1-steps-of-r2"  # round 1's labels, as many optimiser steps as round 2
+# the controls: round 1's labels, as many optimiser steps as round 2 (from scratch; from round 1)
+CONTROLS = {
+    "sft-r1-steps-of-r2": "sft, round 1 labels, round 2's steps",
+    "sft-r1-steps-of-r1-plus-r2": "sft, round 1 labels, round 1 + round 2's steps",
+}
 
 
 def informative(records: list[dict]) -> list[dict]:
@@ -67,15 +71,21 @@ def sft_steps(examples: int, epochs: float, batch_size: int) -> int:
     return math.ceil(epochs * math.ceil(examples / batch_size))
 
 
-def control(config: RunConfig, out: Path) -> RunConfig:
-    """Round 1's labels trained for as many optimiser steps as round 2 took: more informative states
-    mean more batches per epoch (31 states are 1 batch of 32, 34 are 2), which alone could explain
-    a gain of round 2."""
-    examples = json.loads((out / R2_SCRATCH / "sft_log.json").read_text())["examples"]
-    cfg = config.model_copy(deep=True)
-    cfg.sft.out_dir = str(out / CONTROL)
-    cfg.sft.max_steps = sft_steps(examples, cfg.sft.epochs, cfg.sft.batch_size)
-    return cfg
+def controls(config: RunConfig, out: Path) -> list[RunConfig]:
+    """Round 1's labels trained for as many optimiser steps as round 2 from scratch took, and as round
+    1 + round 2 from round 1: more informative states mean more batches per epoch (31 states are 1
+    batch of 32, 34 are 2), which alone could explain a gain of round 2."""
+
+    def steps(name: str) -> int:
+        examples = json.loads((out / name / "sft_log.json").read_text())["examples"]
+        return sft_steps(examples, config.sft.epochs, config.sft.batch_size)
+
+    out_configs = []
+    for name, n in zip(CONTROLS, (steps(R2_SCRATCH), steps(R1) + steps(R2_SCRATCH))):
+        cfg = config.model_copy(deep=True)
+        cfg.sft.out_dir, cfg.sft.max_steps = str(out / name), n
+        out_configs.append(cfg)
+    return out_configs
 
 
 def experiment(seed: int, out: Path, quick: bool = False) -> tuple[list[dict], Stages, dict]:
@@ -95,9 +105,10 @@ def experiment(seed: int, out: Path, quick: bool = False) -> tuple[list[dict], S
     print(f"round 2: {len(labels)} of {len(store.records())} states informative", flush=True)
     stage("SFT round 2 (scratch)", train_sft, scratch, labels)
     stage("SFT round 2 (from round 1)", train_sft, cont, labels)
-    stage("SFT round 1, round 2's steps", train_sft, control(config, out))
+    for cfg, title in zip(controls(config, out), CONTROLS.values()):
+        stage(title, train_sft, cfg)
     stage("GRPO from round 1", train, config, "grpo", overwrite=True)
-    config.eval.systems = [*config.eval.systems, *(str(out / d) for d in (R2_SCRATCH, R2_FROM_R1, CONTROL))]
+    config.eval.systems = [*config.eval.systems, *(str(out / d) for d in (R2_SCRATCH, R2_FROM_R1, *CONTROLS))]
     result = stage("eval", evaluate, config, progress=False, overwrite=True)
 
     r1 = ("simulate, random finishes", "SFT round 1")
@@ -107,14 +118,14 @@ def experiment(seed: int, out: Path, quick: bool = False) -> tuple[list[dict], S
         R2_SCRATCH: stage.total(*r2, "SFT round 2 (scratch)"),
         R2_FROM_R1: stage.total(*r2, "SFT round 2 (from round 1)"),
         "rl": stage.total(*r1, "GRPO from round 1"),
-        CONTROL: stage.total(r1[0], "SFT round 1, round 2's steps"),
+        **{name: stage.total(r1[0], title) for name, title in CONTROLS.items()},
     }
     names = {
         "sft": (1, "sft, round 1"),
         R2_SCRATCH: (2, "sft, round 2 from scratch"),
         R2_FROM_R1: (2, "sft, round 2 from round 1"),
         "rl": (1, "GRPO from round 1"),
-        CONTROL: (1, "sft, round 1 labels, round 2's steps"),
+        **{name: (1, title) for name, title in CONTROLS.items()},
     }
     rows = []
     for system, m in result.metrics["compositional"].items():
@@ -126,18 +137,22 @@ def experiment(seed: int, out: Path, quick: bool = False) -> tuple[list[dict], S
 
 
 def control_only(seed: int, out: Path, quick: bool = False) -> tuple[list[dict], Stages]:
-    """The control alone, for a run of :func:`experiment` made before it existed (same ``out``)."""
+    """The controls alone, for a run of :func:`experiment` made before they existed (same ``out``)."""
     from switchrl.eval import evaluate
     from switchrl.trainers.sft import train_sft
 
     config = config_for(yaml.safe_load((HERE / "on_policy.yaml").read_text()), seed, out, quick)
     stages = Stages()
-    stages("SFT round 1, round 2's steps", train_sft, control(config, out))
-    config.eval.systems, config.eval.out_dir = [str(out / CONTROL)], str(out / "eval-control")
+    for cfg, title in zip(controls(config, out), CONTROLS.values()):
+        stages(title, train_sft, cfg)
+    config.eval.systems, config.eval.out_dir = (
+        [str(out / name) for name in CONTROLS],
+        str(out / "eval-control"),
+    )
     result = stages("eval", evaluate, config, progress=False, overwrite=True)
-    m = result.metrics["compositional"][CONTROL]
-    row = {"round": 1, "system": "sft, round 1 labels, round 2's steps", **metric(m), "seconds": None}
-    return [row], stages
+    metrics = result.metrics["compositional"]
+    rows = [{"round": 1, "system": t, **metric(metrics[n]), "seconds": None} for n, t in CONTROLS.items()]
+    return rows, stages
 
 
 def main() -> int:
