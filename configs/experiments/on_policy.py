@@ -12,6 +12,10 @@ Round 2 keeps only the *informative* states, those where the candidates do not a
 next patch: a random finisher shares one set of finishes between identical patches (their utilities
 tie exactly and ``drop_all_equal`` drops the state), an on-policy finisher reads the authors and never
 shares, so those states get labels from finish noise alone.
+
+Two controls train round 1's labels for as many optimiser steps as each round-2 switcher took in all
+(:func:`controls`): the paper's SFT on ~30 states is a handful of steps, so more states alone (more
+batches per epoch) or a second run from round 1 could explain a gain the labels did not bring.
 """
 
 from __future__ import annotations
