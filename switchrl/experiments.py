@@ -88,3 +88,37 @@ def add_cpu_column(text: str, rows: Sequence[dict], key: str = "cpu_seconds") ->
     cells = ["–" if r.get(key) is None else f"{r[key]:.0f}" for r in rows]
     lines = [f"{head} CPU seconds |", f"{rule} --- |"]
     return "\n".join(lines + [f"{line} {c} |" for line, c in zip(body, cells, strict=True)])
+
+
+class Stages(dict[str, tuple[float, float]]):
+    """Stage name -> (wall-clock, CPU) seconds, filled by calling it: ``stages("SFT", train_sft, config)``."""
+
+    def __call__(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        result, wall, cpu = timed_cpu(fn, *args, **kwargs)
+        self[name] = (wall, cpu)
+        print(f"{name}: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
+        return result
+
+    def total(self, *names: str) -> tuple[float, float]:
+        """The (wall-clock, CPU) seconds of these stages together."""
+        return sum(self[n][0] for n in names), sum(self[n][1] for n in names)
+
+    def markdown(self, title: str = "stage") -> str:
+        """A markdown table of each stage's wall-clock and CPU seconds."""
+        return seconds_table(self, title)
+
+
+def seconds_table(seconds: dict[str, tuple[float, float]], title: str = "stage") -> str:
+    """A markdown table of (wall-clock, CPU) seconds by name."""
+    lines = [f"| {title} | wall-clock s | CPU s |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {wall:.0f} | {cpu:.0f} |" for name, (wall, cpu) in seconds.items()]
+    return "\n".join(lines)
+
+
+def quick_sizes(data: dict) -> None:
+    """Shrink an experiment config (a YAML dict, in place) to a smoke run of the whole pipeline:
+    seconds, not a measurement (``--quick``)."""
+    data["simulate"].update(limit=6, k=2)
+    data["sft"].update(max_steps=4, drop_all_equal=False)
+    data["rl"].update(steps=2, queries_per_step=2)
+    data["eval"].update(limit=4, seeds=[0])

@@ -53,7 +53,10 @@ def check_config(config: RunConfig, command: str, algo: str | None = None) -> Re
     elif command == "simulate":
         _check_tasks(resolved, config.simulate.split, config.simulate.limit, "simulate.split")
     elif command == "sft":
-        check_model_dir(resolved.switcher_base(config.sft.base, "sft.base"))
+        if config.sft.init is not None:
+            check_saved_switcher(config.sft.init, names, "sft.init", trainable=True)
+        else:
+            check_model_dir(resolved.switcher_base(config.sft.base, "sft.base"))
         training_settings(switcher.device, switcher.dtype)
     elif command == "eval":
         _check_tasks(resolved, config.eval.split, config.eval.limit, "eval.split")

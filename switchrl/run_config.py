@@ -80,6 +80,11 @@ class SFTSection(StrictModel):
     base: str | None = Field(
         None, description="switcher base model (testbed default: the aligned checkpoint)"
     )
+    init: str | None = Field(
+        None,
+        description="continue training a saved switcher directory (e.g. round 1 of on-policy labels) "
+        "instead of a fresh LoRA adapter on base",
+    )
     data_dir: str | None = Field(None, description="simulate output (default: simulate.out_dir)")
     out_dir: str = "runs/sft"
     epochs: float = Field(5, gt=0)

@@ -113,6 +113,17 @@ def test_sft_without_a_base(write_config, no_loading, capsys):
     assert "sft.base: name the switcher's base model" in _run(["sft", "--config", write_config()], capsys)
 
 
+def test_sft_init_checked_from_metadata_and_needs_no_base(
+    write_config, no_loading, capsys, tmp_path, tiny_family
+):
+    missing = write_config(sft={"init": str(tmp_path / "nope"), "out_dir": str(tmp_path / "sft")})
+    err = _run(["sft", "--config", missing], capsys)
+    assert "sft.init: switcher directory" in err and "sft.base" not in err
+    full = _saved_switcher(tmp_path / "full", ["a", "b"], str(tiny_family[2]), adapter=False)
+    config = write_config(sft={"init": full, "out_dir": str(tmp_path / "sft")})
+    assert "only adapters train" in _run(["sft", "--config", config], capsys)
+
+
 def test_float16_training_on_a_cpu(write_config, no_loading, capsys, tiny_family, tmp_path):
     config = write_config(
         sft={"base": str(tiny_family[2]), "out_dir": str(tmp_path / "sft")},

@@ -74,3 +74,29 @@ def test_sft_learns_the_label_and_round_trips(records, tiny_family, tmp_path):
     # restored exactly: a second load gives the same probabilities
     again = LMSwitcher.from_pretrained(out, greedy=True)
     assert torch.allclose(again.label_logits(probe), after.label_logits(probe), atol=1e-5)
+
+
+def test_sft_init_trains_a_saved_switcher_further(records, tiny_family, tmp_path):
+    """``sft.init`` (round 2 of on-policy labels): the saved switcher's adapter is the start, and it trains."""
+    cands = [CandidateConfig(name=f"c{i}", path=str(p)) for i, p in enumerate(tiny_family)]
+
+    def config(name: str, **sft) -> RunConfig:
+        return RunConfig(
+            candidates=cands,
+            generation=SwitchGenerationConfig(patch_tokens=2, max_new_tokens=6),
+            sft={"base": str(tiny_family[0]), "out_dir": str(tmp_path / name), "batch_size": 8, **sft},
+        )
+
+    round1 = train_sft(config("r1", max_steps=30, learning_rate=5e-3), records)
+    c2_best = [{**r, "utilities": [0.0, 0.0, 1.0], "label": 2, "label_name": "c2"} for r in records]
+    few = {"max_steps": 2, "learning_rate": 1e-3}
+    round2 = train_sft(config("r2", init=str(round1), **few), c2_best)
+    fresh = train_sft(config("fresh", **few), c2_best)
+    probe = [Trace(key="p", query="the town", max_new_tokens=6)]
+
+    def probs(path) -> torch.Tensor:
+        return torch.softmax(LMSwitcher.from_pretrained(path).label_logits(probe), -1)[0]
+
+    p1, p2, p_fresh = probs(round1), probs(round2), probs(fresh)
+    assert p2[1] > 0.5 > p_fresh[1]  # round 2 started from round 1's "c1", a fresh adapter did not
+    assert p2[2] > p1[2]  # and trained: toward its own labels

@@ -105,17 +105,30 @@ def train_sft(config: RunConfig, records: Sequence[SimulatedState | dict] | None
     if records is None:
         store = ShardStore(section.data_dir or config.simulate.out_dir, readonly=True)
         records = read_records(SimulatedState, store)
-    switcher = build_switcher(
-        [c.name for c in resolved.candidates],
-        base=resolved.switcher_base(section.base, "sft.base"),
-        label_tokens=resolved.label_tokens,
-        lora=LoraSettings(section.lora_r, section.lora_alpha, section.lora_dropout),
-        patch_tokens=resolved.generation.patch_tokens,
-        device=config.switcher.device,
-        dtype=config.switcher.dtype,
-        seed=section.seed,
-        where="sft.base",
-    )
+    names = [c.name for c in resolved.candidates]
+    device, dtype = config.switcher.device, config.switcher.dtype
+    if section.init is not None:  # a saved switcher trained further (its adapter, its label tokens)
+        switcher = build_switcher(
+            names,
+            saved=section.init,
+            device=device,
+            dtype=dtype,
+            seed=section.seed,
+            trainable=True,
+            where="sft.init",
+        )
+    else:
+        switcher = build_switcher(
+            names,
+            base=resolved.switcher_base(section.base, "sft.base"),
+            label_tokens=resolved.label_tokens,
+            lora=LoraSettings(section.lora_r, section.lora_alpha, section.lora_dropout),
+            patch_tokens=resolved.generation.patch_tokens,
+            device=device,
+            dtype=dtype,
+            seed=section.seed,
+            where="sft.base",
+        )
     dataset = build_examples(records, switcher.sequence, section.drop_all_equal)
     args = SFTConfig(
         **trainer_args(
