@@ -72,3 +72,11 @@ class Run:
         (self.out / "table.md").write_text(text + "\n")
         payload = {**self.args, "rows": list(rows), "provenance": [self.start_prov, end]}
         (self.out / record).write_text(json.dumps(payload, indent=2))
+
+
+def timed_cpu(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float, float]:
+    """``fn(*args, **kwargs)``, its wall-clock seconds and this process's CPU seconds (the fair measure on
+    a shared machine: other jobs' load stretches wall time, not CPU time)."""
+    cpu = time.process_time()
+    result, wall = timed(fn, *args, **kwargs)
+    return result, wall, time.process_time() - cpu
