@@ -192,42 +192,52 @@ def sweep(
                 t_sim + t_paper if sft else None,
                 c_sim + c_paper if sft else None,
             )
-    for cost in costs:
-        config = config_for(base, seed, out, cost, sim_cost, rl_from)
-        t_start, c_start = (t_sim + t_paper, c_sim + c_paper) if rl_from == "paper" else (0.0, 0.0)
-        if labels != "none":
-            labelled = relabel(records, cost, gen_seed)
-            train_on = decisive(labelled, gen_seed) if labels == "decisive" else labelled
-            _, t_sft, c_sft = stages.run(
-                f"sft-cost{cost:g}", train_sft, config, train_on, done=Path(config.sft.out_dir)
-            )
-            if rl_from == "sft":
-                t_start, c_start = t_sim + t_sft, c_sim + c_sft
-            for split in splits:
-                config.eval.split, config.eval.systems = split, ["sft"]
-                config.eval.out_dir = str(Path(config.rl.out_dir).parent / f"eval-sft-{split}")
-                result, _, _ = stages.run(
-                    f"eval-sft-cost{cost:g}-{split}",
-                    evaluate,
-                    config,
-                    progress=False,
-                    overwrite=stages.overwrite,
+    try:  # Ctrl-C: the table of the runs finished so far
+        for cost in costs:
+            config = config_for(base, seed, out, cost, sim_cost, rl_from)
+            t_start, c_start = (t_sim + t_paper, c_sim + c_paper) if rl_from == "paper" else (0.0, 0.0)
+            if labels != "none":
+                labelled = relabel(records, cost, gen_seed)
+                train_on = decisive(labelled, gen_seed) if labels == "decisive" else labelled
+                _, t_sft, c_sft = stages.run(
+                    f"sft-cost{cost:g}", train_sft, config, train_on, done=Path(config.sft.out_dir)
                 )
-                add(split, cost, "sft", result.metrics["compositional"]["sft"], t_sim + t_sft, c_sim + c_sft)
-        for algo, overrides, rl_seed in itertools.product(algos, variants, rl_seeds):
-            run = rl_variant(config, algo, rl_seed, overrides, splits[0])
-            name = f"cost{cost:g}/{Path(run.rl.out_dir).name}"
-            done = Path(run.rl.out_dir) / "rl_log.json"  # written last, by every trainer
-            _, t_rl, c_rl = stages.run(name, train, run, algo, done=done, overwrite=stages.overwrite)
-            wall, cpu = (t_rl, c_rl) if algo == "sb3-ppo" else (t_start + t_rl, c_start + c_rl)
-            print(f"{name}: {t_rl:.0f} s wall, {c_rl:.0f} s CPU", flush=True)
-            for split in splits:
-                run = rl_variant(config, algo, rl_seed, overrides, split)
-                result, _, _ = stages.run(
-                    f"{name}-eval-{split}", evaluate, run, progress=False, overwrite=stages.overwrite
-                )
-                label = f"{variant_name(algo, overrides)} (seed {rl_seed})"
-                add(split, cost, label, result.metrics["compositional"]["rl"], wall, cpu)
+                if rl_from == "sft":
+                    t_start, c_start = t_sim + t_sft, c_sim + c_sft
+                for split in splits:
+                    config.eval.split, config.eval.systems = split, ["sft"]
+                    config.eval.out_dir = str(Path(config.rl.out_dir).parent / f"eval-sft-{split}")
+                    result, _, _ = stages.run(
+                        f"eval-sft-cost{cost:g}-{split}",
+                        evaluate,
+                        config,
+                        progress=False,
+                        overwrite=stages.overwrite,
+                    )
+                    add(
+                        split,
+                        cost,
+                        "sft",
+                        result.metrics["compositional"]["sft"],
+                        t_sim + t_sft,
+                        c_sim + c_sft,
+                    )
+            for algo, overrides, rl_seed in itertools.product(algos, variants, rl_seeds):
+                run = rl_variant(config, algo, rl_seed, overrides, splits[0])
+                name = f"cost{cost:g}/{Path(run.rl.out_dir).name}"
+                done = Path(run.rl.out_dir) / "rl_log.json"  # written last, by every trainer
+                _, t_rl, c_rl = stages.run(name, train, run, algo, done=done, overwrite=stages.overwrite)
+                wall, cpu = (t_rl, c_rl) if algo == "sb3-ppo" else (t_start + t_rl, c_start + c_rl)
+                print(f"{name}: {t_rl:.0f} s wall, {c_rl:.0f} s CPU", flush=True)
+                for split in splits:
+                    run = rl_variant(config, algo, rl_seed, overrides, split)
+                    result, _, _ = stages.run(
+                        f"{name}-eval-{split}", evaluate, run, progress=False, overwrite=stages.overwrite
+                    )
+                    label = f"{variant_name(algo, overrides)} (seed {rl_seed})"
+                    add(split, cost, label, result.metrics["compositional"]["rl"], wall, cpu)
+    except KeyboardInterrupt:
+        print("interrupted: the table holds the runs finished so far", flush=True)
     print(f"simulate (once, at cost {sim_cost:g}, {len(records)} states): {t_sim:.0f} s", flush=True)
     return rows
 
