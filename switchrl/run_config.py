@@ -171,6 +171,11 @@ class RLSection(StrictModel):
         description="GRPO/PPO: the cost rises linearly from 0 to switch_cost over the first N updates, "
         "so the policy first learns where switches pay before they are charged",
     )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="GRPO: divide each advantage by the std of its group's rewards (TRL's default), of the "
+        "whole batch's, or not at all; per group, a switch cost alone (equal scores) gets full weight",
+    )
     top_p: float = Field(
         1.0,
         gt=0,

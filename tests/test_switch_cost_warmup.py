@@ -1,5 +1,5 @@
 """``rl.switch_cost_warmup_steps``: the switch cost rises linearly from 0 over the first updates (GRPO, PPO),
-is validated, and sb3-ppo (a fixed env cost) refuses it."""
+is validated, and sb3-ppo (a fixed env cost) refuses it; GRPO's reward scaling is configurable."""
 
 from __future__ import annotations
 
@@ -48,3 +48,17 @@ def test_sb3_refuses_a_warmup(tiny_family, tmp_path):
     rl = rl_section(tiny_family, tmp_path, steps=2, switch_cost=0.5, switch_cost_warmup_steps=1)
     with pytest.raises(ConfigError, match="sb3-ppo charges the env's fixed switch_cost"):
         train(make_config(tiny_family, tmp_path), "sb3-ppo", rl=rl)
+
+
+def test_grpo_takes_the_reward_scaling(tiny_family, tmp_path):
+    """``rl.scale_rewards`` reaches TRL: per group (default), per batch, or none."""
+    from switchrl.trainers.grpo import grpo_config
+    from switchrl.trainers.rl_setup import build_switcher, prepare
+
+    for scale in ("group", "batch", "none"):
+        setup = prepare(
+            make_config(tiny_family, tmp_path), rl_section(tiny_family, tmp_path, scale_rewards=scale)
+        )
+        assert grpo_config(setup, build_switcher(setup)).scale_rewards == scale
+    with pytest.raises(ValueError, match="scale_rewards"):
+        RLSection(scale_rewards="std")

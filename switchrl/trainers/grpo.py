@@ -234,7 +234,7 @@ def grpo_config(setup: RLSetup, switcher: LMSwitcher) -> Any:
         temperature=switcher.temperature,
         mask_truncated_completions=False,
         disable_dropout=True,
-        scale_rewards="group",
+        scale_rewards=rl.scale_rewards,
         reward_weights=[1.0] + ([rl.switch_cost] if rl.switch_cost else []),
         save_strategy="steps",
         save_steps=rl.save_steps,
