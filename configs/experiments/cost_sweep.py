@@ -137,6 +137,7 @@ def sweep(
     variants: Sequence[dict] = ({},),
     splits: Sequence[str] = ("test",),
     resume: bool = False,
+    sim_cost: float | None = None,
 ) -> list[dict]:
     """The table's rows. ``labels``: cost (every state, as `switchrl simulate` labels it), decisive (only
     states whose scores differ) or none (no cost-aware SFT); ``rl_from``: sft (the cost's own SFT
@@ -157,7 +158,7 @@ def sweep(
         base["eval"]["limit"] = 4
     rl_seeds = list(rl_seeds) if rl_seeds is not None else [base["rl"]["seed"]]
     stages = Stages(out, resume)
-    sim_cost = max(costs) if max(costs) > 0 else 0.05
+    sim_cost = sim_cost or (max(costs) if max(costs) > 0 else 0.05)  # any cost > 0 records the switches
     first = config_for(base, seed, out, 0.0, sim_cost, rl_from)
     store, t_sim, c_sim = stages.run("simulate", simulate, first, progress=False, overwrite=stages.overwrite)
     records = store.records()
@@ -346,6 +347,12 @@ def main() -> int:
     parser.add_argument("--splits", default="test", help="comma-separated eval splits, e.g. validation,test")
     parser.add_argument("--resume", action="store_true", help="reuse the finished stages of a run in --out")
     parser.add_argument(
+        "--sim-cost",
+        type=float,
+        default=None,
+        help="simulate's switch cost (default: the largest of --costs)",
+    )
+    parser.add_argument(
         "--figure", default=None, help="write the accuracy-switches frontier (test) as this PNG"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -373,6 +380,7 @@ def main() -> int:
             variants,
             args.splits.split(","),
             args.resume,
+            args.sim_cost,
         )
     if args.figure:
         write_frontier(rows, Path(args.figure), f"compositional, world seed {args.seed}, test")
