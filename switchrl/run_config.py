@@ -171,6 +171,17 @@ class RLSection(StrictModel):
     beta: float = Field(0.02, ge=0, description="KL penalty to the starting switcher (GRPO)")
     clip_epsilon: float = Field(0.2, gt=0, description="PPO/GRPO ratio clipping")
     switch_cost: float = Field(0.0, ge=0, allow_inf_nan=False, description="subtracted per change of author")
+    switch_cost_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="GRPO/PPO: the cost rises linearly from 0 to switch_cost over the first N updates, "
+        "so the policy first learns where switches pay before they are charged",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="GRPO: divide each advantage by the std of its group's rewards (TRL's default), of the "
+        "whole batch's, or not at all; per group, a switch cost alone (equal scores) gets full weight",
+    )
     top_p: float = Field(
         1.0,
         gt=0,
@@ -188,6 +199,22 @@ class RLSection(StrictModel):
     seed: int = 0
     ppo: PPOSection = Field(default_factory=PPOSection)
     sb3: SB3Section = Field(default_factory=SB3Section)
+
+    @model_validator(mode="after")
+    def _warmup(self) -> RLSection:
+        if self.switch_cost_warmup_steps and not self.switch_cost:
+            raise ValueError("switch_cost_warmup_steps needs a switch_cost > 0 (there is nothing to ramp up)")
+        if self.switch_cost_warmup_steps >= self.steps:
+            raise ValueError(
+                f"switch_cost_warmup_steps ({self.switch_cost_warmup_steps}) must be below steps "
+                f"({self.steps}), else the full switch_cost is never charged"
+            )
+        return self
+
+    def switch_cost_at(self, step: int) -> float:
+        """The switch cost charged at update ``step`` (0-based): ``switch_cost`` x min(1, step / warm-up)."""
+        warmup = self.switch_cost_warmup_steps
+        return self.switch_cost * min(1.0, step / warmup) if warmup else self.switch_cost
 
 
 class RunConfig(StrictModel):

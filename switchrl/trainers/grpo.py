@@ -28,7 +28,8 @@ them only for its off-policy mask (``off_policy_mask_threshold``), not for the i
 which it computes from the training model itself (``old_per_token_logps``).
 
 Rewards: one TRL reward function per run: the task scorer on the final response (``score``), plus
-``switch_cost`` (weight ``rl.switch_cost``, value ``-num_switches``) when a switch cost is set; the
+``switch_cost`` (weight ``rl.switch_cost``, value ``-num_switches``, ramped up over
+``rl.switch_cost_warmup_steps``) when a switch cost is set; the
 switch rate and each candidate's share of patches are logged with ``log_metric``. TRL logs the
 reward, KL (``rl.beta`` > 0), entropy of the switch distribution and clip ratios per step.
 Checkpoints are TRL's own (``save_steps``); a rerun resumes from the last complete one, and refuses
@@ -50,6 +51,7 @@ from switchrl.devices import training_settings
 from switchrl.errors import ConfigError
 from switchrl.policies.lm_switcher import LMSwitcher
 from switchrl.rewards.router import TaskScorers
+from switchrl.run_config import RLSection
 from switchrl.tasks.base import TaskInstance
 from switchrl.trainers.episodes import sample_episodes
 from switchrl.trainers.rl_setup import (
@@ -189,9 +191,28 @@ class ScoreReward:
         return values
 
 
-def switch_cost(num_switches: list[int], **_: Any) -> list[float]:
-    """TRL reward function ``-num_switches`` (weighted by ``rl.switch_cost``)."""
-    return [-float(n) for n in num_switches]
+class SwitchCost:
+    """TRL reward function ``-num_switches`` x the warm-up ramp (weighted by ``rl.switch_cost``, so the
+    charge is ``rl.switch_cost_at(step)`` per switch)."""
+
+    __name__ = "switch_cost"
+
+    def __init__(self, rl: RLSection):
+        self.rl = rl
+
+    def __call__(
+        self,
+        num_switches: list[int],
+        trainer_state: Any = None,
+        log_metric: Callable[[str, float], None] | None = None,
+        **_: Any,
+    ) -> list[float]:
+        cost = self.rl.switch_cost_at(
+            trainer_state.global_step if trainer_state is not None else self.rl.steps
+        )
+        if log_metric is not None:
+            log_metric("switch_cost", cost)
+        return [-cost / self.rl.switch_cost * n for n in num_switches]
 
 
 def grpo_config(setup: RLSetup, switcher: LMSwitcher) -> Any:
@@ -221,7 +242,7 @@ def grpo_config(setup: RLSetup, switcher: LMSwitcher) -> Any:
         temperature=switcher.temperature,
         mask_truncated_completions=False,
         disable_dropout=True,
-        scale_rewards="group",
+        scale_rewards=rl.scale_rewards,
         reward_weights=[1.0] + ([rl.switch_cost] if rl.switch_cost else []),
         save_strategy="steps",
         save_steps=rl.save_steps,
@@ -239,7 +260,7 @@ def train_grpo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
 
     reward_funcs: list[Callable] = [ScoreReward(setup.rewards, setup.names)]
     if setup.rl.switch_cost:
-        reward_funcs.append(switch_cost)
+        reward_funcs.append(SwitchCost(setup.rl))
     trainer = GRPOTrainer(
         model=switcher.model,
         reward_funcs=reward_funcs,

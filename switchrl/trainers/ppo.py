@@ -9,7 +9,7 @@ What it is, exactly:
 * **Actions**: the sampled label tokens only (patch tokens are the environment's; forced labels are
   skipped). The policy is the softmax over the label tokens (:meth:`LMSwitcher.label_logprobs`), the
   same restricted distribution the switcher samples from.
-* **Return**: the terminal reward (task score on the response minus ``rl.switch_cost`` per switch),
+* **Return**: the terminal reward (task score on the response minus ``rl.switch_cost_at(step)`` per switch),
   undiscounted, so every decision of an episode has return R (GAE with gamma = lambda = 1).
 * **Value**: a linear head on the switcher's final hidden state at each decision (read from the
   LM head's input with a forward hook, so no second forward pass); the value loss does not move
@@ -237,12 +237,14 @@ def train_ppo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
         )
         instances = [inst for inst in chosen for _ in range(rl.num_generations)]
         scores, failures = setup.rewards.score(instances, [e.trace.text for e in episodes])
-        returns = [s - rl.switch_cost * e.trace.num_switches for s, e in zip(scores, episodes)]
+        cost = rl.switch_cost_at(step)
+        returns = [s - cost * e.trace.num_switches for s, e in zip(scores, episodes)]
         batch = EpisodeBatch(episodes, returns, switcher.lm.pad_token_id)
         metrics = learner.update(batch, step)
         metrics.update(
             {
                 "reward": sum(returns) / len(returns),
+                "switch_cost": cost,
                 "score": sum(scores) / len(scores),
                 "score/failures": float(failures),
                 "frac_reward_zero_std": zero_variance_share(returns, rl.num_generations),

@@ -23,6 +23,7 @@ from typing import Any
 
 from switchrl.envs.switch_env import DEFAULT_CHARSET, ObservationLayout, SwitchEnvConfig
 from switchrl.envs.vector_env import SwitchVectorEnv
+from switchrl.errors import ConfigError
 from switchrl.policies.sb3_switcher import SavedSB3SwitcherConfig, SB3Switcher
 from switchrl.rewards.provenance import FailureTally
 from switchrl.trainers.rl_setup import MetricsLogger, RLResult, RLSetup, check_failures, claim_out_dir
@@ -110,6 +111,11 @@ def train_sb3(setup: RLSetup) -> RLResult:
     from switchrl.envs.sb3_vec_env import SB3SwitchVecEnv
 
     rl, opts, out = setup.rl, setup.rl.sb3, setup.out_dir
+    if rl.switch_cost_warmup_steps:
+        raise ConfigError(
+            "rl.switch_cost_warmup_steps: sb3-ppo charges the env's fixed switch_cost; "
+            "remove the warm-up or use --algo grpo / ppo"
+        )
     claim_out_dir(setup, "sb3-ppo")
     config = env_config(setup)
     venv = SwitchVectorEnv(config, num_envs=opts.num_envs, pool=setup.pool, autoreset_mode="SameStep")
