@@ -3,10 +3,12 @@ completions server."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import ModuleType
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -204,3 +206,12 @@ def lookalike() -> dict[str, Path]:
     from switchrl.testbed.lookalike import build_lookalike
 
     return build_lookalike()
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script of the repository (``configs/experiments/*.py``, ``benchmarks/*.py``) imported as a module,
+    so that tests can call its functions."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

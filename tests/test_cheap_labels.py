@@ -3,7 +3,6 @@ k = 32 labels' finishes (so the comparison is of k alone), and each system is ch
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,13 @@ import pytest
 from switchrl.backends import Trace
 from switchrl.policies import RandomSwitcher
 from switchrl.rollout import estimate_utilities
-from tests.conftest import make_pool
+from tests.conftest import load_script, make_pool
 
 RUNNER = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "cheap_labels.py"
 
 
 def _runner():
-    spec = importlib.util.spec_from_file_location("cheap_labels", RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RUNNER)
 
 
 def _estimate(pool, k: int):

@@ -3,23 +3,20 @@ the labels `switchrl simulate` gives at each cost itself."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from switchrl.run_config import RunConfig, load_config
 from switchrl.trainers.simulate import simulate
+from tests.conftest import load_script
 from tests.test_simulate_run import config_file  # noqa: F401 (the tiny simulate run)
 
 RUNNER = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "cost_sweep.py"
 
 
 def _runner():
-    spec = importlib.util.spec_from_file_location("cost_sweep", RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RUNNER)
 
 
 def _sim(config: RunConfig, out, cost: float) -> list[dict]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -58,9 +59,7 @@ def test_without_a_gpu_the_full_check_says_so_and_exits_non_zero():
 
 
 def test_a_failing_check_is_reported_and_the_others_still_run(capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_script(ROOT / "benchmarks" / "gpu_check.py")
     ran = []
 
     def broken(arch: str, device: str) -> None:

@@ -3,22 +3,20 @@ padded, decoding steps; and leaves the engine as it found it."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from pathlib import Path
 
 import switchrl.backends.cached_lm as cached_lm
 from switchrl.backends.base import CandidateSampling
 from switchrl.backends.cached_lm import CachedLM
+from tests.conftest import load_script
 from tests.test_cached_lm_mask import llama
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "grouped_profile.py"
 
 
 def test_counted_splits_reading_from_decoding_and_restores_the_engine() -> None:
-    spec = importlib.util.spec_from_file_location("grouped_profile", SCRIPT)
-    profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile)
+    profile = load_script(SCRIPT)
     originals = (cached_lm._BatchState.__dict__["start"], cached_lm._BatchState.step, cached_lm._prefill)
     lm, acc = CachedLM(llama()), Counter()
     with profile.counted(acc):

@@ -3,21 +3,19 @@ verdict it prints against issue 18's target (SFT <= oracle - 10, then GRPO >= SF
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import load_script
+
 RUNNER = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "headroom.py"
 
 
 def _runner():
-    spec = importlib.util.spec_from_file_location("headroom", RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RUNNER)
 
 
 def _row(system: str, accuracy: float, ci95: float) -> dict:

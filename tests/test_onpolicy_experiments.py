@@ -3,20 +3,18 @@ states carry a label, what round 2 trains from and on, and the step count that e
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import load_script
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXPERIMENTS / f"{name}.py")
 
 
 def test_round_two_keeps_only_states_whose_candidates_write_different_patches():
