@@ -17,6 +17,7 @@ from switchrl.bench.setup import (
     emit,
     match_rate,
     prefill_seconds,
+    tok_per_s,
     tokens_read,
 )
 from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher
@@ -102,15 +103,14 @@ def dataset_throughput(
                 partial(hf_generate, setup, texts, max_new_tokens, b),
             )
         )
-        tok_s = {
-            name: sum(t.num_tokens for t in traces) / seconds
-            for name, seconds, traces in (
-                ("single", t_single, single_traces),
-                ("lockstep", t_lock, lock_traces),
-                ("grouped", t_group, group_traces),
-                ("hf_generate", t_hf, hf),
-            )
-        }
+        tok_s = tok_per_s(
+            {
+                "single": (t_single, single_traces),
+                "lockstep": (t_lock, lock_traces),
+                "grouped": (t_group, group_traces),
+                "hf_generate": (t_hf, hf),
+            }
+        )
         # reading the other candidates' patches, at this engine's prompt-prefill speed, caps the ratio
         extra = sum(tokens_read(t, prompt_len) for t in group_traces) - queries * prompt_len
         t_reading = extra / (b * prompt_len / prefill_seconds(setup, texts[:b], repeats))

@@ -158,6 +158,11 @@ def match_rate(a: Sequence[Trace], b: Sequence[Trace]) -> float:
     return round(same / max(1, len(a)), 3)
 
 
+def tok_per_s(runs: dict[str, tuple[float, Sequence[Trace]]]) -> dict[str, float]:
+    """Tokens written per second by each named path: ``{name: (seconds, traces)}``."""
+    return {name: sum(t.num_tokens for t in traces) / seconds for name, (seconds, traces) in runs.items()}
+
+
 def tokens_read(trace: Trace, prompt_len: int) -> int:
     """Tokens the candidates of ``trace`` prefilled: each writer reads the prompt and what others wrote before its turns."""
     total = 0

@@ -21,7 +21,7 @@ from typing import Any
 from switchrl.backends.base import Trace
 from switchrl.backends.pool import CandidatePool, places
 from switchrl.backends.vllm_backend import VLLMBackend, import_vllm
-from switchrl.bench.setup import GREEDY, BenchSetup, check_sizes, compare, emit
+from switchrl.bench.setup import GREEDY, BenchSetup, check_sizes, compare, emit, tok_per_s
 from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher
 from switchrl.rollout import SwitchPolicy, run_switch_generation
 
@@ -142,14 +142,13 @@ def vllm_throughput(
             )
         finally:
             close(engines)
-    tok_s = {
-        name: sum(t.num_tokens for t in traces) / seconds
-        for name, seconds, traces in (
-            ("vllm_generate", t_base, base),
-            ("single_patched", t_single, single_traces),
-            ("switched", t_switch, switch_traces),
-        )
-    }
+    tok_s = tok_per_s(
+        {
+            "vllm_generate": (t_base, base),
+            "single_patched": (t_single, single_traces),
+            "switched": (t_switch, switch_traces),
+        }
+    )
     return emit(
         {
             "bench": "vllm_throughput",
