@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         tp.add_argument("--out", help="family directory (default: the cache, else the shipped family)")
         if name == "build":
             tp.add_argument("--force", action="store_true", help="rebuild even if a family is present")
+            tp.add_argument(
+                "--workers",
+                type=int,
+                default=None,
+                help="SFT tries run at once on Ray, one core each (default: the free cores when Ray is "
+                "installed, else 1); the weights do not depend on it",
+            )
         else:
             tp.add_argument("--n", type=int, default=300, help="test queries per task")
             tp.add_argument("--n-label", type=int, default=60, help="queries for the label policy")

@@ -167,7 +167,9 @@ TINY = StageConfig(
 @pytest.fixture(scope="module")
 def tiny_testbed(tmp_path_factory) -> TestbedFamily:
     """The whole pipeline with a handful of steps: the mechanics, not the phenomenon."""
-    return build_family(3, out=tmp_path_factory.mktemp("tiny") / "fam", progress=False, settings=TINY)
+    return build_family(
+        3, out=tmp_path_factory.mktemp("tiny") / "fam", progress=False, settings=TINY, workers=1
+    )
 
 
 def test_tiny_build_writes_loadable_checkpoints_and_is_reused(tiny_testbed):
@@ -219,7 +221,7 @@ def test_tuned_stages_skip_gradient_checkpointing_with_the_same_weights(
 
     from transformers import PreTrainedModel
 
-    from switchrl.testbed import stages
+    from switchrl.testbed import finetune, stages
 
     enabled: list[bool] = []
     name = next(
@@ -232,7 +234,7 @@ def test_tuned_stages_skip_gradient_checkpointing_with_the_same_weights(
         PreTrainedModel, name, lambda self, *a, **kw: (enabled.append(True), enable(self, *a, **kw))[1]
     )
     world, tok = tiny_testbed.world, build_tokenizer(tiny_testbed.world)
-    run = {"finetuned": stages.finetune, "aligned": stages.align}[stage]
+    run = {"finetuned": finetune.finetune, "aligned": stages.align}[stage]
     base = tiny_testbed.pretrained if stage == "finetuned" else tiny_testbed.finetuned
     settings = dataclasses.replace(TINY, sft_steps=3, dpo_steps=3)  # the first step's warm-up rate is 0
 
@@ -361,3 +363,55 @@ def test_testbed_build_of_a_shipped_seed_reports_the_weight_difference(tmp_path,
     assert "against the shipped family" in printed and "bit-identical" in printed
     diff = max_weight_difference(shipped_root(0), shipped_root(1), STAGES)
     assert set(diff) == set(STAGES) and all(v > 0 for v in diff.values())
+
+
+def test_sft_tries_keep_the_first_passing_rate_in_order():
+    """A wave's tries are read in rate order: the first within the ceiling is kept and later ones are
+    dropped as if never run; with none passing, the last is kept (what one loop over the rates does)."""
+    from switchrl.testbed.finetune import keep
+
+    wave = [{"lr": 1e-3, "fact_patch_recall": 52.2}, {"lr": 1.5e-3, "fact_patch_recall": 39.1}]
+    tried: list[dict] = []
+    assert keep(wave + [{"lr": 2e-3, "fact_patch_recall": 20.0}], 40.0, tried) == (wave[1], True)
+    assert tried == wave
+    tried = []
+    assert keep(wave, 10.0, tried) == (wave[1], False) and tried == wave
+
+
+def test_sft_tries_side_by_side_on_ray_give_the_same_bytes(tiny_testbed, tmp_path):
+    """Two tries at once on Ray actors, in two waves (3 rates, none passing: the last is kept), write
+    the same checkpoint files and the same record as the tries one after another in this process."""
+    import hashlib
+
+    from switchrl.testbed.finetune import finetune
+
+    settings = dataclasses.replace(TINY, sft_steps=2, sft_lrs=(1e-3, 2e-3, 3e-3), sft_recall_ceiling=-1.0)
+    world, tok = tiny_testbed.world, build_tokenizer(tiny_testbed.world)
+
+    def files(workers):
+        out = tmp_path / f"w{workers}" / "finetuned"
+        info = finetune(world, tok, tiny_testbed.pretrained, out, settings, progress=False, workers=workers)
+        assert [p.name for p in out.parent.iterdir()] == ["finetuned"]  # no scratch left behind
+        return info, {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
+
+    one_by_one, side_by_side = files(1), files(2)
+    assert side_by_side == one_by_one
+    info, names = side_by_side
+    assert [t["lr"] for t in info["tried"]] == [1e-3, 2e-3, 3e-3] and info["lr"] == 3e-3
+    assert {"model.safetensors", "tokenizer.json", "switchrl_stage.json"} <= set(names)
+
+
+def test_testbed_build_refuses_a_bad_workers_count_before_training(tmp_path, monkeypatch):
+    import importlib.util
+
+    from switchrl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="workers must be an integer >= 1"):
+        build_family(3, out=tmp_path / "fam", settings=TINY, workers=0)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"Ray, which is not installed.*--workers 1"):
+        build_family(3, out=tmp_path / "fam", settings=TINY, workers=2)
+    assert not (tmp_path / "fam" / "pretrained").exists()

@@ -31,7 +31,9 @@ def main(args: argparse.Namespace) -> int:
     if args.testbed_cmd == "lookalike":
         return _lookalike(args)
     if args.testbed_cmd == "build":
-        family = build_family(seed=args.seed, out=args.out, force=args.force, use_shipped=False)
+        family = build_family(
+            seed=args.seed, out=args.out, force=args.force, use_shipped=False, workers=args.workers
+        )
         took = ", ".join(f"{k} {v:.0f} s" for k, v in family.build_seconds.items()) or "reused"
         print(f"testbed family (seed {family.seed}) at {family.root} ({took})")
         shipped = shipped_root(family.seed)

@@ -16,7 +16,7 @@ from switchrl.config import CandidateConfig, SwitchGenerationConfig
 from switchrl.errors import CheckpointError
 from switchrl.rewards.base import Scorer
 from switchrl.tasks.base import TaskInstance
-from switchrl.testbed import stages
+from switchrl.testbed import finetune, stages
 from switchrl.testbed.corpus import PROMPT_TEMPLATE
 from switchrl.testbed.provenance import provenance
 from switchrl.testbed.shipped import shipped_root
@@ -165,6 +165,7 @@ def build_family(
     force: bool = False,
     settings: stages.StageConfig | None = None,
     use_shipped: bool = True,
+    workers: int | None = None,
 ) -> TestbedFamily:
     """Train the pretrained -> finetuned -> aligned family for world ``seed`` (or reuse a complete one).
 
@@ -173,7 +174,9 @@ def build_family(
     ``out``, ``settings`` nor ``force`` asks for a build, that one is used (``use_shipped=False``
     builds locally instead). Stages already present in ``out`` are reused (each is written
     atomically); the marker file is written last, so an interrupted build resumes at the missing
-    stage. ``force`` rebuilds everything.
+    stage. ``force`` rebuilds everything. ``workers``: SFT tries run at once on Ray (None: one per free
+    core when Ray is installed, :func:`~switchrl.testbed.finetune.default_workers`); the weights do not
+    depend on it.
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -199,6 +202,8 @@ def build_family(
     if shipped is not None:
         return TestbedFamily.load(shipped)
     settings = settings or stages.StageConfig()
+    tries_at_once = finetune.default_workers(settings) if workers is None else workers
+    finetune.check_workers(tries_at_once)  # before hours of training, not after
     world = World(seed)
     tokenizer = build_tokenizer(world)
     family = TestbedFamily(root=root, seed=seed)
@@ -208,12 +213,13 @@ def build_family(
     # differ from 1 thread in their sha256), and a rebuild is compared with the shipped family.
     with torch_threads(1):
         prov["torch_threads"] = torch.get_num_threads()
+        prov["sft_tries_at_once"] = tries_at_once
         for name, run in (
             ("pretrained", lambda: stages.pretrain(world, tokenizer, family.pretrained, settings, progress)),
             (
                 "finetuned",
-                lambda: stages.finetune(
-                    world, tokenizer, family.pretrained, family.finetuned, settings, progress
+                lambda: finetune.finetune(
+                    world, tokenizer, family.pretrained, family.finetuned, settings, progress, tries_at_once
                 ),
             ),
             (

@@ -1,4 +1,5 @@
-"""The three training stages of the testbed family: pretrain -> SFT (TRL) -> DPO (TRL).
+"""The training stages of the testbed family: pretrain and DPO (TRL) here, SFT (TRL) in
+:mod:`~switchrl.testbed.finetune`; the helpers they share (settings, atomic saves, trainer arguments).
 
 Each stage writes a normal Hugging Face checkpoint (safetensors + config + tokenizer) to a
 temporary directory and renames it into place, so a directory that exists is complete.
@@ -48,7 +49,8 @@ class StageConfig:
     fact-patch recall 52.2%: no alignment tax; 400 steps: 61.4%; lr 2e-3: 33.9%), but lr 2e-3 took
     seed 1 to 20.4% and its random switching to 25.0 (from 33.5), below the check's margin. Forgetting
     depends on the rate (not the steps) and on the seed, so SFT has a stopping rule too: the first
-    rate of ``sft_lrs`` whose finetuned model keeps at most ``sft_recall_ceiling`` % (:func:`finetune`).
+    rate of ``sft_lrs`` whose finetuned model keeps at most ``sft_recall_ceiling`` %
+    (:func:`~switchrl.testbed.finetune.finetune`).
     """
 
     hidden_size: int = 128
@@ -237,50 +239,6 @@ def _quiet_trl():
         finally:
             for n, lvl in levels.items():
                 logging.getLogger(n).setLevel(lvl)
-
-
-def finetune(
-    world: World,
-    tokenizer: PreTrainedTokenizerFast,
-    base: Path,
-    out: Path,
-    settings: StageConfig,
-    progress: bool = True,
-) -> dict:
-    """TRL ``SFTTrainer`` on prompt/completion pairs in the one answer format (loss on completions).
-
-    The alignment tax as a stopping rule: SFT runs at the first rate of ``sft_lrs`` and, while the
-    finetuned model still writes both fact patches of more than ``sft_recall_ceiling`` % of the
-    validation compositional queries (it remembers too many outside facts for the tax), again from
-    the pretrained model at the next rate. Returns the rate kept and every try's recall.
-    """
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    s = settings
-    data = Dataset.from_list(corpus.sft_examples(world, s.sft_steps * s.sft_batch // 4))
-    tried: list[dict] = []
-    for lr in s.sft_lrs:  # the gentlest rate that leaves the alignment tax
-        model = LlamaForCausalLM.from_pretrained(base)
-        with tempfile.TemporaryDirectory() as tmp, _quiet_trl():
-            args = SFTConfig(
-                **_trainer_kwargs(world, "sft", s.sft_steps, s.sft_batch, lr, tmp, progress),
-                max_length=128,
-                completion_only_loss=True,
-            )
-            trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-            trainer.train()
-        tried.append({"lr": lr, "fact_patch_recall": fact_patch_recall(trainer.model, tokenizer, world)})
-        if tried[-1]["fact_patch_recall"] <= s.sft_recall_ceiling:
-            break
-    info = {
-        "steps": s.sft_steps,
-        "lr": lr,
-        "fact_patch_recall": tried[-1]["fact_patch_recall"],
-        "tried": tried,
-    }
-    _save(trainer.model.eval(), tokenizer, out, info)
-    return info
 
 
 def align(
