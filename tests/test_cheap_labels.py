@@ -3,11 +3,14 @@ k = 32 labels' finishes (so the comparison is of k alone), and each system is ch
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from switchrl.backends import Trace
+from switchrl.errors import CheckpointError
 from switchrl.policies import RandomSwitcher
 from switchrl.rollout import estimate_utilities
 from tests.conftest import load_script, make_pool
@@ -77,3 +80,33 @@ def test_each_system_is_charged_every_stage_it_needed():
     assert not runner.verdict(rows, [4, 32])["met"]
     rows[1].update(accuracy=95.0, cpu_seconds=34.0)  # ahead, but 62% of the seconds
     assert not runner.verdict(rows, [4, 32])["met"]
+
+
+def test_a_curve_checkpoint_is_the_switcher_of_a_run_that_stopped_there(tiny_family, tmp_path):
+    """The curve's N-step point (checkpoint N of one longer GRPO run, made a switcher) has exactly the
+    weights of an N-step run, the last checkpoint's are the run's own switcher, and the clock has every step."""
+    from safetensors.torch import load_file
+
+    from switchrl.policies.lm_switcher import LMSwitcher
+    from switchrl.trainers.rl import train
+    from switchrl.trainers.rl_setup import checkpoint_switcher
+    from tests.test_grpo import make_config, rl_section
+
+    config = make_config(tiny_family, tmp_path)
+    long = rl_section(tiny_family, tmp_path / "long", steps=4, save_steps=2, beta=0.02)
+    train(config, "grpo", rl=long)
+    short = train(config, "grpo", rl=long.model_copy(update={"steps": 2, "out_dir": str(tmp_path / "short")}))
+    point = checkpoint_switcher(long.out_dir, 2, tmp_path / "s2")
+    weights = "adapter_model.safetensors"
+    a, b = load_file(point / weights), load_file(short.policy_dir / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = load_file(checkpoint_switcher(long.out_dir, 4, tmp_path / "s4") / weights)
+    final = load_file(Path(long.out_dir) / "switcher" / weights)
+    assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in last)
+    assert any(not torch.equal(a[k], last[k]) for k in a)  # steps 3-4 moved the weights
+    assert LMSwitcher.from_pretrained(point).n_candidates == len(tiny_family)
+    clock = json.loads((Path(long.out_dir) / "rl_log.json").read_text())["clock"]
+    assert [c["step"] for c in clock] == [1, 2, 3, 4]
+    assert all(0 < x["cpu"] < y["cpu"] and 0 < x["wall"] < y["wall"] for x, y in zip(clock, clock[1:]))
+    with pytest.raises(CheckpointError, match="step 3 .*rl.save_steps"):
+        checkpoint_switcher(long.out_dir, 3, tmp_path / "s3")
