@@ -34,7 +34,7 @@ from switchrl.experiments import (
     timed,
     timed_cpu,
 )
-from switchrl.run_config import RunConfig
+from switchrl.run_config import RLSection, RunConfig
 from switchrl.utils.threads import torch_threads
 
 HERE = Path(__file__).resolve().parent
@@ -110,6 +110,12 @@ def parse_variant(text: str) -> dict:
     return {k.strip(): yaml.safe_load(v) for k, v in pairs}
 
 
+def rl_settings(rl: RLSection, update: dict) -> RLSection:
+    """``rl`` with ``update`` validated (a ``--variant`` value such as ``5e-3``, a string to YAML, becomes
+    the float; an unknown key is a ConfigError naming it)."""
+    return parse(RLSection, {**rl.model_dump(), **update}, "--variant")
+
+
 def experiment(
     seed: int,
     out: Path,
@@ -157,14 +163,15 @@ def experiment(
     rl = config.rl
     for name, overrides, steps in runs:
         rl_dir = out / "rl" / name
-        config.rl = rl.model_copy(
-            update={
+        config.rl = rl_settings(
+            rl,
+            {
                 "init": str(out / f"sft-k{k0}"),
                 "out_dir": str(rl_dir),
                 "steps": max(steps),
                 "save_steps": math.gcd(*steps),
                 **overrides,
-            }
+            },
         )
         _, *stages[name] = timed_cpu(train, config, "grpo", overwrite=True)
         print(f"{name}: {stages[name][1]:.1f} CPU s", flush=True)
