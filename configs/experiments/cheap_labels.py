@@ -1,6 +1,7 @@
 """Issue 18, item 2: cheap labels + RL on the testbed, one command, one table and one figure.
 
-    OMP_NUM_THREADS=1 python configs/experiments/cheap_labels.py --seed 0
+    OMP_NUM_THREADS=1 python configs/experiments/cheap_labels.py --seed 0 \
+        --curve 2,4,6,8,12,16,24,32,50 --splits validation,test --variant learning_rate=0.005
 
 SFT from labels of k = 4, 8 and 32 random finishes per candidate and state, GRPO from SFT(k = 4) and
 GRPO from the untuned switcher, each against the seconds it cost: simulate + every training it needed
@@ -9,6 +10,11 @@ finishes are nested (finish j of a state and candidate is seeded by its key ``..
 k, so a k = 4 run's finishes are the first 4 of a k = 32 run's; tests/test_cheap_labels.py checks it),
 so one simulate at k = 32 could give every k's labels, but not every k's seconds. Seconds are wall-clock
 and CPU (``time.process_time``, one torch thread): the machine is shared, CPU seconds compare fairly.
+
+GRPO's learning curve: one run from SFT(4) to the last ``--curve`` step, each listed step's checkpoint
+made a switcher and charged the seconds up to that step (the run's per-step clock). ``--variant``
+(``rl.*`` overrides) adds GRPO runs evaluated on validation only; the GRPO point chosen on validation
+within the budget is the one evaluated on test.
 
 The target: SFT(4) + GRPO within 2 points of SFT(32) at <= 60% of its (CPU) seconds.
 """
