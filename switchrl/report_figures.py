@@ -189,3 +189,40 @@ def training_curves(history: Sequence[Mapping[str, Any]], algo: str) -> str:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def learning_curve_chart(
+    curves: Mapping[str, Sequence[tuple[float, float, float | None]]],
+    points: Mapping[str, tuple[float, float, float | None]],
+    xlabel: str,
+    budget: float | None = None,
+    title: str = "",
+) -> str:
+    """Accuracy (%) against seconds: each of ``curves`` (name -> (x, accuracy, ci95) per checkpoint, as
+    fractions) as a line, each of ``points`` as one named point, and ``budget`` as a dashed vertical line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, (name, pts) in enumerate(curves.items()):
+        xs, accs, cis = zip(*sorted(pts))
+        ax.errorbar(
+            xs,
+            [100 * a for a in accs],
+            yerr=[100 * (c or 0.0) for c in cis],
+            fmt="-o",
+            ms=3,
+            color=color(i),
+            capsize=2,
+            label=name,
+        )
+    for j, (name, (x, acc, ci)) in enumerate(points.items()):
+        c = color(len(curves) + j)
+        ax.errorbar([x], [100 * acc], yerr=None if ci is None else [100 * ci], fmt="s", color=c, capsize=3)
+        ax.annotate(name, (x, 100 * acc), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    if budget is not None:
+        ax.axvline(budget, color="grey", linestyle="--", linewidth=1, label=f"budget {budget:.0f} s")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)

@@ -32,6 +32,8 @@ Rewards: one TRL reward function per run: the task scorer on the final response 
 ``rl.switch_cost_warmup_steps``) when a switch cost is set; the
 switch rate and each candidate's share of patches are logged with ``log_metric``. TRL logs the
 reward, KL (``rl.beta`` > 0), entropy of the switch distribution and clip ratios per step.
+``rl_log.json`` also records, per optimiser step, the wall-clock and CPU seconds since training began
+(``clock``), so a learning curve can charge each checkpoint what it cost.
 Checkpoints are TRL's own (``save_steps``); a rerun resumes from the last complete one, and refuses
 when ``rl.out_dir`` was written with another configuration (:func:`~switchrl.trainers.rl_setup.claim_out_dir`).
 """
@@ -39,6 +41,7 @@ when ``rl.out_dir`` was written with another configuration (:func:`~switchrl.tra
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +49,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from switchrl.devices import training_settings
 from switchrl.errors import ConfigError
@@ -215,6 +219,24 @@ class SwitchCost:
         return [-cost / self.rl.switch_cost * n for n in num_switches]
 
 
+class StepClock(TrainerCallback):
+    """At the end of each optimiser step, the wall-clock and CPU seconds (this
+    process) since training began; the step's checkpoint save comes after it, so is charged to the next."""
+
+    def __init__(self) -> None:
+        self.marks: list[dict[str, float]] = []
+        self._start = (time.perf_counter(), time.process_time())
+
+    def on_train_begin(self, *_: Any, **__: Any) -> None:
+        self._start = (time.perf_counter(), time.process_time())
+
+    def on_step_end(self, args: Any, state: Any, *_: Any, **__: Any) -> None:
+        wall, cpu = self._start
+        self.marks.append(
+            {"step": state.global_step, "wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+        )
+
+
 def grpo_config(setup: RLSetup, switcher: LMSwitcher) -> Any:
     """The ``GRPOConfig`` of a run (one generation batch per optimiser step, no vLLM), in the switcher's
     precision on its one device (``switcher.dtype`` / ``switcher.device``)."""
@@ -261,8 +283,10 @@ def train_grpo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
     reward_funcs: list[Callable] = [ScoreReward(setup.rewards, setup.names)]
     if setup.rl.switch_cost:
         reward_funcs.append(SwitchCost(setup.rl))
+    clock = StepClock()
     trainer = GRPOTrainer(
         model=switcher.model,
+        callbacks=[clock],
         reward_funcs=reward_funcs,
         args=args,
         train_dataset=instances_dataset(setup.instances),
@@ -284,7 +308,10 @@ def train_grpo(setup: RLSetup, switcher: LMSwitcher | None = None) -> RLResult:
     ):  # one writer under accelerate launch (the ranks' weights are equal)
         save_switcher(switcher, policy_dir)
         (setup.out_dir / "rl_log.json").write_text(
-            json.dumps({"algo": "grpo", "credit": setup.rl.credit, "history": history}, indent=2)
+            json.dumps(
+                {"algo": "grpo", "credit": setup.rl.credit, "history": history, "clock": clock.marks},
+                indent=2,
+            )
         )
     trainer.accelerator.wait_for_everyone()
     check_failures(setup)

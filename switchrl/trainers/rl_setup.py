@@ -5,7 +5,8 @@ instances; each task's scorer), :func:`build_switcher` makes the switcher to tra
 factory :func:`switchrl.policies.factory.build_switcher`), and :class:`MetricsLogger`,
 :func:`switch_stats`, :func:`zero_variance_share` and :class:`RLResult` are how every algorithm
 reports. :func:`claim_out_dir` writes the run's fingerprint into ``rl.out_dir`` and refuses to resume
-another configuration, :func:`last_complete_checkpoint` skips a checkpoint a kill left half-written, and
+another configuration, :func:`last_complete_checkpoint` skips a checkpoint a kill left half-written, :func:`checkpoint_switcher`
+makes a GRPO checkpoint a switcher directory, and
 :func:`check_failures` enforces ``max_scorer_failure_rate``. The algorithms
 (:mod:`~switchrl.trainers.grpo`, :mod:`~switchrl.trainers.ppo`, :mod:`~switchrl.trainers.sb3`) build
 on this module and :mod:`~switchrl.trainers.episodes`; :mod:`~switchrl.trainers.rl` dispatches to them.
@@ -25,12 +26,12 @@ from typing import Any
 
 from switchrl.backends.base import Pool
 from switchrl.backends.pool import CandidatePool, rank_candidates
-from switchrl.errors import ConfigError
+from switchrl.errors import CheckpointError, ConfigError
 from switchrl.executors import writable_dir
 from switchrl.executors.remote_pool import RayCandidatePool
 from switchrl.policies.factory import LoraSettings
 from switchrl.policies.factory import build_switcher as make_switcher
-from switchrl.policies.lm_switcher import LMSwitcher
+from switchrl.policies.lm_switcher import METADATA_FILE, LMSwitcher
 from switchrl.rewards.provenance import scorer_label
 from switchrl.rewards.registry import resolve_reward
 from switchrl.rewards.router import TaskScorers
@@ -207,6 +208,42 @@ def last_complete_checkpoint(directory: Path) -> Path | None:
             return path
         logger.warning("%s is incomplete (no trainer_state.json; a save was interrupted): skipped", path)
     return None
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def checkpoint_switcher(out_dir: str | Path, step: int, dest: str | Path) -> Path:
+    """A saved switcher directory at ``dest`` holding the weights of a finished GRPO run's
+    ``trainer/checkpoint-<step>``: the run's switcher (metadata, tokenizer) with the checkpoint's adapter,
+    so a learning curve evaluates its checkpoints like any switcher.
+
+    Only the switcher's own tensors are taken, and the output head's bias (frozen) from the switcher: the
+    checkpoint was saved inside :func:`~switchrl.trainers.grpo.restricted_head`, so its head bias holds
+    the label-only offset (harmless to decisions, but not the switcher's weights)."""
+    from safetensors.torch import load_file, save_file
+
+    out, dest = Path(out_dir), Path(dest)
+    checkpoint, final = out / "trainer" / f"checkpoint-{step}", out / "switcher"
+    needed = [checkpoint / "trainer_state.json", final / METADATA_FILE]
+    needed += [d / f for d in (checkpoint, final) for f in ADAPTER_FILES]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"cannot make a switcher of step {step} of {out}: missing {', '.join(missing)}; "
+            "save that step (rl.save_steps) and let the run finish"
+        )
+    weights, config = ADAPTER_FILES
+    trained, own = load_file(checkpoint / weights), load_file(final / weights)
+    if not own.keys() <= trained.keys():
+        raise CheckpointError(f"{checkpoint} lacks tensors of {final}: {sorted(own.keys() - trained.keys())}")
+    frozen = {k for k in own if k.endswith(".bias") and "lora_" not in k}
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(final, dest, ignore=shutil.ignore_patterns(METADATA_FILE, weights))
+    save_file({k: own[k] if k in frozen else trained[k] for k in own}, dest / weights, {"format": "pt"})
+    shutil.copy2(final / METADATA_FILE, dest / METADATA_FILE)  # last: a directory with it is complete
+    return dest
 
 
 def check_failures(setup: RLSetup) -> None:
