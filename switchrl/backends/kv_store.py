@@ -90,7 +90,7 @@ class KVStore:
         at = positions[parent.length :] if parent is not None else positions
         if parent is not None:
             parent.refs += 1
-        layers = [(k.index_select(2, at), v.index_select(2, at)) for k, v in row]
+        layers = [(_take(k, at), _take(v, at)) for k, v in row]
         self._set(key, Segment(layers, parent, int(positions.numel())))
 
     def stored_tokens(self) -> int:
@@ -120,6 +120,15 @@ class KVStore:
             if old.refs:
                 break
             old.layers, old = [], old.parent  # free the tensors even if a batch in flight holds the segment
+
+
+def _take(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """``x``'s positions ``at`` (dim 2), copied: a run of consecutive positions (a row's cache in a batch
+    whose masked columns are all padding) as one slice copy, several times cheaper than a gather."""
+    first, last = (int(at[0]), int(at[-1])) if at.numel() else (0, -1)
+    if last - first + 1 == at.numel():
+        return x[:, :, first : last + 1].clone(memory_format=torch.contiguous_format)
+    return x.index_select(2, at)
 
 
 def gather_past(tails: Sequence[Segment | None], width: int | Sequence[int], room: int = 0) -> Layers:
