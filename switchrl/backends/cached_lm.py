@@ -2,10 +2,11 @@
 
 Each call takes a batch of traces (by key) and the tokens each one has gained since that trace was
 last read, prefills only those tokens on top of the stored caches, and optionally samples a
-continuation. Traces of different lengths share one forward pass: stored caches are left-padded
-and the new chunks are left-padded inside the chunk, with an explicit attention mask and position
-ids, so padding never changes a result. Candidates (patch writers) and LM switchers both build on
-this class.
+continuation. Traces of different lengths share one forward pass: stored caches are left-padded,
+with an explicit attention mask and position ids, so padding never changes a result. A plain causal
+SDPA model reads the new chunks laid end to end, unpadded (:mod:`~switchrl.backends.packed`); any
+other model reads them left-padded inside the chunk, in calls of like chunk lengths. Candidates
+(patch writers) and LM switchers both build on this class.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 A switched trace brings each candidate chunks of very different lengths (a 128-token prompt, another
 candidate's 50- or 150-token patches, or the one token it sampled last). Padded to the longest, the
 short chunks cost real work; split into calls of like lengths, each call pays a whole forward pass of
-Python and small kernels plus a copy to merge the caches (64 queries at B = 8: 113 reading calls for
-49 passes, reading at 1.6x the per-token cost of one model's prompts). Here the chunks form one
+Python and small kernels plus a copy to merge the caches (``dataset_throughput``'s 64 queries at
+B = 8: 113 reading calls for 49 passes). Here the chunks form one
 sequence [1, T]: every linear layer, norm and MLP runs once over exactly the T real tokens, each row's
 keys and values are written straight into its row of the left-padded decode room, and attention runs
 per row (rows of equal lengths together) over that row's past and chunk, causally, with SDPA's
