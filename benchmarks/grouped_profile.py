@@ -38,7 +38,7 @@ from switchrl.policies.baselines import FixedSwitcher, RandomSwitcher
 @contextmanager
 def counted(acc: Counter) -> Iterator[None]:
     """Accumulate CPU seconds of prefills (``start``) and decoding steps, and the prefills' shapes, in ``acc``."""
-    state, prefill = cached_lm._BatchState, cached_lm._prefill
+    state, prefill, packed = cached_lm._BatchState, cached_lm._prefill, cached_lm.read_packed
     start, step = state.__dict__["start"], state.step
 
     def timed_start(cls: type, *args: Any, **kwargs: Any) -> Any:
@@ -54,20 +54,27 @@ def counted(acc: Counter) -> Iterator[None]:
         acc["decode_steps"] += 1
         return out
 
-    def shaped_prefill(lm: Any, rows: Any, entries: Any, past: list[int], new_ids: list, room: int) -> Any:
-        n = [len(ids) for ids in new_ids]
-        acc["prefill_calls"] += 1
-        acc["tokens_read"] += sum(n)
-        acc["tokens_padded"] += len(n) * max(n)
-        acc["attended"] += sum(k * (p + k) for k, p in zip(n, past))
-        acc["attended_padded"] += len(n) * max(n) * (max(past) + max(n))
-        return prefill(lm, rows, entries, past, new_ids, room)
+    def shaped(read: Callable[..., Any], padded: bool) -> Callable[..., Any]:
+        """``read`` (a padded or a packed reading call), counting the tokens it reads and attends."""
 
-    state.start, state.step, cached_lm._prefill = classmethod(timed_start), timed_step, shaped_prefill
+        def call(lm: Any, rows: Any, entries: Any, past: list[int], new_ids: list, room: int) -> Any:
+            n = [len(ids) for ids in new_ids]
+            attended = sum(k * (p + k) for k, p in zip(n, past))
+            acc["prefill_calls"] += 1
+            acc["tokens_read"] += sum(n)
+            acc["tokens_padded"] += len(n) * max(n) if padded else sum(n)
+            acc["attended"] += attended
+            acc["attended_padded"] += len(n) * max(n) * (max(past) + max(n)) if padded else attended
+            return read(lm, rows, entries, past, new_ids, room)
+
+        return call
+
+    state.start, state.step = classmethod(timed_start), timed_step
+    cached_lm._prefill, cached_lm.read_packed = shaped(prefill, True), shaped(packed, False)
     try:
         yield
     finally:
-        state.start, state.step, cached_lm._prefill = start, step, prefill
+        state.start, state.step, cached_lm._prefill, cached_lm.read_packed = start, step, prefill, packed
 
 
 def chunk_read_us(lm: Any, past: int, rows: int = 8, new: int = 100, repeats: int = 5) -> float:

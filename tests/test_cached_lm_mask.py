@@ -53,9 +53,15 @@ def test_padded_step_passes_the_padding_mask_and_computes_what_hf_masks_compute(
 def test_unpadded_step_keeps_the_plain_mask() -> None:
     lm, masks = CachedLM(llama()), []
     forward = lm._forward
-    lm._forward = lambda rows, **kw: masks.append(kw["attention_mask"]) or forward(rows, **kw)  # type: ignore[method-assign]
+
+    def spy(rows: object, **kw: torch.Tensor) -> object:
+        if "switchrl_packed" not in kw:  # a decoding step (the prefill reads packed, without a mask)
+            masks.append(kw["attention_mask"])
+        return forward(rows, **kw)
+
+    lm._forward = spy  # type: ignore[method-assign]
     lm.generate(["a", "b"], [[1, 2, 3], [4, 5, 6]], [4, 4], CandidateSampling(temperature=0.0))
-    assert [m.dim() for m in masks] == [2] * 4  # the prefill and three steps
+    assert [m.dim() for m in masks] == [2] * 3  # three steps
 
 
 @pytest.mark.parametrize(

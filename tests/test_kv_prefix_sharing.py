@@ -126,3 +126,21 @@ def test_a_batch_cache_copies_shared_segments_into_every_row_that_holds_them():
                 want[:, 7 - full.shape[1] : 7] = full
             assert torch.equal(k[row], want)
         assert torch.equal(v[0, :, 2:7], layers(5, 0)[li][1][0]) and torch.equal(v[1, :, :7], grown[li][1][0])
+
+
+def test_a_row_is_stored_as_a_copy_of_its_positions_contiguous_or_not():
+    """A commit takes a row's positions out of the batch room: a run of consecutive positions (one slice
+    copy) and positions with gaps (a gather) store the same values, in tensors of their own."""
+    from switchrl.backends.kv_store import KVStore, gather_past
+
+    g = torch.Generator().manual_seed(0)
+    room = [(torch.randn(1, 2, 9, 3, generator=g), torch.randn(1, 2, 9, 3, generator=g)) for _ in range(2)]
+    store = KVStore()
+    for key, at in (("run", torch.arange(2, 8)), ("gaps", torch.tensor([1, 2, 4, 7]))):
+        store.store(key, room, at, None)
+        for (k, v), (rk, rv) in zip(store.get(key).layers, room):
+            assert torch.equal(k, rk.index_select(2, at)) and torch.equal(v, rv.index_select(2, at))
+            assert k.is_contiguous() and k.untyped_storage().data_ptr() != rk.untyped_storage().data_ptr()
+    rk = room[0][0].clone()
+    room[0][0].zero_()  # the batch room is reused or freed after a commit: the stored rows keep their values
+    assert torch.equal(gather_past([store.get("run")], 6)[0][0], rk[:, :, 2:8])

@@ -2,10 +2,11 @@
 
 Each call takes a batch of traces (by key) and the tokens each one has gained since that trace was
 last read, prefills only those tokens on top of the stored caches, and optionally samples a
-continuation. Traces of different lengths share one forward pass: stored caches are left-padded
-and the new chunks are left-padded inside the chunk, with an explicit attention mask and position
-ids, so padding never changes a result. Candidates (patch writers) and LM switchers both build on
-this class.
+continuation. Traces of different lengths share one forward pass: stored caches are left-padded,
+with an explicit attention mask and position ids, so padding never changes a result. A plain causal
+SDPA model reads the new chunks laid end to end, unpadded (:mod:`~switchrl.backends.packed`); any
+other model reads them left-padded inside the chunk, in calls of like chunk lengths. Candidates
+(patch writers) and LM switchers both build on this class.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
 
-from switchrl.backends.kv_store import KVStore, Segment, gather_past
+from switchrl.backends.kv_store import GrowingCache, KVStore, Segment, gather_past
+from switchrl.backends.packed import read_packed
 from switchrl.backends.sampler import RowSampling, SamplingSets
 from switchrl.backends.stopping import CHECK_EVERY, StopIds, StopIdSets, StopScan, stop_rows
 
@@ -44,6 +44,8 @@ class CachedLM:
         keep = "logits_to_keep" in inspect.signature(self._hf_model().forward).parameters
         self._last_logits_only = {"logits_to_keep": 1} if keep else {}
         self._step_mask_is_padding = _plain_causal_sdpa(self._hf_model())
+        # such a model reads a batch's chunks laid end to end, unpadded, in one forward (backends/packed.py)
+        self._packable = self._step_mask_is_padding and bool(self._last_logits_only)
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +88,10 @@ class CachedLM:
 
     def _hf_model(self) -> torch.nn.Module:
         return self.model
+
+    def _packs(self, rows: Any) -> bool:
+        """Whether a batch of these ``rows`` is read packed (:func:`~switchrl.backends.packed.read_packed`)."""
+        return self._packable
 
     # ------------------------------------------------------------------ forward passes
     @torch.inference_mode()
@@ -169,66 +175,6 @@ class CachedLM:
         return [Generation(row[:n], reason) for row, n, reason in zip(rows, lengths.tolist(), reasons)]
 
 
-class _GrowingLayer(DynamicLayer):
-    """A :class:`DynamicLayer` that writes new tokens into reserved room instead of concatenating.
-
-    ``DynamicLayer`` copies the whole cache on every decoding step (``torch.cat``); here a step
-    writes one position in place and the layer exposes a view of the filled part. The room is
-    sized for the whole call up front (``capacity``) and doubles if a call needs more.
-    """
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if self._k is None or end > self._k.shape[-2]:
-            room = max(end, self.capacity, 2 * (self._k.shape[-2] if self._k is not None else 0))
-            k, v = (x.new_empty((*x.shape[:-2], room, x.shape[-1])) for x in (key_states, value_states))
-            if self._k is not None:
-                k[..., : self.length, :] = self._k[..., : self.length, :]
-                v[..., : self.length, :] = self._v[..., : self.length, :]
-            self._k, self._v = k, v
-        self._k[..., self.length : end, :] = key_states
-        self._v[..., self.length : end, :] = value_states
-        self.length = end
-        self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
-        return self.keys, self.values
-
-    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        """Take ``keys`` / ``values`` as the room itself (no copy): their first ``length`` positions hold the cache."""
-        self.lazy_initialization(keys, values)
-        self._k, self._v, self.length = keys, values, length
-        self.keys, self.values = keys[..., :length, :], values[..., :length, :]
-
-
-class _GrowingCache(DynamicCache):
-    """A :class:`DynamicCache` of :class:`_GrowingLayer` s, optionally filled with ``layers`` [(keys, values)]:
-    copied in, or, with ``filled``, taken as the layers' room whose first ``filled`` positions are set."""
-
-    def __init__(
-        self,
-        capacity: int,
-        layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
-        filled: int | None = None,
-    ):
-        Cache.__init__(self, layer_class_to_replicate=partial(_GrowingLayer, capacity))
-        for idx, (k, v) in enumerate(layers):
-            if filled is None:
-                self.update(k, v, idx)
-            else:
-                layer = _GrowingLayer(capacity)
-                layer.adopt(k, v, filled)
-                self.layers.append(layer)
-
-
 def _plain_causal_sdpa(model: torch.nn.Module) -> bool:
     """Whether ``model`` attends through SDPA under a plain causal mask (no sliding window, no chunks).
 
@@ -280,9 +226,9 @@ def _prefill(
         input_ids[b, N - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
         position_ids[b, N - len(ids) :] = torch.arange(pl, pl + len(ids))
     cache = (
-        _GrowingCache(P + N + room, gather_past(entries, P, N + room), P)
+        GrowingCache(P + N + room, gather_past(entries, P, N + room), P)
         if P > 0
-        else _GrowingCache(P + N + room)
+        else GrowingCache(P + N + room)
     )
     mask = mask.to(device)
     out = lm._forward(
@@ -323,6 +269,9 @@ class _BatchState:
         n_new = [len(ids) for ids in new_ids]
         total = [p + n for p, n in zip(past, n_new)]
         self.next_pos = torch.tensor(total, device=device)
+        if lm._packs(self.rows):
+            self.mask, self.cache, self.logits = read_packed(lm, self.rows, entries, past, new_ids, room)
+            return self
         buckets = _length_buckets(n_new)
         if len(buckets) == 1:
             self.mask, self.cache, self.logits = _prefill(lm, self.rows, entries, past, new_ids, room)
@@ -360,7 +309,7 @@ class _BatchState:
                 index = src[:, None, :, None].expand(len(rows), layer.keys.shape[1], L, layer.keys.shape[3])
                 k_all[at] = layer.keys.gather(2, index)
                 v_all[at] = layer.values.gather(2, index)
-        self.cache = _GrowingCache(L + room, layers)
+        self.cache = GrowingCache(L + room, layers)
         return self
 
     def step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:

@@ -277,12 +277,16 @@ class FusedModel(nn.Module):
             self._rows.current = None
         width = out.logits.shape[-1]
         if self.vocab_rows is not None and any(self.vocab_rows[c] < width for c in rows.present):
+            # one candidate's rows: one [width] mask (its logits may come packed, [1, rows, width])
             beyond = _per_row_tensor(rows, ("vocab-mask", width), lambda: self._beyond_vocab(rows, width))
             out.logits = out.logits.masked_fill(beyond, float("-inf"))
         return out
 
     def _beyond_vocab(self, rows: RowAssignment, width: int) -> torch.Tensor:
-        """[B, 1, width]: True at the ids the candidate of each row has no row for."""
+        """[B, 1, width] ([width] when every row has one candidate): True at the ids the candidate of each
+        row has no row for."""
+        if rows.single is not None:
+            return torch.arange(width, device=rows.index.device) >= self.vocab_rows[rows.single]
         limit = torch.tensor(self.vocab_rows, device=rows.index.device)[rows.index]
         return (torch.arange(width, device=limit.device)[None, :] >= limit[:, None]).unsqueeze(1)
 
@@ -367,3 +371,7 @@ class FusedCachedLM(CachedLM):
 
     def _hf_model(self) -> nn.Module:
         return self.model.template
+
+    def _packs(self, rows: RowAssignment) -> bool:
+        """Packed reading runs one set of weights over all its tokens: only for one candidate's rows."""
+        return self._packable and rows.single is not None

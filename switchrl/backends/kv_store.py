@@ -16,8 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -86,7 +90,7 @@ class KVStore:
         at = positions[parent.length :] if parent is not None else positions
         if parent is not None:
             parent.refs += 1
-        layers = [(k.index_select(2, at), v.index_select(2, at)) for k, v in row]
+        layers = [(_take(k, at), _take(v, at)) for k, v in row]
         self._set(key, Segment(layers, parent, int(positions.numel())))
 
     def stored_tokens(self) -> int:
@@ -118,17 +122,28 @@ class KVStore:
             old.layers, old = [], old.parent  # free the tensors even if a batch in flight holds the segment
 
 
-def gather_past(tails: Sequence[Segment | None], width: int, room: int = 0) -> Layers:
-    """The stored caches of a batch's rows, left-padded to ``width`` positions, in buffers with ``room``
-    more positions for what the batch reads and writes next: per layer [rows, heads, width + room, dim].
+def _take(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """``x``'s positions ``at`` (dim 2), copied: a run of consecutive positions (a row's cache in a batch
+    whose masked columns are all padding) as one slice copy, several times cheaper than a gather."""
+    first, last = (int(at[0]), int(at[-1])) if at.numel() else (0, -1)
+    if last - first + 1 == at.numel():
+        return x[:, :, first : last + 1].clone(memory_format=torch.contiguous_format)
+    return x.index_select(2, at)
+
+
+def gather_past(tails: Sequence[Segment | None], width: int | Sequence[int], room: int = 0) -> Layers:
+    """The stored caches of a batch's rows, left-padded to end at ``width`` (or at ``width[b]`` for row
+    ``b``), in buffers with ``room`` more positions past the last end for what the batch reads and writes
+    next: per layer [rows, heads, max(width) + room, dim].
 
     Each segment is copied once per padding offset into every row that holds it (forks share their
     prefix's segments): a fork's prefix costs one broadcast copy, not one per fork."""
     chains = [[] if t is None else t.chain() for t in tails]
     template = next(c for c in chains if c)[0].layers
+    ends = [width] * len(tails) if isinstance(width, int) else list(width)
     spans: dict[tuple[int, int], tuple[Segment, int, list[int]]] = {}  # (segment, pad) -> its rows
     for b, chain in enumerate(chains):
-        pad = width - chain[-1].length if chain else 0
+        pad = ends[b] - chain[-1].length if chain else 0
         for seg in chain:
             spans.setdefault((id(seg), pad), (seg, pad, []))[2].append(b)
     targets = []
@@ -139,10 +154,70 @@ def gather_past(tails: Sequence[Segment | None], width: int, room: int = 0) -> L
         targets.append(at)
     layers: Layers = []
     for li, (k0, v0) in enumerate(template):
-        k = k0.new_zeros((len(tails), k0.shape[1], width + room, k0.shape[3]))
-        v = v0.new_zeros((len(tails), v0.shape[1], width + room, v0.shape[3]))
+        k = k0.new_zeros((len(tails), k0.shape[1], max(ends) + room, k0.shape[3]))
+        v = v0.new_zeros((len(tails), v0.shape[1], max(ends) + room, v0.shape[3]))
         for (seg, pad, _), at in zip(spans.values(), targets):
             k[at, :, pad + seg.start : pad + seg.length] = seg.layers[li][0]
             v[at, :, pad + seg.start : pad + seg.length] = seg.layers[li][1]
         layers.append((k, v))
     return layers
+
+
+class GrowingLayer(DynamicLayer):
+    """A :class:`DynamicLayer` that writes new tokens into reserved room instead of concatenating.
+
+    ``DynamicLayer`` copies the whole cache on every decoding step (``torch.cat``); here a step
+    writes one position in place and the layer exposes a view of the filled part. The room is
+    sized for the whole call up front (``capacity``) and doubles if a call needs more.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self._k is None or end > self._k.shape[-2]:
+            room = max(end, self.capacity, 2 * (self._k.shape[-2] if self._k is not None else 0))
+            k, v = (x.new_empty((*x.shape[:-2], room, x.shape[-1])) for x in (key_states, value_states))
+            if self._k is not None:
+                k[..., : self.length, :] = self._k[..., : self.length, :]
+                v[..., : self.length, :] = self._v[..., : self.length, :]
+            self._k, self._v = k, v
+        self._k[..., self.length : end, :] = key_states
+        self._v[..., self.length : end, :] = value_states
+        self.length = end
+        self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
+        return self.keys, self.values
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take ``keys`` / ``values`` as the room itself (no copy): their first ``length`` positions hold the cache."""
+        self.lazy_initialization(keys, values)
+        self._k, self._v, self.length = keys, values, length
+        self.keys, self.values = keys[..., :length, :], values[..., :length, :]
+
+
+class GrowingCache(DynamicCache):
+    """A :class:`DynamicCache` of :class:`GrowingLayer` s, optionally filled with ``layers`` [(keys, values)]:
+    copied in, or, with ``filled``, taken as the layers' room whose first ``filled`` positions are set."""
+
+    def __init__(
+        self,
+        capacity: int,
+        layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+        filled: int | None = None,
+    ):
+        Cache.__init__(self, layer_class_to_replicate=partial(GrowingLayer, capacity))
+        for idx, (k, v) in enumerate(layers):
+            if filled is None:
+                self.update(k, v, idx)
+            else:
+                layer = GrowingLayer(capacity)
+                layer.adopt(k, v, filled)
+                self.layers.append(layer)
