@@ -119,13 +119,14 @@ def packed_attention(
     out = query.new_empty((query.shape[2], heads, query.shape[3]))  # [T, heads, dim]
     for (at_rows, past, new, q), (_, _, _, _, at, mask) in zip(rows.by_row(query[0]), rows.runs):
         span = slice(end - past - new, end)
-        k, v = key[at_rows, :, span], value[at_rows, :, span]
-        gqa = heads != k.shape[1]
-        if gqa and mask is not None and q.device.type != "cpu":  # CUDA's fused kernels take no masked GQA
-            k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
-            gqa = False
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and new > 1, scale=scaling, enable_gqa=gqa
+            q,
+            key[at_rows, :, span],
+            value[at_rows, :, span],
+            attn_mask=mask,
+            is_causal=mask is None and new > 1,
+            scale=scaling,
+            enable_gqa=heads != key.shape[1],
         )
         out[at : at + o.shape[0] * new] = o.transpose(1, 2).flatten(0, 1)
     return out.unsqueeze(0), None
