@@ -76,3 +76,10 @@ def test_fused_reads_one_candidates_rows_packed_and_mixed_rows_padded() -> None:
     torch.testing.assert_close(
         mixed[1], alone[1].extend(["z"], [[3, 4, 5]])[0], rtol=0, atol=1e-10
     )  # mixed candidates: the padded reading, as before
+
+
+def test_packed_reading_is_for_cpu_models_only():
+    """Packed reading was measured and tested on the CPU; a model elsewhere (here: no storage at all)
+    keeps the padded chunks rather than an unmeasured path."""
+    assert CachedLM(llama())._packable
+    assert not CachedLM(llama().to("meta"))._packable

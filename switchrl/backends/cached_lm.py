@@ -44,8 +44,11 @@ class CachedLM:
         keep = "logits_to_keep" in inspect.signature(self._hf_model().forward).parameters
         self._last_logits_only = {"logits_to_keep": 1} if keep else {}
         self._step_mask_is_padding = _plain_causal_sdpa(self._hf_model())
-        # such a model reads a batch's chunks laid end to end, unpadded, in one forward (backends/packed.py)
-        self._packable = self._step_mask_is_padding and bool(self._last_logits_only)
+        # such a model reads a batch's chunks laid end to end, unpadded, in one forward (backends/packed.py);
+        # on the CPU only, where it was measured (fewer, cheaper reading passes); GPUs keep padded chunks
+        self._packable = (
+            self._step_mask_is_padding and bool(self._last_logits_only) and self.device.type == "cpu"
+        )
 
     @property
     def device(self) -> torch.device:

@@ -11,7 +11,8 @@ per row (rows of equal lengths together) over that row's past and chunk, causall
 grouped-query heads (no copy of the KV heads).
 
 Only for models that attend through Hugging Face's attention interface under a plain causal mask and
-take ``logits_to_keep`` as indices (checked by :class:`~switchrl.backends.cached_lm.CachedLM`).
+take ``logits_to_keep`` as indices, on the CPU, where it was measured (checked by
+:class:`~switchrl.backends.cached_lm.CachedLM`; GPUs keep the padded chunks until measured on one).
 """
 
 from __future__ import annotations
