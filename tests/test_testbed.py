@@ -415,3 +415,17 @@ def test_testbed_build_refuses_a_bad_workers_count_before_training(tmp_path, mon
     with pytest.raises(ConfigError, match=r"Ray, which is not installed.*--workers 1"):
         build_family(3, out=tmp_path / "fam", settings=TINY, workers=2)
     assert not (tmp_path / "fam" / "pretrained").exists()
+
+
+def test_sft_tries_at_once_default_to_the_usable_cores(monkeypatch):
+    """One try per core this process may use (all cores where the OS has no affinity, e.g. macOS),
+    at most one per rate."""
+    import os
+
+    from switchrl.testbed import finetune
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert finetune.default_workers(StageConfig()) == 2
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert finetune.default_workers(StageConfig()) == len(StageConfig().sft_lrs)

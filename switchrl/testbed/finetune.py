@@ -63,7 +63,8 @@ def default_workers(settings: stages.StageConfig) -> int:
     one per rate) when Ray is installed, else 1 (in this process)."""
     if importlib.util.find_spec("ray") is None:
         return 1
-    return max(1, min(len(settings.sft_lrs), len(os.sched_getaffinity(0))))
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return max(1, min(len(settings.sft_lrs), len(usable)))  # (no affinity on macOS: all cores)
 
 
 def check_workers(workers: int) -> None:
