@@ -101,7 +101,7 @@ def finetune(
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-tries-", dir=out.parent))
     spec = WorkerSpec(
-        try_worker,
+        _TryWorker,  # the factory: a top-level class, which Ray pickles by reference
         {
             "world": world,
             "tokenizer": tokenizer,
@@ -154,7 +154,8 @@ def finetune(
 
 
 class _TryWorker:
-    """Runs one SFT try per item (``{"id", "lr"}``) and saves it under ``scratch``."""
+    """Runs one SFT try per item (``{"id", "lr"}``) and saves it under ``scratch``; built once per
+    process from the :class:`~switchrl.executors.base.WorkerSpec` (the class is its factory)."""
 
     def __init__(self, config: dict, context: WorkerContext):
         self.config = config
@@ -172,12 +173,6 @@ class _TryWorker:
                 {"id": item["id"], "lr": item["lr"], "fact_patch_recall": recall, "dir": str(path)}
             )
         return records
-
-
-def try_worker(config: dict, context: WorkerContext) -> _TryWorker:
-    """The :class:`~switchrl.executors.base.WorkerSpec` factory of the tries (a top-level function:
-    Ray pickles it by reference)."""
-    return _TryWorker(config, context)
 
 
 def keep(records: list[dict], ceiling: float, tried: list[dict]) -> tuple[dict, bool]:
